@@ -1,0 +1,142 @@
+//! MessagePack encoding of the envelope and result events, as named maps (rmp-serde's
+//! `to_vec_named`), never positional arrays, so other languages can read and write them by name.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::envelope::{Envelope, ResultEvent, FORMAT_VERSION};
+
+/// Why bytes could not be read as a warren message. Never a panic: the fuzz test holds us to it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("not a warren message: {0}")]
+    Malformed(String),
+    #[error("unsupported format version {found} (this build reads {FORMAT_VERSION})")]
+    Version { found: u64 },
+}
+
+pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    to_vec(envelope)
+}
+
+pub fn encode_result(event: &ResultEvent) -> Vec<u8> {
+    to_vec(event)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    from_slice(bytes)
+}
+
+pub fn decode_result(bytes: &[u8]) -> Result<ResultEvent, DecodeError> {
+    from_slice(bytes)
+}
+
+fn to_vec<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own structs into a Vec cannot fail: every field is a plain map, string or
+    // JSON value.
+    rmp_serde::to_vec_named(value).expect("warren messages always serialise")
+}
+
+fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    // Read the version first, so a future format gets a clear error instead of a confusing
+    // "missing field".
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<u64>,
+    }
+    if let Ok(Version { v: Some(found) }) = rmp_serde::from_slice::<Version>(bytes) {
+        if found != u64::from(FORMAT_VERSION) {
+            return Err(DecodeError::Version { found });
+        }
+    }
+    rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JobId, Priority, TenantId};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        Envelope::new_job(
+            JobId::new(),
+            TenantId::parse("acme").unwrap(),
+            "thumbnails",
+            "fetch",
+            Priority::High,
+            json!({"url": "https://example.com/a.png", "sizes": [64, 128], "x": 1.5, "n": null}),
+        )
+    }
+
+    #[test]
+    fn round_trip() {
+        let env = sample();
+        assert_eq!(decode(&encode(&env)).unwrap(), env);
+        let ev = ResultEvent::succeeded(&env, json!({"ok": true}));
+        assert_eq!(decode_result(&encode_result(&ev)).unwrap(), ev);
+    }
+
+    #[test]
+    fn is_a_named_map() {
+        let value: rmpv::Value = rmp_serde::from_slice(&encode(&sample())).unwrap();
+        let map = value.as_map().expect("a map, not an array");
+        let keys: Vec<&str> = map.iter().filter_map(|(k, _)| k.as_str()).collect();
+        for key in ["v", "job_id", "tenant", "pipeline", "step", "priority", "attempt", "input"] {
+            assert!(keys.contains(&key), "missing {key} in {keys:?}");
+        }
+        let job_id = map.iter().find(|(k, _)| k.as_str() == Some("job_id")).unwrap();
+        assert!(job_id.1.is_str(), "job_id travels as text");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_defaults_apply() {
+        let id = JobId::new().to_string();
+        let hand_built = rmpv::Value::Map(vec![
+            ("v".into(), 1.into()),
+            ("job_id".into(), id.as_str().into()),
+            ("tenant".into(), "acme".into()),
+            ("pipeline".into(), "p".into()),
+            ("step".into(), "s".into()),
+            ("from_the_future".into(), "ignored".into()),
+        ]);
+        let mut bytes = Vec::new();
+        rmpv::encode::write_value(&mut bytes, &hand_built).unwrap();
+        let env = decode(&bytes).unwrap();
+        assert_eq!(env.attempt, 1);
+        assert_eq!(env.priority, Priority::Normal);
+        assert_eq!(env.input, serde_json::Value::Null);
+    }
+
+    #[test]
+    fn clear_errors() {
+        assert!(matches!(decode(b"garbage"), Err(DecodeError::Malformed(_))));
+        let mut env = sample();
+        env.v = 9;
+        assert!(matches!(decode(&encode(&env)), Err(DecodeError::Version { found: 9 })));
+        let mut bad_tenant = rmp_serde::to_vec_named(&sample()).unwrap();
+        // Same length as "acme", but with a wildcard in it.
+        let pos = bad_tenant.windows(4).position(|w| w == b"acme").unwrap();
+        bad_tenant[pos..pos + 4].copy_from_slice(b"ac.*");
+        let err = decode(&bad_tenant).unwrap_err().to_string();
+        assert!(err.contains("tenant"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+            let _ = decode_result(&bytes);
+        }
+
+        #[test]
+        fn decoder_survives_mutated_messages(pos in 0usize..200, byte in any::<u8>()) {
+            let mut bytes = encode(&sample());
+            let at = pos % bytes.len();
+            bytes[at] = byte;
+            let _ = decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,258 @@
+//! Loading `warren.toml`: parse (with line-numbered errors), apply env overrides, resolve
+//! relative command paths against the file's folder.
+
+mod model;
+
+use std::path::{Path, PathBuf};
+
+pub use model::{BrokerConfig, Config, PipelineConfig, QueueType, StepConfig, StepKind};
+
+use crate::env::{Env, ENV_WARREN_AMQP_URL, ENV_WARREN_CONFIG, ENV_WARREN_NAMESPACE};
+use crate::ids::validate_name;
+
+/// Default config path, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "warren.toml";
+
+/// A config that could not be loaded. The message names the file, the line when the TOML parser
+/// knows it, and the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        origin: String,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("environment variable {key}: {message}")]
+    Env { key: &'static str, message: String },
+}
+
+impl Config {
+    /// Loads `path`, or `$WARREN_CONFIG`, or `./warren.toml`.
+    pub fn load(path: Option<&Path>, env: &dyn Env) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None => env
+                .var(ENV_WARREN_CONFIG)
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&text, &path.display().to_string(), &base, env)
+    }
+
+    /// Parses TOML `text`; `origin` names it in errors; relative command paths resolve
+    /// against `base_dir`.
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        base_dir: &Path,
+        env: &dyn Env,
+    ) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            line: e.span().map(|span| line_of(text, span.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        config.apply_env(env)?;
+        config.resolve_paths(base_dir);
+        Ok(config)
+    }
+
+    fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        if let Some(url) = env.var(ENV_WARREN_AMQP_URL) {
+            model::check_url(&url).map_err(|message| ConfigError::Env {
+                key: ENV_WARREN_AMQP_URL,
+                message,
+            })?;
+            self.broker.url = url;
+        }
+        if let Some(ns) = env.var(ENV_WARREN_NAMESPACE) {
+            validate_name("namespace", &ns).map_err(|e| ConfigError::Env {
+                key: ENV_WARREN_NAMESPACE,
+                message: e.to_string(),
+            })?;
+            self.broker.namespace = ns;
+        }
+        Ok(())
+    }
+
+    /// An argument that contains a `/`, is not absolute and names something that exists next to
+    /// the config file is made absolute. Bare words (`python3`) stay for `PATH`; other arguments
+    /// (`-c`, `s/a/b/`) stay as they are.
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        let base = std::fs::canonicalize(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+        for step in self.pipelines.iter_mut().flat_map(|p| p.steps.iter_mut()) {
+            if let StepKind::Command(argv) = &mut step.kind {
+                for arg in argv.iter_mut() {
+                    let candidate = base.join(&*arg);
+                    if arg.contains('/') && !Path::new(arg).is_absolute() && candidate.exists() {
+                        *arg = candidate.display().to_string();
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
+        self.pipelines.iter().find(|p| p.name == name)
+    }
+
+    /// Every handler name the config refers to, so a worker can check they are registered.
+    pub fn handler_names(&self) -> impl Iterator<Item = (&PipelineConfig, &StepConfig, &str)> {
+        self.pipelines.iter().flat_map(|p| {
+            p.steps.iter().filter_map(move |s| match &s.kind {
+                StepKind::Handler(h) => Some((p, s, h.as_str())),
+                StepKind::Command(_) => None,
+            })
+        })
+    }
+}
+
+/// 1-based line number of byte offset `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    const EXAMPLE: &str = r#"
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+namespace = "warren"
+
+[[pipelines]]
+name = "thumbnails"
+shards = 8
+pins = { "big-customer" = 7 }
+
+[[pipelines.steps]]
+name = "fetch"
+command = ["python3", "steps/fetch.py"]
+timeout = "30s"
+max_attempts = 5
+concurrency = 4
+
+[[pipelines.steps]]
+name = "resize"
+handler = "resize"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "warren.toml", Path::new("."), &HashMap::new())
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn example_parses_with_defaults() {
+        let c = parse(EXAMPLE).unwrap();
+        let p = c.pipeline("thumbnails").unwrap();
+        assert_eq!(p.shards, 8);
+        assert_eq!(p.pins["big-customer"], 7);
+        let fetch = p.step("fetch").unwrap();
+        assert_eq!(fetch.timeout, Duration::from_secs(30));
+        assert_eq!(fetch.kind, StepKind::Command(vec!["python3".into(), "steps/fetch.py".into()]));
+        let resize = p.next_step("fetch").unwrap();
+        assert_eq!(resize.kind, StepKind::Handler("resize".into()));
+        assert_eq!(resize.max_attempts, 5);
+        assert_eq!(resize.concurrency, 4);
+        assert_eq!(resize.timeout, Duration::from_secs(60));
+        assert!(p.next_step("resize").is_none());
+        assert_eq!(c.broker.queue_type, QueueType::Quorum);
+    }
+
+    #[test]
+    fn empty_file_gets_broker_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.broker.namespace, "warren");
+        assert!(c.broker.url.starts_with("amqp://"));
+    }
+
+    #[test]
+    fn typo_names_key_and_line() {
+        let text = EXAMPLE.replace("timeout = \"30s\"", "timout = \"30s\"");
+        let e = err(&text);
+        assert!(e.starts_with("warren.toml:14:"), "{e}");
+        assert!(e.contains("unknown field `timout`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let e = err(&EXAMPLE.replace("shards = 8", "shards = 0"));
+        assert!(e.starts_with("warren.toml:8:") && e.contains("`shards`"), "{e}");
+        let e = err(&EXAMPLE.replace("concurrency = 4", "concurrency = -1"));
+        assert!(e.contains(":16:") && e.contains("`concurrency`"), "{e}");
+        let e = err(&EXAMPLE.replace("\"30s\"", "\"soon\""));
+        assert!(e.contains(":14:"), "{e}");
+        let e = err(&EXAMPLE.replace("= 7 }", "= 8 }"));
+        assert!(e.contains("pins.big-customer = 8"), "{e}");
+        let e = err(&EXAMPLE.replace("name = \"fetch\"", "name = \"fe.tch\""));
+        assert!(e.contains(":12:") && e.contains("fe.tch"), "{e}");
+        let e = err(&EXAMPLE.replace("namespace = \"warren\"", "namespace = \"a#b\""));
+        assert!(e.contains(":4:") && e.contains("namespace"), "{e}");
+    }
+
+    #[test]
+    fn step_kind_must_be_one() {
+        let e = err(&EXAMPLE.replace("handler = \"resize\"", ""));
+        assert!(e.contains("set `command` or `handler`"), "{e}");
+        let e = err(&EXAMPLE.replace("handler = \"resize\"", "handler = \"r\"\ncommand = [\"x\"]"));
+        assert!(e.contains("not both"), "{e}");
+        let e = err(&EXAMPLE.replace("name = \"resize\"", "name = \"fetch\""));
+        assert!(e.contains("duplicate step name `fetch`"), "{e}");
+    }
+
+    #[test]
+    fn env_wins() {
+        let env = HashMap::from([
+            (ENV_WARREN_AMQP_URL.to_string(), "amqp://u:p@rabbit:5672/%2f".to_string()),
+            (ENV_WARREN_NAMESPACE.to_string(), "test-1".to_string()),
+        ]);
+        let c = Config::parse(EXAMPLE, "x", Path::new("."), &env).unwrap();
+        assert_eq!(c.broker.url, "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(c.broker.namespace, "test-1");
+        let bad = HashMap::from([(ENV_WARREN_NAMESPACE.to_string(), "a.b".to_string())]);
+        let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad).unwrap_err().to_string();
+        assert!(e.contains("WARREN_NAMESPACE"), "{e}");
+    }
+
+    #[test]
+    fn relative_command_paths_resolve_against_config_folder() {
+        let dir = std::env::temp_dir().join(format!("warren-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("steps")).unwrap();
+        std::fs::write(dir.join("steps/fetch.py"), "").unwrap();
+        std::fs::write(dir.join("warren.toml"), EXAMPLE).unwrap();
+        let c = Config::load(Some(&dir.join("warren.toml")), &HashMap::new()).unwrap();
+        let StepKind::Command(argv) = &c.pipelines[0].steps[0].kind else { panic!() };
+        assert_eq!(argv[0], "python3");
+        assert!(Path::new(&argv[1]).is_absolute() && argv[1].ends_with("steps/fetch.py"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Some(Path::new("/nope/warren.toml")), &HashMap::new()).unwrap_err();
+        assert!(e.to_string().contains("/nope/warren.toml"), "{e}");
+    }
+}

@@ -1,0 +1,322 @@
+//! The `warren.toml` model. Validation happens while deserialising, so every error comes out of
+//! the TOML parser with the line of the offending key; `docs/config.md` documents each field.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::ids::validate_name;
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    #[serde(default, deserialize_with = "pipelines")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+/// `[broker]`: where RabbitMQ is and how names are scoped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URL (`amqp://` or `amqps://`). Env `WARREN_AMQP_URL` wins.
+    #[serde(default = "default_url", deserialize_with = "amqp_url")]
+    pub url: String,
+    /// Prefix of every exchange and queue name. Env `WARREN_NAMESPACE` wins.
+    #[serde(default = "default_namespace", deserialize_with = "namespace")]
+    pub namespace: String,
+    /// Step queue type: `quorum` (replicated; the default) or `classic`.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Largest accepted job payload, in bytes of JSON.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: default_url(),
+            namespace: default_namespace(),
+            queue_type: QueueType::default(),
+            max_payload_bytes: default_max_payload(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// `[[pipelines]]`: a named, ordered list of steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawPipeline")]
+pub struct PipelineConfig {
+    pub name: String,
+    /// Queues per step and priority; tenants are spread over them by hash.
+    pub shards: u16,
+    /// Tenants with a dedicated shard.
+    pub pins: BTreeMap<String, u16>,
+    pub steps: Vec<StepConfig>,
+}
+
+impl PipelineConfig {
+    pub fn step(&self, name: &str) -> Option<&StepConfig> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The step after `name`, or `None` when `name` is the last one (or unknown).
+    pub fn next_step(&self, name: &str) -> Option<&StepConfig> {
+        let i = self.steps.iter().position(|s| s.name == name)?;
+        self.steps.get(i + 1)
+    }
+
+    pub fn first_step(&self) -> &StepConfig {
+        // A pipeline without steps is rejected while parsing.
+        &self.steps[0]
+    }
+
+    pub fn shard_of(&self, tenant: &str) -> u16 {
+        crate::shard::shard_for(tenant, self.shards, &self.pins)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipeline {
+    #[serde(deserialize_with = "name")]
+    name: String,
+    #[serde(default = "default_shards", deserialize_with = "shards")]
+    shards: u16,
+    #[serde(default)]
+    pins: BTreeMap<String, u16>,
+    #[serde(default)]
+    steps: Vec<StepConfig>,
+}
+
+impl TryFrom<RawPipeline> for PipelineConfig {
+    type Error = String;
+    fn try_from(raw: RawPipeline) -> Result<Self, String> {
+        let p = &raw.name;
+        if raw.steps.is_empty() {
+            return Err(format!("pipeline `{p}` needs at least one [[pipelines.steps]]"));
+        }
+        let mut seen = HashSet::new();
+        for step in &raw.steps {
+            if !seen.insert(step.name.as_str()) {
+                return Err(format!("pipeline `{p}`: duplicate step name `{}`", step.name));
+            }
+        }
+        for (tenant, &shard) in &raw.pins {
+            validate_name("tenant", tenant).map_err(|e| format!("pins: {e}"))?;
+            if shard >= raw.shards {
+                return Err(format!(
+                    "pins.{tenant} = {shard}: shard must be below shards = {}",
+                    raw.shards
+                ));
+            }
+        }
+        Ok(Self {
+            name: raw.name,
+            shards: raw.shards,
+            pins: raw.pins,
+            steps: raw.steps,
+        })
+    }
+}
+
+/// `[[pipelines.steps]]`: one unit of work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawStep")]
+pub struct StepConfig {
+    pub name: String,
+    pub kind: StepKind,
+    /// Longest one attempt may run.
+    pub timeout: Duration,
+    /// Tries before the job fails for good (1 = no retry).
+    pub max_attempts: u32,
+    /// Retry delays, the last one repeating.
+    pub backoff: Vec<Duration>,
+    /// Attempts of this step one worker process runs at once.
+    pub concurrency: u32,
+}
+
+/// What runs a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepKind {
+    /// A program: JSON on stdin, JSON on stdout (DESIGN.md contract 2).
+    Command(Vec<String>),
+    /// A Rust handler registered on the worker under this name.
+    Handler(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    #[serde(deserialize_with = "name")]
+    name: String,
+    command: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "opt_name")]
+    handler: Option<String>,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
+    #[serde(default = "default_max_attempts", deserialize_with = "max_attempts")]
+    max_attempts: u32,
+    #[serde(default = "default_backoff", deserialize_with = "durations")]
+    backoff: Vec<Duration>,
+    #[serde(default = "default_concurrency", deserialize_with = "concurrency")]
+    concurrency: u32,
+}
+
+impl TryFrom<RawStep> for StepConfig {
+    type Error = String;
+    fn try_from(raw: RawStep) -> Result<Self, String> {
+        let s = &raw.name;
+        let kind = match (raw.command, raw.handler) {
+            (Some(cmd), None) if cmd.is_empty() || cmd[0].is_empty() => {
+                return Err(format!("step `{s}`: `command` needs at least a program"))
+            }
+            (Some(cmd), None) => StepKind::Command(cmd),
+            (None, Some(h)) => StepKind::Handler(h),
+            (Some(_), Some(_)) => {
+                return Err(format!("step `{s}`: set either `command` or `handler`, not both"))
+            }
+            (None, None) => return Err(format!("step `{s}`: set `command` or `handler`")),
+        };
+        if raw.timeout.is_zero() {
+            return Err(format!("step `{s}`: `timeout` must be more than zero"));
+        }
+        if raw.backoff.is_empty() {
+            return Err(format!("step `{s}`: `backoff` needs at least one delay"));
+        }
+        Ok(Self {
+            name: raw.name,
+            kind,
+            timeout: raw.timeout,
+            max_attempts: raw.max_attempts,
+            backoff: raw.backoff,
+            concurrency: raw.concurrency,
+        })
+    }
+}
+
+// === defaults ===
+
+pub(crate) fn default_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
+}
+fn default_namespace() -> String {
+    "warren".to_string()
+}
+fn default_max_payload() -> usize {
+    1024 * 1024
+}
+fn default_shards() -> u16 {
+    4
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_backoff() -> Vec<Duration> {
+    vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)]
+}
+fn default_concurrency() -> u32 {
+    4
+}
+
+// === field validators: each error names its key; the parser adds the line ===
+
+fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<humantime_serde::Serde<Duration>>::deserialize(d)
+        .map(|list| list.into_iter().map(|s| s.into_inner()).collect())
+}
+
+fn pipelines<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PipelineConfig>, D::Error> {
+    let list = Vec::<PipelineConfig>::deserialize(d)?;
+    let mut seen = HashSet::new();
+    for p in &list {
+        if !seen.insert(p.name.as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "pipelines: duplicate pipeline name `{}`",
+                p.name
+            )));
+        }
+    }
+    Ok(list)
+}
+
+fn name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    validate_name("name", &value).map_err(serde::de::Error::custom)?;
+    Ok(value)
+}
+
+fn opt_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    validate_name("handler", &value).map_err(serde::de::Error::custom)?;
+    Ok(Some(value))
+}
+
+fn namespace<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    validate_name("namespace", &value).map_err(serde::de::Error::custom)?;
+    Ok(value)
+}
+
+fn amqp_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    check_url(&value).map_err(serde::de::Error::custom)?;
+    Ok(value)
+}
+
+pub(crate) fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "url {:?} must start with amqp:// or amqps://",
+            crate::telemetry::redact_url(url)
+        ))
+    }
+}
+
+fn ranged<'de, D: Deserializer<'de>>(d: D, key: &str, min: u64, max: u64) -> Result<u64, D::Error> {
+    let value = i64::deserialize(d)?;
+    if value < min as i64 || value > max as i64 {
+        return Err(serde::de::Error::custom(format!(
+            "`{key}` must be between {min} and {max}, got {value}"
+        )));
+    }
+    Ok(value as u64)
+}
+
+fn shards<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, "shards", 1, 1024).map(|v| v as u16)
+}
+
+fn max_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "max_attempts", 1, 1000).map(|v| v as u32)
+}
+
+fn concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "concurrency", 1, 10_000).map(|v| v as u32)
+}

@@ -1,0 +1,20 @@
+//! Shared vocabulary of warren: the message envelope and its MessagePack codec, validated ids and
+//! names, the tenant-to-shard function, the config model, and tracing set-up.
+//!
+//! Nothing here talks to RabbitMQ; that is `warren-broker`'s job. Everything here is pure and
+//! unit-tested, so producers in other languages can be checked against it.
+
+pub mod codec;
+pub mod config;
+pub mod env;
+pub mod envelope;
+pub mod ids;
+pub mod priority;
+pub mod shard;
+pub mod telemetry;
+
+pub use codec::{decode, decode_result, encode, encode_result, DecodeError};
+pub use config::{Config, ConfigError, PipelineConfig, StepConfig, StepKind};
+pub use envelope::{now_ms, Envelope, JobStatus, ResultEvent, FORMAT_VERSION};
+pub use ids::{JobId, NameError, TenantId};
+pub use priority::Priority;
