@@ -1,1 +1,93 @@
-fn main(){}
+//! `warren`: the producer-side CLI. Thin: parse, load config, call the SDK, print.
+
+mod submit;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use warren_common::env::ProcessEnv;
+use warren_common::telemetry::{self, LogFormat};
+use warren_common::Config;
+
+/// Exit code for a bad config or usage (BSD sysexits EX_USAGE).
+pub(crate) const EXIT_USAGE: u8 = 64;
+/// Exit code when `--wait` saw the job fail.
+pub(crate) const EXIT_JOB_FAILED: u8 = 3;
+/// Exit code when `--wait` gave up.
+pub(crate) const EXIT_TIMEOUT: u8 = 4;
+
+#[derive(Debug, Parser)]
+#[command(name = "warren", version, about = "Submit jobs to a warren cluster and manage its topology.")]
+struct Cli {
+    /// Config file [default: $WARREN_CONFIG, else ./warren.toml]
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Machine-readable JSON output on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Declare or delete the namespace's exchanges and queues.
+    Topology(topology::TopologyArgs),
+    /// Submit one job (or many with --bulk), optionally waiting for the result.
+    Submit(submit::SubmitArgs),
+    /// Wait for the result of a job submitted earlier.
+    Wait(submit::WaitArgs),
+}
+
+/// An error already explained to the user; carries the exit code.
+#[derive(Debug)]
+pub(crate) struct Exit(pub u8, pub String);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(LogFormat::Text, &ProcessEnv);
+    let config = match Config::load(cli.config.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Topology(args) => topology::run(args, &config, cli.json).await,
+            Command::Submit(args) => submit::run(args, config, cli.json).await,
+            Command::Wait(args) => submit::wait(args, config, cli.json).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<Exit>().map_or(1, |exit| exit.0);
+            eprintln!("warren: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+}

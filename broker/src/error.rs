@@ -1,0 +1,74 @@
+//! Errors of the broker layer. Messages never contain the AMQP password.
+
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    #[error("cannot connect to RabbitMQ at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{action}: {source}")]
+    Amqp {
+        action: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl BrokerError {
+    pub(crate) fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+        let action = action.into();
+        move |source| BrokerError::Amqp { action, source }
+    }
+
+    /// True when the connection (not just one call) is gone: the caller should reconnect.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            BrokerError::Connect { .. } => true,
+            BrokerError::Amqp { source, .. } => {
+                source.is_io_error() || source.is_amqp_hard_error() || !source.can_be_recovered()
+            }
+        }
+    }
+}
+
+/// A publish the broker did not take.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: is the topology applied (`warren topology apply`)?")]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("the broker refused the message for {routing_key:?} (negative confirm)")]
+    Nacked { routing_key: String },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// The broker's topology does not match what the config asks for.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopologyError {
+    #[error("{kind} {name:?} already exists with other settings than the config asks for ({detail}); delete it (or pick another namespace) to apply this config")]
+    Conflict {
+        kind: &'static str,
+        name: String,
+        detail: String,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// The broker's reply code and text, when `err` is a channel or connection close from the server.
+pub(crate) fn server_reply(err: &lapin::Error) -> Option<(Option<AMQPSoftError>, String)> {
+    if let lapin::ErrorKind::ProtocolError(e) = err.kind() {
+        let soft = match e.kind() {
+            AMQPErrorKind::Soft(s) => Some(s.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        };
+        return Some((soft, e.get_message().to_string()));
+    }
+    None
+}

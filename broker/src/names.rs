@@ -1,0 +1,83 @@
+//! Every exchange, queue and routing-key name warren uses, in one place. All of them start with
+//! the namespace, so several deployments (and parallel tests) share a broker without meeting.
+//! `docs/wire-format.md` documents these for producers in other languages.
+
+use warren_common::{JobStatus, Priority};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    ns: String,
+}
+
+impl Names {
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            ns: namespace.to_string(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    /// Direct exchange every step message is published to.
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.ns)
+    }
+
+    /// Topic exchange for job result events.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.ns)
+    }
+
+    /// Stream queue that keeps every result event, so a result can be read after the fact.
+    pub fn results_stream(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+
+    /// Where messages that cannot or must not run any more are set aside.
+    pub fn dlq(&self) -> String {
+        format!("{}.dlq", self.ns)
+    }
+
+    /// Routing key of one step queue: `<pipeline>.<step>.<priority>.<shard>`.
+    pub fn step_key(pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
+        format!("{pipeline}.{step}.{priority}.{shard}")
+    }
+
+    /// `<ns>.q.<pipeline>.<step>.<priority>.<shard>`.
+    pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
+        format!("{}.q.{}", self.ns, Self::step_key(pipeline, step, priority, shard))
+    }
+
+    /// `result.<status>.<pipeline>.<tenant>` on the events exchange.
+    pub fn result_key(status: JobStatus, pipeline: &str, tenant: &str) -> String {
+        let status = match status {
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        };
+        format!("result.{status}.{pipeline}.{tenant}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_namespaced() {
+        let n = Names::new("acme-prod");
+        assert_eq!(n.tasks_exchange(), "acme-prod.tasks");
+        assert_eq!(n.events_exchange(), "acme-prod.events");
+        assert_eq!(n.results_stream(), "acme-prod.results");
+        assert_eq!(n.dlq(), "acme-prod.dlq");
+        assert_eq!(
+            n.step_queue("thumbnails", "fetch", Priority::High, 3),
+            "acme-prod.q.thumbnails.fetch.high.3"
+        );
+        assert_eq!(
+            Names::result_key(JobStatus::Failed, "thumbnails", "t1"),
+            "result.failed.thumbnails.t1"
+        );
+    }
+}

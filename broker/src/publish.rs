@@ -1,0 +1,156 @@
+//! Publishing with publisher confirms: the one place that decides whether the broker took a
+//! message. A confirm means the message is stored (on a quorum of nodes, for quorum queues);
+//! anything else is an error, never a silent success. Producers, worker hand-offs and dead
+//! lettering all go through here, so "confirm before ack" exists once.
+
+use std::sync::Mutex;
+
+use lapin::options::BasicPublishOptions;
+use lapin::{Confirmation, PublisherConfirm};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use warren_common::now_ms;
+
+use crate::connection::Broker;
+use crate::error::{BrokerError, PublishError};
+
+/// MIME type of every warren message body.
+pub const CONTENT_TYPE: &str = "application/msgpack";
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub properties: BasicProperties,
+}
+
+impl<'a> Outgoing<'a> {
+    /// A persistent MessagePack message, `message_id` set to the job id.
+    pub fn persistent(exchange: &'a str, routing_key: &'a str, body: &'a [u8], id: &str) -> Self {
+        let properties = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(2)
+            .with_message_id(id.into())
+            .with_timestamp(now_ms() / 1000);
+        Self {
+            exchange,
+            routing_key,
+            body,
+            properties,
+        }
+    }
+
+    /// Adds string headers (dead-letter reasons and the like).
+    pub fn with_headers(mut self, headers: &[(&str, String)]) -> Self {
+        let mut table = self.properties.headers().clone().unwrap_or_default();
+        for (key, value) in headers {
+            table.insert(
+                ShortString::from(*key),
+                AMQPValue::LongString(value.as_str().into()),
+            );
+        }
+        self.properties = self.properties.with_headers(table);
+        self
+    }
+}
+
+/// Reads a string header set by [`Outgoing::with_headers`].
+pub fn header(properties: &BasicProperties, key: &str) -> Option<String> {
+    let headers: &FieldTable = properties.headers().as_ref()?;
+    match headers.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A confirm-mode channel that reopens itself when the broker closed it (a channel error on one
+/// publish must not poison every later one). Publishes are mandatory, so an unroutable message
+/// comes back as [`PublishError::Unroutable`].
+pub struct Publisher {
+    broker: Broker,
+    channel: Mutex<Channel>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub async fn new(broker: &Broker) -> Result<Self, BrokerError> {
+        Ok(Self {
+            channel: Mutex::new(broker.confirm_channel().await?),
+            broker: broker.clone(),
+        })
+    }
+
+    async fn live_channel(&self) -> Result<Channel, BrokerError> {
+        let current = self.channel.lock().expect("publisher lock").clone();
+        if current.status().connected() {
+            return Ok(current);
+        }
+        let fresh = self.broker.confirm_channel().await?;
+        *self.channel.lock().expect("publisher lock") = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// Publishes and waits for the broker's confirm.
+    pub async fn publish(&self, msg: Outgoing<'_>) -> Result<(), PublishError> {
+        self.start(msg).await?.wait().await
+    }
+
+    /// Sends the message and returns its pending confirm, so a caller can have many in flight
+    /// and settle them afterwards (bulk submit).
+    pub async fn start(&self, msg: Outgoing<'_>) -> Result<PendingConfirm, PublishError> {
+        let channel = self.live_channel().await?;
+        let confirm = channel
+            .basic_publish(
+                msg.exchange.into(),
+                msg.routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                msg.body,
+                msg.properties,
+            )
+            .await
+            .map_err(BrokerError::amqp(format!("publish to {}", msg.routing_key)))?;
+        Ok(PendingConfirm {
+            confirm,
+            exchange: msg.exchange.to_string(),
+            routing_key: msg.routing_key.to_string(),
+        })
+    }
+}
+
+/// A published message whose confirm has not been read yet.
+#[derive(Debug)]
+pub struct PendingConfirm {
+    confirm: PublisherConfirm,
+    exchange: String,
+    routing_key: String,
+}
+
+impl PendingConfirm {
+    pub async fn wait(self) -> Result<(), PublishError> {
+        let outcome = self.confirm.await.map_err(BrokerError::amqp(format!(
+            "confirm of publish to {}",
+            self.routing_key
+        )))?;
+        match outcome {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: self.exchange,
+                routing_key: self.routing_key,
+            }),
+            Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked {
+                routing_key: self.routing_key,
+            }),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! [`Client`]: connect from a config, submit jobs, wait for results.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_broker::{Broker, Names, Outgoing, Publisher};
+use warren_common::{encode, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
+
+use crate::error::{SubmitError, WaitError};
+use crate::results::ResultStream;
+
+/// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
+/// enough to keep the broker busy, small enough that a failure leaves a short list to redo.
+const CONFIRM_WINDOW: usize = 1000;
+
+/// How far before a job's id-time a wait starts reading results, for clock skew between
+/// machines.
+const CLOCK_SKEW_MS: u64 = 10_000;
+
+/// One job to submit.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Made when the job is built, so a caller knows it before submitting.
+    pub id: JobId,
+    pub pipeline: String,
+    pub tenant: String,
+    pub priority: Priority,
+    pub payload: Value,
+}
+
+impl Job {
+    pub fn new(pipeline: impl Into<String>, tenant: impl Into<String>, payload: Value) -> Self {
+        Self {
+            id: JobId::new(),
+            pipeline: pipeline.into(),
+            tenant: tenant.into(),
+            priority: Priority::Normal,
+            payload,
+        }
+    }
+
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
+/// A connection to one warren namespace. Cheap to share behind an `Arc`; every call is `&self`.
+#[derive(Debug)]
+pub struct Client {
+    config: Arc<Config>,
+    broker: Broker,
+    publisher: Publisher,
+    tasks_exchange: String,
+}
+
+/// A validated job, ready to publish.
+struct Prepared {
+    id: JobId,
+    routing_key: String,
+    body: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(config: Config) -> Result<Self, warren_broker::BrokerError> {
+        let broker = Broker::connect(&config.broker).await?;
+        let publisher = Publisher::new(&broker).await?;
+        Ok(Self {
+            tasks_exchange: broker.names().tasks_exchange(),
+            config: Arc::new(config),
+            broker,
+            publisher,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Validates and publishes one job; returns its id once the broker has confirmed it.
+    pub async fn submit(&self, job: Job) -> Result<JobId, SubmitError> {
+        let prepared = self.prepare(job)?;
+        self.publisher
+            .publish(self.outgoing(&prepared))
+            .await
+            .map_err(|source| SubmitError::Publish { confirmed: 0, source })?;
+        Ok(prepared.id)
+    }
+
+    /// Validates every job first (nothing is published if one is invalid), then publishes them
+    /// with up to [`CONFIRM_WINDOW`] confirms in flight. Returns the ids in input order.
+    pub async fn submit_many(
+        &self,
+        jobs: impl IntoIterator<Item = Job>,
+    ) -> Result<Vec<JobId>, SubmitError> {
+        let prepared = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(index, job)| {
+                self.prepare(job).map_err(|e| SubmitError::InBatch {
+                    index,
+                    source: Box::new(e),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut confirmed = 0;
+        for window in prepared.chunks(CONFIRM_WINDOW) {
+            let mut pending = Vec::with_capacity(window.len());
+            for job in window {
+                let started = self.publisher.start(self.outgoing(job)).await;
+                pending.push(started.map_err(|source| SubmitError::Publish { confirmed, source })?);
+            }
+            for confirm in pending {
+                confirm
+                    .wait()
+                    .await
+                    .map_err(|source| SubmitError::Publish { confirmed, source })?;
+                confirmed += 1;
+            }
+        }
+        Ok(prepared.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Waits up to `timeout` for the job's result event (success or failure). Works for jobs
+    /// that finished before the call, too: results are read from the results stream.
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
+        let since = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
+        let mut stream = self.results(since).await?;
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(event) = stream.next().await? {
+                if event.job_id == id {
+                    return Ok(Some(event));
+                }
+            }
+            Ok::<_, WaitError>(None)
+        })
+        .await;
+        match found {
+            Ok(Ok(Some(event))) => Ok(event),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) | Err(_) => Err(WaitError::Timeout {
+                job_id: id.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Every result event published since `since_ms` (ms since the epoch; results a little
+    /// older may come too), then new ones as they arrive.
+    pub async fn results(&self, since_ms: u64) -> Result<ResultStream, WaitError> {
+        Ok(ResultStream::open(&self.broker, since_ms).await?)
+    }
+
+    fn prepare(&self, job: Job) -> Result<Prepared, SubmitError> {
+        let tenant =
+            TenantId::parse(job.tenant).map_err(|e| SubmitError::Invalid(e.to_string()))?;
+        let pipeline = self
+            .config
+            .pipeline(&job.pipeline)
+            .ok_or_else(|| SubmitError::UnknownPipeline(job.pipeline.clone()))?;
+        let size = serde_json::to_vec(&job.payload).map(|v| v.len()).unwrap_or(0);
+        let max = self.config.broker.max_payload_bytes;
+        if size > max {
+            return Err(SubmitError::PayloadTooLarge { size, max });
+        }
+        let first = &pipeline.first_step().name;
+        let shard = pipeline.shard_of(tenant.as_str());
+        let routing_key = Names::step_key(&pipeline.name, first, job.priority, shard);
+        let envelope =
+            Envelope::new_job(job.id, tenant, &pipeline.name, first, job.priority, job.payload);
+        Ok(Prepared {
+            id: job.id,
+            routing_key,
+            body: encode(&envelope),
+        })
+    }
+
+    fn outgoing<'a>(&'a self, job: &'a Prepared) -> Outgoing<'a> {
+        Outgoing::persistent(
+            &self.tasks_exchange,
+            &job.routing_key,
+            &job.body,
+            &job.id.to_string(),
+        )
+    }
+
+}

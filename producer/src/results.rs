@@ -1,0 +1,75 @@
+//! Reading job results from the namespace's results stream. A stream keeps every event for
+//! days, so a reader can start from any time, including before it subscribed: no race between
+//! "submit" and "wait".
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
+use warren_broker::{Broker, BrokerError};
+use warren_common::{decode_result, ResultEvent};
+
+/// Credit for the stream consumer; streams require a prefetch.
+const PREFETCH: u16 = 500;
+
+/// Result events in publish order, from a start time on.
+pub struct ResultStream {
+    channel: Channel,
+    consumer: Consumer,
+}
+
+impl std::fmt::Debug for ResultStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultStream").finish_non_exhaustive()
+    }
+}
+
+impl ResultStream {
+    pub(crate) async fn open(broker: &Broker, since_ms: u64) -> Result<Self, BrokerError> {
+        let channel = broker.channel().await?;
+        channel
+            .basic_qos(PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                action: "set results prefetch".into(),
+                source,
+            })?;
+        let mut args = FieldTable::default();
+        args.insert("x-stream-offset".into(), AMQPValue::Timestamp(since_ms / 1000));
+        let consumer = channel
+            .basic_consume(
+                broker.names().results_stream().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                action: format!("read {}", broker.names().results_stream()),
+                source,
+            })?;
+        Ok(Self { channel, consumer })
+    }
+
+    /// The next result event; `Ok(None)` when the stream was closed. Undecodable entries
+    /// (written by something else) are skipped.
+    pub async fn next(&mut self) -> Result<Option<ResultEvent>, BrokerError> {
+        while let Some(delivery) = self.consumer.next().await {
+            let delivery = delivery.map_err(|source| BrokerError::Amqp {
+                action: "read results stream".into(),
+                source,
+            })?;
+            // Acks on a stream only return credit; the event stays in the stream.
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            match decode_result(&delivery.data) {
+                Ok(event) => return Ok(Some(event)),
+                Err(e) => tracing::warn!(error = %e, "Skipped an undecodable result event."),
+            }
+        }
+        Ok(None)
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}

@@ -1,0 +1,96 @@
+//! The `warren-worker` command line, as a library function so a custom worker binary (one that
+//! registers its own Rust handlers) gets the same flags: `warren_worker::cli::main(|b| b.handler(..))`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use warren_common::env::ProcessEnv;
+use warren_common::telemetry::{self, LogFormat};
+use warren_common::Config;
+
+use crate::runtime::{Worker, WorkerBuilder, WorkerError};
+
+/// Exit code for a bad config or set-up (BSD sysexits EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "warren-worker", version, about = "Run warren steps from RabbitMQ queues.")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve steps until SIGTERM/SIGINT, then drain and exit 0.
+    Run(RunArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Config file [default: $WARREN_CONFIG, else ./warren.toml]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve only this pipeline.
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// Serve only steps with this name.
+    #[arg(long)]
+    step: Option<String>,
+    /// Time running steps get to finish after a shutdown signal.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Log line format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// Parses the command line, builds the worker (after `customize` adds handlers) and runs it.
+pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Run(args) = cli.command;
+    telemetry::init(args.log_format, &ProcessEnv);
+    let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren-worker: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let builder = Worker::builder(config)
+        .pipeline(args.pipeline)
+        .step(args.step)
+        .shutdown_grace(args.shutdown_grace);
+    let worker = match customize(builder).build() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("warren-worker: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(worker.run(crate::shutdown::signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ WorkerError::Setup(_)) => {
+            eprintln!("warren-worker: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("warren-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,368 @@
+//! The worker process: one lane per served step. A lane consumes every priority x shard queue of
+//! its step into small local buffers (bounded by the prefetch), and a dispatcher hands buffered
+//! deliveries to at most `concurrency` step tasks at once, in the order [`Picker`] decides.
+//!
+//! Shutdown: stop dispatching, cancel the consumers, return buffered deliveries, let running
+//! steps finish within the grace period, then close the channel (the broker requeues whatever
+//! is still unacked).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warren_broker::{Broker, BrokerError, Publisher};
+use warren_common::config::StepKind;
+use warren_common::{Config, Priority};
+
+use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
+use crate::handler::StepHandler;
+use crate::registry::Registry;
+use crate::step::{process, LaneStep, Runner, Shared};
+
+/// Default time running steps get to finish after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The worker cannot start with this config and these handlers.
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("lost the broker connection: {0}")]
+    ConnectionLost(String),
+}
+
+// === impl WorkerBuilder ===
+
+/// Collects handlers and options; [`WorkerBuilder::build`] checks them against the config.
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    config: Config,
+    registry: Registry,
+    duplicates: Vec<String>,
+    pipeline: Option<String>,
+    step: Option<String>,
+    grace: Duration,
+}
+
+impl WorkerBuilder {
+    /// Registers a Rust handler under the name the config's `handler = ".."` uses.
+    pub fn handler<H: StepHandler>(mut self, name: &str, handler: H) -> Self {
+        if let Err(name) = self.registry.insert(name, handler) {
+            self.duplicates.push(name);
+        }
+        self
+    }
+
+    /// Serve only this pipeline (default: all).
+    pub fn pipeline(mut self, name: Option<String>) -> Self {
+        self.pipeline = name;
+        self
+    }
+
+    /// Serve only steps of this name (default: all).
+    pub fn step(mut self, name: Option<String>) -> Self {
+        self.step = name;
+        self
+    }
+
+    /// How long running steps may take to finish after shutdown is asked for.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    pub fn build(self) -> Result<Worker, WorkerError> {
+        if let Some(name) = self.duplicates.first() {
+            return Err(WorkerError::Setup(format!("handler {name:?} is registered twice")));
+        }
+        let mut lanes = Vec::new();
+        for pipeline in &self.config.pipelines {
+            if self.pipeline.as_ref().is_some_and(|p| p != &pipeline.name) {
+                continue;
+            }
+            for step in &pipeline.steps {
+                if self.step.as_ref().is_some_and(|s| s != &step.name) {
+                    continue;
+                }
+                let runner = match &step.kind {
+                    StepKind::Command(argv) => Runner::Command(Arc::new(argv.clone())),
+                    StepKind::Handler(name) => {
+                        Runner::Handler(self.registry.get(name).ok_or_else(|| {
+                            let known: Vec<_> = self.registry.names().collect();
+                            WorkerError::Setup(format!(
+                                "pipelines.{}.steps.{}.handler = {name:?} is not registered in this worker binary (registered: {known:?})",
+                                pipeline.name, step.name
+                            ))
+                        })?)
+                    }
+                };
+                lanes.push(Arc::new(LaneStep {
+                    pipeline: pipeline.clone(),
+                    step: step.clone(),
+                    runner,
+                }));
+            }
+        }
+        if lanes.is_empty() {
+            return Err(WorkerError::Setup(format!(
+                "nothing to serve: no step matches pipeline {:?} and step {:?} in the config",
+                self.pipeline.as_deref().unwrap_or("(any)"),
+                self.step.as_deref().unwrap_or("(any)")
+            )));
+        }
+        Ok(Worker {
+            config: Arc::new(self.config),
+            lanes,
+            grace: self.grace,
+        })
+    }
+}
+
+// === impl Worker ===
+
+/// A built worker, ready to [`run`](Worker::run).
+pub struct Worker {
+    config: Arc<Config>,
+    lanes: Vec<Arc<LaneStep>>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let steps: Vec<_> = self
+            .lanes
+            .iter()
+            .map(|l| format!("{}/{}", l.pipeline.name, l.step.name))
+            .collect();
+        f.debug_struct("Worker").field("steps", &steps).finish()
+    }
+}
+
+impl Worker {
+    pub fn builder(config: Config) -> WorkerBuilder {
+        WorkerBuilder {
+            config,
+            registry: Registry::default(),
+            duplicates: Vec::new(),
+            pipeline: None,
+            step: None,
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Serves until `shutdown` resolves (then drains) or the broker connection is lost (then
+    /// returns an error; unacked deliveries go back to their queues on the broker's side).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let broker = Broker::connect(&self.config.broker).await?;
+        let names = broker.names().clone();
+        let shared = Arc::new(Shared {
+            config: Arc::clone(&self.config),
+            publisher: Publisher::new(&broker).await?,
+            tasks_exchange: names.tasks_exchange(),
+            events_exchange: names.events_exchange(),
+            names,
+        });
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        // Bounded by the number of consumers: each reports at most one error before it stops.
+        let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+        let mut lanes = Vec::new();
+        for step in &self.lanes {
+            let lane = Lane::start(&broker, &shared, step, &cancel, &tracker, &fatal_tx).await?;
+            lanes.push(lane);
+        }
+        info!(broker = %broker.redacted_url(), namespace = %self.config.broker.namespace,
+            steps = ?self.lanes.iter().map(|l| format!("{}/{}", l.pipeline.name, l.step.name)).collect::<Vec<_>>(),
+            "Worker started.");
+
+        let fatal = tokio::select! {
+            _ = shutdown => None,
+            err = fatal_rx.recv() => err,
+        };
+        cancel.cancel();
+        for lane in &lanes {
+            lane.stop_consuming().await;
+        }
+        tracker.close();
+        let running = tracker.len();
+        if tokio::time::timeout(self.grace, tracker.wait()).await.is_ok() {
+            info!(finished = running, "Drained: every running step finished.");
+        } else {
+            warn!(unfinished = tracker.len(), grace = ?self.grace,
+                "Grace period over; unfinished steps go back to their queues.");
+        }
+        for lane in lanes {
+            lane.close().await;
+        }
+        match fatal {
+            Some(reason) => Err(WorkerError::ConnectionLost(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+// === impl Lane ===
+
+/// Deliveries received but not started, one queue per (priority, shard).
+struct Buffers {
+    shards: usize,
+    queues: Mutex<Vec<VecDeque<Delivery>>>,
+    ready: Notify,
+}
+
+impl Buffers {
+    fn push(&self, slot: usize, delivery: Delivery) {
+        self.queues.lock().expect("buffers lock")[slot].push_back(delivery);
+        self.ready.notify_one();
+    }
+
+    fn take(&self, picker: &mut Picker) -> Option<Delivery> {
+        let mut queues = self.queues.lock().expect("buffers lock");
+        let shards = self.shards;
+        let (priority, shard) =
+            picker.pick(|p, s| !queues[p.index() * shards + s].is_empty())?;
+        queues[priority.index() * shards + shard].pop_front()
+    }
+
+    fn drain(&self) -> Vec<Delivery> {
+        let mut queues = self.queues.lock().expect("buffers lock");
+        queues.iter_mut().flat_map(|q| q.drain(..)).collect()
+    }
+}
+
+struct Lane {
+    channel: Channel,
+    consumer_tags: Vec<String>,
+    buffers: Arc<Buffers>,
+}
+
+impl Lane {
+    async fn start(
+        broker: &Broker,
+        shared: &Arc<Shared>,
+        step: &Arc<LaneStep>,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+        fatal: &mpsc::UnboundedSender<String>,
+    ) -> Result<Self, WorkerError> {
+        let shards = usize::from(step.pipeline.shards);
+        let concurrency = step.step.concurrency as usize;
+        let channel = broker.channel().await?;
+        // Per-consumer prefetch (global = false), set before consuming: each queue may hand this
+        // worker up to `concurrency` messages, so one busy shard can still fill every slot.
+        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|source| BrokerError::Amqp { action: "set prefetch".into(), source })?;
+        let buffers = Arc::new(Buffers {
+            shards,
+            queues: Mutex::new((0..3 * shards).map(|_| VecDeque::new()).collect()),
+            ready: Notify::new(),
+        });
+        let mut consumer_tags = Vec::new();
+        for priority in Priority::ALL {
+            for shard in 0..shards {
+                let queue =
+                    shared.names.step_queue(&step.pipeline.name, &step.step.name, priority, shard as u16);
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|source| BrokerError::Amqp {
+                        action: format!("consume {queue} (is the topology applied?)"),
+                        source,
+                    })?;
+                consumer_tags.push(consumer.tag().to_string());
+                let (buffers, cancel, fatal) = (Arc::clone(&buffers), cancel.clone(), fatal.clone());
+                let slot = priority.index() * shards + shard;
+                tokio::spawn(async move {
+                    while let Some(delivery) = consumer.next().await {
+                        match delivery {
+                            Ok(delivery) => buffers.push(slot, delivery),
+                            Err(e) => {
+                                if !cancel.is_cancelled() {
+                                    let _ = fatal.send(format!("consumer of {queue}: {e}"));
+                                }
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        tokio::spawn(dispatch(
+            Arc::clone(shared),
+            Arc::clone(step),
+            Arc::clone(&buffers),
+            Arc::new(Semaphore::new(concurrency)),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        Ok(Self { channel, consumer_tags, buffers })
+    }
+
+    /// Stops new deliveries and returns the buffered ones to their queues.
+    async fn stop_consuming(&self) {
+        for tag in &self.consumer_tags {
+            let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+        }
+        let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+        for delivery in self.buffers.drain() {
+            let _ = delivery.acker.nack(requeue).await;
+        }
+    }
+
+    async fn close(self) {
+        let _ = self.channel.close(200, "worker stopped".into()).await;
+    }
+}
+
+/// Hands buffered deliveries to step tasks, one per free concurrency slot.
+async fn dispatch(
+    shared: Arc<Shared>,
+    step: Arc<LaneStep>,
+    buffers: Arc<Buffers>,
+    slots: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut picker = Picker::new(buffers.shards, DEFAULT_STARVE_LIMIT);
+    loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("semaphore never closed"),
+        };
+        let delivery = loop {
+            if let Some(delivery) = buffers.take(&mut picker) {
+                break delivery;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = buffers.ready.notified() => {}
+            }
+        };
+        let (shared, step) = (Arc::clone(&shared), Arc::clone(&step));
+        tracker.spawn(async move {
+            process(shared, step, delivery).await;
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,230 @@
+//! One delivery, from bytes to ack: decode, check, run the step, hand the output on (next
+//! step's queue, or the job's result event), wait for the broker's confirm, and only then ack.
+//! Whatever happens, the delivery is acked exactly when its successor message is safe, or is
+//! returned to its queue; it is never dropped.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use serde_json::Value;
+use tracing::{debug, error, info_span, warn, Instrument};
+use warren_broker::{Names, Outgoing, PublishError, Publisher};
+use warren_common::config::{PipelineConfig, StepConfig};
+use warren_common::{decode, encode, encode_result, now_ms, Config, Envelope, ResultEvent};
+
+use crate::handler::{StepContext, StepError};
+use crate::registry::ErasedHandler;
+
+/// Pause before returning a delivery whose hand-off failed, so a broken downstream does not
+/// turn into a hot redelivery loop.
+const HANDOFF_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// What every step task of a worker shares.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) names: Names,
+    pub(crate) publisher: Publisher,
+    pub(crate) tasks_exchange: String,
+    pub(crate) events_exchange: String,
+}
+
+/// What runs a step.
+#[derive(Clone)]
+pub(crate) enum Runner {
+    Handler(ErasedHandler),
+    Command(Arc<Vec<String>>),
+}
+
+/// The step one lane of the worker serves.
+pub(crate) struct LaneStep {
+    pub(crate) pipeline: PipelineConfig,
+    pub(crate) step: StepConfig,
+    pub(crate) runner: Runner,
+}
+
+impl Runner {
+    async fn run(&self, input: Value, ctx: StepContext, timeout: Duration) -> Result<Value, StepError> {
+        match self {
+            Runner::Command(argv) => crate::command::run(argv, &input, &ctx, timeout).await,
+            Runner::Handler(handler) => {
+                // A task of its own, so a panic is caught as a JoinError and a timeout can abort it.
+                let task = tokio::spawn(handler(input, ctx));
+                let abort = task.abort_handle();
+                match tokio::time::timeout(timeout, task).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(join)) if join.is_panic() => {
+                        Err(StepError::retryable(format!("handler panicked: {}", panic_text(join))))
+                    }
+                    Ok(Err(_)) => Err(StepError::retryable("handler was cancelled")),
+                    Err(_) => {
+                        abort.abort();
+                        Err(StepError::retryable(format!(
+                            "timed out after {}",
+                            humantime::format_duration(timeout)
+                        )))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn panic_text(join: tokio::task::JoinError) -> String {
+    let payload = join.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic".to_string())
+}
+
+/// Handles one delivery end to end.
+pub(crate) async fn process(shared: Arc<Shared>, lane: Arc<LaneStep>, delivery: Delivery) {
+    let outcome = match decode(&delivery.data) {
+        Err(e) => set_aside(&shared, &delivery, None, "undecodable", &e.to_string()).await,
+        Ok(env) => match check(&shared.config, &lane, &env) {
+            Err((reason, text)) => set_aside(&shared, &delivery, Some(&env), reason, &text).await,
+            Ok(()) => {
+                let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
+                    pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
+                run_step(&shared, &lane, env).instrument(span).await
+            }
+        },
+    };
+    settle(delivery, outcome).await;
+}
+
+/// The envelope must name this lane's pipeline and step.
+fn check(config: &Config, lane: &LaneStep, env: &Envelope) -> Result<(), (&'static str, String)> {
+    let Some(pipeline) = config.pipeline(&env.pipeline) else {
+        return Err(("unknown-pipeline", format!("no pipeline {:?} in the config", env.pipeline)));
+    };
+    if pipeline.step(&env.step).is_none() {
+        return Err(("unknown-step", format!("pipeline {} has no step {:?}", env.pipeline, env.step)));
+    }
+    if env.pipeline != lane.pipeline.name || env.step != lane.step.name {
+        return Err((
+            "wrong-queue",
+            format!(
+                "message for {}/{} arrived on a queue of {}/{}",
+                env.pipeline, env.step, lane.pipeline.name, lane.step.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn run_step(shared: &Shared, lane: &LaneStep, env: Envelope) -> Result<(), PublishError> {
+    let ctx = StepContext {
+        job_id: env.job_id,
+        tenant: env.tenant.to_string(),
+        pipeline: env.pipeline.clone(),
+        step: env.step.clone(),
+        attempt: env.attempt,
+        priority: env.priority,
+    };
+    let started = Instant::now();
+    let queue_wait_ms = now_ms().saturating_sub(env.published_at);
+    let result = lane.runner.run(env.input.clone(), ctx, lane.step.timeout).await;
+    let took_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(output) => {
+            debug!(took_ms, queue_wait_ms, "Step finished.");
+            match lane.pipeline.next_step(&env.step) {
+                Some(next) => publish_step(shared, &lane.pipeline, &env.next(&next.name, output)).await,
+                None => publish_result(shared, &ResultEvent::succeeded(&env, output)).await,
+            }
+        }
+        Err(e) if e.is_retryable() && env.attempt < lane.step.max_attempts => {
+            warn!(took_ms, error = %e, max_attempts = lane.step.max_attempts, "Step failed; it will be retried.");
+            publish_step(shared, &lane.pipeline, &env.retry()).await
+        }
+        Err(e) => {
+            let why = if e.is_retryable() { "attempts used up" } else { "permanent failure" };
+            warn!(took_ms, error = %e, "Step failed for good ({why}); the job goes to the dead-letter queue.");
+            let text = format!("{why}: {e}");
+            dead_letter(shared, &encode(&env), &env.job_id.to_string(), "failed", &text, "").await?;
+            publish_result(shared, &ResultEvent::failed(&env, text)).await
+        }
+    }
+}
+
+async fn publish_step(shared: &Shared, pipeline: &PipelineConfig, env: &Envelope) -> Result<(), PublishError> {
+    let shard = pipeline.shard_of(env.tenant.as_str());
+    let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
+    let body = encode(env);
+    let id = env.job_id.to_string();
+    shared
+        .publisher
+        .publish(Outgoing::persistent(&shared.tasks_exchange, &key, &body, &id))
+        .await
+}
+
+async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), PublishError> {
+    let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
+    let body = encode_result(event);
+    let id = event.job_id.to_string();
+    shared
+        .publisher
+        .publish(Outgoing::persistent(&shared.events_exchange, &key, &body, &id))
+        .await
+}
+
+/// Moves a delivery that cannot run to the dead-letter queue, with the reason.
+async fn set_aside(
+    shared: &Shared,
+    delivery: &Delivery,
+    env: Option<&Envelope>,
+    reason: &str,
+    text: &str,
+) -> Result<(), PublishError> {
+    warn!(reason, error = text, routing_key = %delivery.routing_key, "Message set aside in the dead-letter queue.");
+    let id = env.map(|e| e.job_id.to_string()).unwrap_or_default();
+    dead_letter(shared, &delivery.data, &id, reason, text, delivery.routing_key.as_str()).await?;
+    // Tell a waiting submitter, when the job is one of ours.
+    if let Some(env) = env.filter(|e| shared.config.pipeline(&e.pipeline).is_some()) {
+        publish_result(shared, &ResultEvent::failed(env, format!("{reason}: {text}"))).await?;
+    }
+    Ok(())
+}
+
+async fn dead_letter(
+    shared: &Shared,
+    body: &[u8],
+    id: &str,
+    reason: &str,
+    text: &str,
+    routing_key: &str,
+) -> Result<(), PublishError> {
+    let dlq = shared.names.dlq();
+    let msg = Outgoing::persistent("", &dlq, body, id).with_headers(&[
+        ("x-warren-reason", reason.to_string()),
+        ("x-warren-error", text.to_string()),
+        ("x-warren-routing-key", routing_key.to_string()),
+        ("x-warren-failed-at", now_ms().to_string()),
+    ]);
+    shared.publisher.publish(msg).await
+}
+
+/// Acks once the successor is confirmed; otherwise returns the delivery to its queue.
+async fn settle(delivery: Delivery, outcome: Result<(), PublishError>) {
+    match outcome {
+        Ok(()) => {
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                // The channel is gone: the broker redelivers the message, and the step runs again.
+                warn!(error = %e, "Could not ack; the message will be redelivered.");
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "Could not hand the step's result on; the message goes back to its queue.");
+            tokio::time::sleep(HANDOFF_RETRY_PAUSE).await;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            let _ = delivery.acker.nack(requeue).await;
+        }
+    }
+}
