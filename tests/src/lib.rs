@@ -1,1 +1,241 @@
+//! Helpers for warren's integration tests: a throw-away namespace on the real broker (deleted on
+//! drop), worker processes to start and kill, and result collection.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use warren_broker::{Broker, Topology};
+use warren_common::{Config, JobId, ResultEvent};
+use warren_producer::Client;
+
+/// Env var through which the test worker's `work` handler learns where to write its markers.
+pub const ENV_TEST_DIR: &str = "WARREN_TEST_DIR";
+
+/// A namespace of its own on the real broker, with its config file in a temp folder.
+/// Dropping it deletes every queue and exchange it declared, and the folder.
+#[derive(Debug)]
+pub struct TestNamespace {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Config,
+}
+
+impl TestNamespace {
+    /// `pipelines` is the TOML after `[broker]`; the namespace is made up here.
+    pub async fn new(pipelines: &str) -> Self {
+        let name = format!("wt-{:08x}", rand::random::<u32>());
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(dir.join("markers")).expect("temp dir");
+        let url = std::env::var("WARREN_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        let text = format!("[broker]\nurl = {url:?}\nnamespace = {name:?}\n\n{pipelines}");
+        let config_path = dir.join("warren.toml");
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = Config::load(Some(&config_path), &HashMap::new()).expect("test config");
+        let broker = Broker::connect(&config.broker).await.expect("broker (is RabbitMQ up?)");
+        Topology::plan(&config).declare(&broker).await.expect("declare topology");
+        Self {
+            name,
+            dir,
+            config_path,
+            config,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.config.clone()).await.expect("client")
+    }
+
+    pub async fn broker(&self) -> Broker {
+        Broker::connect(&self.config.broker).await.expect("broker")
+    }
+
+    /// Starts the test worker binary (`test-worker run`) on this namespace's config.
+    pub fn spawn_worker(&self, extra: &[&str]) -> WorkerProcess {
+        let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.join(format!("worker-{n}.log"));
+        let child = Command::new(test_worker_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(extra)
+            .env(ENV_TEST_DIR, self.markers())
+            .env("WARREN_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start test-worker");
+        WorkerProcess { child, log }
+    }
+
+    /// Where the `work` handler writes one file per step start.
+    pub fn markers(&self) -> PathBuf {
+        self.dir.join("markers")
+    }
+
+    /// Step starts recorded by the `work` handler: (job id, step, started at ms).
+    pub fn step_starts(&self) -> Vec<(String, String, u64)> {
+        let mut starts = Vec::new();
+        for entry in std::fs::read_dir(self.markers()).expect("markers").flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let mut parts = name.split('.');
+            let (Some(job), Some(step)) = (parts.next(), parts.next()) else { continue };
+            let at = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(0);
+            starts.push((job.to_string(), step.to_string(), at));
+        }
+        starts
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let config = self.config.clone();
+        // Drop cannot be async, and we may be inside a runtime: clean up from a thread of its own.
+        let cleaned = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let broker = Broker::connect(&config.broker).await?;
+                Topology::plan(&config).delete(&broker).await
+            })
+            .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .join();
+        if !matches!(cleaned, Ok(Ok(()))) {
+            eprintln!("could not delete test namespace {}: {cleaned:?}", self.name);
+        }
+        if std::thread::panicking() {
+            eprintln!("test namespace {} failed; worker logs kept in {}", self.name, self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The `test-worker` binary cargo built next to the running test binary
+/// (`target/<profile>/deps/e2e-*` -> `target/<profile>/test-worker`).
+pub fn test_worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    profile_dir.join("test-worker")
+}
+
+/// A worker process; killed when dropped.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash or an OOM kill.
+    pub fn kill_hard(&mut self) {
+        let _ = kill(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `patience` for the exit code.
+    pub fn terminate(&mut self, patience: Duration) -> Option<i32> {
+        let _ = kill(self.pid(), Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + patience;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits for the process to exit by itself (a worker that refused to start).
+    pub fn wait_exit(&mut self, patience: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + patience;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill_hard();
+        }
+    }
+}
+
+/// Every result event for `ids` (duplicates included, in arrival order), reading the results
+/// stream until each id has one or `timeout` passes.
+pub async fn collect_results(
+    client: &Client,
+    ids: &[JobId],
+    timeout: Duration,
+) -> HashMap<JobId, Vec<ResultEvent>> {
+    let wanted: std::collections::HashSet<JobId> = ids.iter().copied().collect();
+    let since = ids.iter().filter_map(JobId::timestamp_ms).min().unwrap_or(0);
+    let mut stream = client.results(since.saturating_sub(5_000)).await.expect("results");
+    let mut found: HashMap<JobId, Vec<ResultEvent>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while found.len() < wanted.len() {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Ok(Some(event))) if wanted.contains(&event.job_id) => {
+                found.entry(event.job_id).or_default().push(event)
+            }
+            Ok(Ok(Some(_))) => {}
+            _ => break,
+        }
+    }
+    // Late duplicates of jobs already seen: give them a moment to show up, so tests can count.
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_millis(200), stream.next()).await
+    {
+        if wanted.contains(&event.job_id) {
+            found.entry(event.job_id).or_default().push(event);
+        }
+    }
+    stream.close().await;
+    found
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads the whole log of a worker, for assertion messages.
+pub fn read_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}

@@ -1,1 +1,46 @@
-fn main(){}
+//! The worker binary the integration tests run: the stock `warren-worker` command line plus Rust
+//! handlers whose behaviour the job payload controls, and which leave a marker file per start.
+//! It doubles as the example of a custom worker binary.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warren_worker::{handler_fn, StepContext, StepError};
+
+/// `work`: appends the step name to `trail`; optionally sleeps (`sleep_ms`, or
+/// `sleep_ms_at: {step: ms}`), panics (`panic_at: step` on attempt 1) or fails (`fail_at: step`
+/// retryable until attempt `fail_times`+1, `fail_permanently_at: step`).
+async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    if let Ok(dir) = std::env::var(warren_tests::ENV_TEST_DIR) {
+        let name = format!("{}.{}.{}.{}", ctx.job_id, ctx.step, ctx.attempt, uuid::Uuid::now_v7().simple());
+        let _ = std::fs::write(format!("{dir}/{name}"), warren_common::now_ms().to_string());
+    }
+    let at = |key: &str| input.get(key).and_then(Value::as_str) == Some(ctx.step.as_str());
+    let sleep = input
+        .get("sleep_ms_at")
+        .and_then(|m| m.get(&ctx.step))
+        .or_else(|| input.get("sleep_ms"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(sleep)).await;
+    if at("panic_at") && ctx.attempt == 1 {
+        panic!("test panic at {}", ctx.step);
+    }
+    if at("fail_permanently_at") {
+        return Err(StepError::permanent("told to fail permanently"));
+    }
+    let fail_times = input.get("fail_times").and_then(Value::as_u64).unwrap_or(0);
+    if at("fail_at") && u64::from(ctx.attempt) <= fail_times {
+        return Err(StepError::retryable(format!("told to fail, attempt {}", ctx.attempt)));
+    }
+    match input.get_mut("trail").and_then(Value::as_array_mut) {
+        Some(trail) => trail.push(json!(ctx.step)),
+        None => input["trail"] = json!([ctx.step]),
+    }
+    input["tenant_seen"] = json!(ctx.tenant);
+    Ok(input)
+}
+
+fn main() -> std::process::ExitCode {
+    warren_worker::cli::main(|builder| builder.handler("work", handler_fn(work)))
+}
