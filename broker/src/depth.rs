@@ -25,7 +25,10 @@ pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>,
             let _ = channel.close(200, "done".into()).await;
             Ok(Some(q.message_count()))
         }
-        Err(e) if crate::error::server_reply(&e).is_some_and(|(_, text)| text.contains("NOT_FOUND")) => {
+        Err(e)
+            if crate::error::server_reply(&e)
+                .is_some_and(|(_, text)| text.contains("NOT_FOUND")) =>
+        {
             Ok(None)
         }
         Err(e) => Err(BrokerError::Amqp {

@@ -47,7 +47,11 @@ impl Names {
 
     /// `<ns>.q.<pipeline>.<step>.<priority>.<shard>`.
     pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        format!("{}.q.{}", self.ns, Self::step_key(pipeline, step, priority, shard))
+        format!(
+            "{}.q.{}",
+            self.ns,
+            Self::step_key(pipeline, step, priority, shard)
+        )
     }
 
     /// `result.<status>.<pipeline>.<tenant>` on the events exchange.

@@ -6,9 +6,9 @@
 use std::sync::Mutex;
 
 use lapin::options::BasicPublishOptions;
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
+use lapin::{Confirmation, PublisherConfirm};
 use warren_common::now_ms;
 
 use crate::connection::Broker;

@@ -80,8 +80,14 @@ impl Topology {
         });
         Self {
             exchanges: vec![
-                ExchangeSpec { name: tasks, kind: "direct" },
-                ExchangeSpec { name: events, kind: "topic" },
+                ExchangeSpec {
+                    name: tasks,
+                    kind: "direct",
+                },
+                ExchangeSpec {
+                    name: events,
+                    kind: "topic",
+                },
             ],
             queues,
         }
@@ -134,7 +140,10 @@ impl Topology {
                         FieldTable::default(),
                     )
                     .await
-                    .map_err(BrokerError::amqp(format!("bind {} to {exchange}", queue.name)))?;
+                    .map_err(BrokerError::amqp(format!(
+                        "bind {} to {exchange}",
+                        queue.name
+                    )))?;
             }
         }
         let _ = channel.close(200, "done".into()).await;
@@ -156,9 +165,15 @@ impl Topology {
         }
         for exchange in &self.exchanges {
             channel
-                .exchange_delete(exchange.name.as_str().into(), ExchangeDeleteOptions::default())
+                .exchange_delete(
+                    exchange.name.as_str().into(),
+                    ExchangeDeleteOptions::default(),
+                )
                 .await
-                .map_err(BrokerError::amqp(format!("delete exchange {}", exchange.name)))?;
+                .map_err(BrokerError::amqp(format!(
+                    "delete exchange {}",
+                    exchange.name
+                )))?;
         }
         let _ = channel.close(200, "done".into()).await;
         Ok(())
@@ -219,8 +234,15 @@ handler = "h"
         let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
         let plan = Topology::plan(&config);
         assert_eq!(plan.step_queues().count(), 2 * 3 * 2);
-        let q = plan.queues.iter().find(|q| q.name == "ns.q.p.b.low.1").unwrap();
-        assert_eq!(q.bindings, vec![("ns.tasks".to_string(), "p.b.low.1".to_string())]);
+        let q = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.q.p.b.low.1")
+            .unwrap();
+        assert_eq!(
+            q.bindings,
+            vec![("ns.tasks".to_string(), "p.b.low.1".to_string())]
+        );
         assert_eq!(q.arguments, vec![("x-queue-type", "quorum".to_string())]);
         assert!(plan.queues.iter().any(|q| q.name == "ns.dlq"));
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));

@@ -84,10 +84,15 @@ mod tests {
         let value: rmpv::Value = rmp_serde::from_slice(&encode(&sample())).unwrap();
         let map = value.as_map().expect("a map, not an array");
         let keys: Vec<&str> = map.iter().filter_map(|(k, _)| k.as_str()).collect();
-        for key in ["v", "job_id", "tenant", "pipeline", "step", "priority", "attempt", "input"] {
+        for key in [
+            "v", "job_id", "tenant", "pipeline", "step", "priority", "attempt", "input",
+        ] {
             assert!(keys.contains(&key), "missing {key} in {keys:?}");
         }
-        let job_id = map.iter().find(|(k, _)| k.as_str() == Some("job_id")).unwrap();
+        let job_id = map
+            .iter()
+            .find(|(k, _)| k.as_str() == Some("job_id"))
+            .unwrap();
         assert!(job_id.1.is_str(), "job_id travels as text");
     }
 
@@ -115,7 +120,10 @@ mod tests {
         assert!(matches!(decode(b"garbage"), Err(DecodeError::Malformed(_))));
         let mut env = sample();
         env.v = 9;
-        assert!(matches!(decode(&encode(&env)), Err(DecodeError::Version { found: 9 })));
+        assert!(matches!(
+            decode(&encode(&env)),
+            Err(DecodeError::Version { found: 9 })
+        ));
         let mut bad_tenant = rmp_serde::to_vec_named(&sample()).unwrap();
         // Same length as "acme", but with a wildcard in it.
         let pos = bad_tenant.windows(4).position(|w| w == b"acme").unwrap();

@@ -144,7 +144,12 @@ impl ResultEvent {
         Self::from_envelope(env, JobStatus::Failed, Value::Null, Some(error))
     }
 
-    fn from_envelope(env: &Envelope, status: JobStatus, output: Value, error: Option<String>) -> Self {
+    fn from_envelope(
+        env: &Envelope,
+        status: JobStatus,
+        output: Value,
+        error: Option<String>,
+    ) -> Self {
         Self {
             v: FORMAT_VERSION,
             job_id: env.job_id,

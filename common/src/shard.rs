@@ -87,7 +87,10 @@ mod tests {
         }
         // Expected 2,000 each; allow +-10%.
         for (shard, &n) in counts.iter().enumerate() {
-            assert!((1800..=2200).contains(&n), "shard {shard} got {n}: {counts:?}");
+            assert!(
+                (1800..=2200).contains(&n),
+                "shard {shard} got {n}: {counts:?}"
+            );
         }
     }
 

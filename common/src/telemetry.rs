@@ -18,7 +18,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("invalid log format {other:?}: expected text or json")),
+            other => Err(format!(
+                "invalid log format {other:?}: expected text or json"
+            )),
         }
     }
 }

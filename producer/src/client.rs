@@ -88,7 +88,10 @@ impl Client {
         self.publisher
             .publish(self.outgoing(&prepared))
             .await
-            .map_err(|source| SubmitError::Publish { confirmed: 0, source })?;
+            .map_err(|source| SubmitError::Publish {
+                confirmed: 0,
+                source,
+            })?;
         Ok(prepared.id)
     }
 
@@ -163,7 +166,9 @@ impl Client {
             .config
             .pipeline(&job.pipeline)
             .ok_or_else(|| SubmitError::UnknownPipeline(job.pipeline.clone()))?;
-        let size = serde_json::to_vec(&job.payload).map(|v| v.len()).unwrap_or(0);
+        let size = serde_json::to_vec(&job.payload)
+            .map(|v| v.len())
+            .unwrap_or(0);
         let max = self.config.broker.max_payload_bytes;
         if size > max {
             return Err(SubmitError::PayloadTooLarge { size, max });
@@ -171,8 +176,14 @@ impl Client {
         let first = &pipeline.first_step().name;
         let shard = pipeline.shard_of(tenant.as_str());
         let routing_key = Names::step_key(&pipeline.name, first, job.priority, shard);
-        let envelope =
-            Envelope::new_job(job.id, tenant, &pipeline.name, first, job.priority, job.payload);
+        let envelope = Envelope::new_job(
+            job.id,
+            tenant,
+            &pipeline.name,
+            first,
+            job.priority,
+            job.payload,
+        );
         Ok(Prepared {
             id: job.id,
             routing_key,
@@ -188,5 +199,4 @@ impl Client {
             &job.id.to_string(),
         )
     }
-
 }

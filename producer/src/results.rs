@@ -35,7 +35,10 @@ impl ResultStream {
                 source,
             })?;
         let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), AMQPValue::Timestamp(since_ms / 1000));
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::Timestamp(since_ms / 1000),
+        );
         let consumer = channel
             .basic_consume(
                 broker.names().results_stream().into(),

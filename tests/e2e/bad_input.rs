@@ -21,23 +21,43 @@ async fn sdk_refuses_bad_jobs_before_publishing() {
     let ns = TestNamespace::new(THREE_STEPS).await;
     let client = ns.client().await;
     for tenant in ["", "a.b", "a*", "#", "x y", &"t".repeat(65)] {
-        let err = client.submit(Job::new("chain", tenant, json!({}))).await.unwrap_err();
+        let err = client
+            .submit(Job::new("chain", tenant, json!({})))
+            .await
+            .unwrap_err();
         assert!(matches!(err, SubmitError::Invalid(_)), "{tenant:?}: {err}");
         assert!(err.to_string().contains("tenant"), "{err}");
     }
-    let err = client.submit(Job::new("nope", "acme", json!({}))).await.unwrap_err();
+    let err = client
+        .submit(Job::new("nope", "acme", json!({})))
+        .await
+        .unwrap_err();
     assert!(matches!(err, SubmitError::UnknownPipeline(_)), "{err}");
     let big = json!({"blob": "x".repeat(2 * 1024 * 1024)});
-    let err = client.submit(Job::new("chain", "acme", big)).await.unwrap_err();
+    let err = client
+        .submit(Job::new("chain", "acme", big))
+        .await
+        .unwrap_err();
     assert!(matches!(err, SubmitError::PayloadTooLarge { .. }), "{err}");
     // A bad job in a batch stops the whole batch before anything is published
-    let batch = vec![Job::new("chain", "ok", json!({})), Job::new("chain", "not ok", json!({}))];
+    let batch = vec![
+        Job::new("chain", "ok", json!({})),
+        Job::new("chain", "not ok", json!({})),
+    ];
     let err = client.submit_many(batch).await.unwrap_err();
-    assert!(matches!(err, SubmitError::InBatch { index: 1, .. }), "{err}");
+    assert!(
+        matches!(err, SubmitError::InBatch { index: 1, .. }),
+        "{err}"
+    );
     let first_queue = ns.broker().await;
     let depth = warren_broker::depth::ready_messages(
         &first_queue,
-        &first_queue.names().step_queue("chain", "a", Priority::Normal, ns.config.pipelines[0].shard_of("ok")),
+        &first_queue.names().step_queue(
+            "chain",
+            "a",
+            Priority::Normal,
+            ns.config.pipelines[0].shard_of("ok"),
+        ),
     )
     .await
     .unwrap();
@@ -52,13 +72,28 @@ async fn unroutable_job_is_an_error_not_a_silent_drop() {
         "[broker]\nurl = {:?}\nnamespace = {:?}\n[[pipelines]]\nname = \"undeclared\"\n[[pipelines.steps]]\nname = \"s\"\nhandler = \"work\"\n",
         ns.config.broker.url, ns.name
     );
-    let config = Config::parse(&extra, "inline", Path::new("."), &std::collections::HashMap::new()).unwrap();
+    let config = Config::parse(
+        &extra,
+        "inline",
+        Path::new("."),
+        &std::collections::HashMap::new(),
+    )
+    .unwrap();
     let client = warren_producer::Client::connect(config).await.unwrap();
     // When a job for it is submitted
-    let err = client.submit(Job::new("undeclared", "acme", json!({}))).await.unwrap_err();
+    let err = client
+        .submit(Job::new("undeclared", "acme", json!({})))
+        .await
+        .unwrap_err();
     // Then the caller hears about it
     assert!(
-        matches!(err, SubmitError::Publish { source: PublishError::Unroutable { .. }, .. }),
+        matches!(
+            err,
+            SubmitError::Publish {
+                source: PublishError::Unroutable { .. },
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("topology apply"), "{err}");
@@ -77,7 +112,13 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
         let (channel, queue) = (channel.clone(), queue.clone());
         async move {
             channel
-                .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &body, BasicProperties::default().with_delivery_mode(2))
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_delivery_mode(2),
+                )
                 .await
                 .unwrap()
                 .await
@@ -96,15 +137,28 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
     // Then each is in the dead-letter queue with its reason, the raw bytes kept...
     let dlq = names.dlq();
     let reader = broker.channel().await.unwrap();
-    reader.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    reader
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .unwrap();
     let mut consumer = reader
-        .basic_consume(dlq.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            dlq.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .unwrap();
     let mut reasons = Vec::new();
     for _ in 0..3 {
-        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next()).await.unwrap().unwrap().unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         let reason = header(&d.properties, "x-warren-reason").unwrap();
+        assert_eq!(header(&d.properties, "x-warren-queue").unwrap(), queue);
         let error = header(&d.properties, "x-warren-error").unwrap();
         assert!(!error.is_empty());
         if reason == "undecodable" && d.data.starts_with(b"\xc1\xff") {
@@ -114,24 +168,41 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
         d.acker.ack(BasicAckOptions::default()).await.unwrap();
     }
     reasons.sort();
-    assert_eq!(reasons, vec!["undecodable", "undecodable", "unknown-pipeline"]);
+    assert_eq!(
+        reasons,
+        vec!["undecodable", "undecodable", "unknown-pipeline"]
+    );
 
     // ...and the worker still serves real jobs
     let client = ns.client().await;
-    let id = client.submit(Job::new("chain", "acme", json!({}))).await.unwrap();
+    let id = client
+        .submit(Job::new("chain", "acme", json!({})))
+        .await
+        .unwrap();
     let result = client.wait(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(result.status, JobStatus::Succeeded);
-    assert!(worker.wait_exit(Duration::from_millis(10)).is_none(), "worker died");
+    assert!(
+        worker.wait_exit(Duration::from_millis(10)).is_none(),
+        "worker died"
+    );
 }
 
 #[tokio::test]
 async fn config_typo_stops_the_worker_with_key_and_line() {
     // Given a config with a typo in a step key
     let ns = TestNamespace::new(THREE_STEPS).await;
-    let broken = std::fs::read_to_string(&ns.config_path).unwrap().replacen("concurrency = 4", "concurency = 4", 1);
+    let broken = std::fs::read_to_string(&ns.config_path).unwrap().replacen(
+        "concurrency = 4",
+        "concurency = 4",
+        1,
+    );
     let path = ns.dir.join("broken.toml");
     std::fs::write(&path, &broken).unwrap();
-    let line = broken.lines().position(|l| l.starts_with("concurency")).unwrap() + 1;
+    let line = broken
+        .lines()
+        .position(|l| l.starts_with("concurency"))
+        .unwrap()
+        + 1;
 
     // When a worker starts with it
     let out = std::process::Command::new(warren_tests::test_worker_bin())
@@ -147,7 +218,11 @@ async fn config_typo_stops_the_worker_with_key_and_line() {
     assert!(stderr.contains("unknown field `concurency`"), "{stderr}");
 
     // And a config naming a handler this binary lacks is refused, naming the key
-    let unknown = std::fs::read_to_string(&ns.config_path).unwrap().replacen("handler = \"work\"", "handler = \"resize\"", 1);
+    let unknown = std::fs::read_to_string(&ns.config_path).unwrap().replacen(
+        "handler = \"work\"",
+        "handler = \"resize\"",
+        1,
+    );
     std::fs::write(&path, unknown).unwrap();
     let out = std::process::Command::new(warren_tests::test_worker_bin())
         .args(["run", "--config"])
@@ -156,5 +231,8 @@ async fn config_typo_stops_the_worker_with_key_and_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pipelines.chain.steps.a.handler = \"resize\""), "{stderr}");
+    assert!(
+        stderr.contains("pipelines.chain.steps.a.handler = \"resize\""),
+        "{stderr}"
+    );
 }

@@ -20,7 +20,13 @@ async fn three_steps_many_tenants_two_workers() {
 
     // When 6 tenants submit 20 jobs each, in one bulk
     let jobs: Vec<Job> = (0..120)
-        .map(|i| Job::new("chain", format!("tenant-{}", i % 6), json!({"n": i, "sleep_ms": 2})))
+        .map(|i| {
+            Job::new(
+                "chain",
+                format!("tenant-{}", i % 6),
+                json!({"n": i, "sleep_ms": 2}),
+            )
+        })
         .collect();
     let ids = client.submit_many(jobs).await.unwrap();
 
@@ -66,7 +72,8 @@ concurrency = 1
     let client = ns.client().await;
 
     // When 10 jobs are submitted at once
-    let jobs = (0..10).map(|i| Job::new("nn", "t1", json!({"i": i, "sleep_ms_at": {"first": 150}})));
+    let jobs =
+        (0..10).map(|i| Job::new("nn", "t1", json!({"i": i, "sleep_ms_at": {"first": 150}})));
     let ids = client.submit_many(jobs).await.unwrap();
     let results = collect_results(&client, &ids, Duration::from_secs(30)).await;
     assert_eq!(results.len(), 10);
@@ -85,7 +92,12 @@ concurrency = 1
         first_done < last_first_step_start,
         "first result at {first_done}, last first-step start at {last_first_step_start}"
     );
-    let seconds: HashSet<_> = ns.step_starts().into_iter().filter(|s| s.1 == "second").map(|s| s.0).collect();
+    let seconds: HashSet<_> = ns
+        .step_starts()
+        .into_iter()
+        .filter(|s| s.1 == "second")
+        .map(|s| s.0)
+        .collect();
     assert_eq!(seconds.len(), 10);
 }
 
@@ -98,10 +110,17 @@ async fn retries_then_succeeds_and_panics_do_not_kill_the_worker() {
 
     // When one job's step b fails twice, and another's handler panics on its first attempt
     let flaky = client
-        .submit(Job::new("chain", "acme", json!({"fail_at": "b", "fail_times": 2})))
+        .submit(Job::new(
+            "chain",
+            "acme",
+            json!({"fail_at": "b", "fail_times": 2}),
+        ))
         .await
         .unwrap();
-    let panicky = client.submit(Job::new("chain", "acme", json!({"panic_at": "a"}))).await.unwrap();
+    let panicky = client
+        .submit(Job::new("chain", "acme", json!({"panic_at": "a"})))
+        .await
+        .unwrap();
 
     // Then both succeed: the flaky one on attempt 3, the panicky one on attempt 2
     let flaky = client.wait(flaky, Duration::from_secs(30)).await.unwrap();
@@ -109,9 +128,18 @@ async fn retries_then_succeeds_and_panics_do_not_kill_the_worker() {
     assert_eq!(flaky.output["trail"], json!(["a", "b", "c"]));
     let panicky = client.wait(panicky, Duration::from_secs(30)).await.unwrap();
     assert_eq!(panicky.status, JobStatus::Succeeded, "{panicky:?}");
-    assert!(worker.wait_exit(Duration::from_millis(10)).is_none(), "worker died");
+    assert!(
+        worker.wait_exit(Duration::from_millis(10)).is_none(),
+        "worker died"
+    );
     let starts = ns.step_starts();
-    assert_eq!(starts.iter().filter(|s| s.0 == flaky.job_id.to_string() && s.1 == "b").count(), 3);
+    assert_eq!(
+        starts
+            .iter()
+            .filter(|s| s.0 == flaky.job_id.to_string() && s.1 == "b")
+            .count(),
+        3
+    );
 }
 
 #[tokio::test]
@@ -144,7 +172,10 @@ command = ["sh", "-c", "x=$(cat); case \"$x\" in *reject*) echo 'rejected: bad i
         .submit(Job::new("cmd", "acme", json!({"k": 1})).priority(warren_common::Priority::High))
         .await
         .unwrap();
-    let bad = client.submit(Job::new("cmd", "acme", json!({"k": "reject"}))).await.unwrap();
+    let bad = client
+        .submit(Job::new("cmd", "acme", json!({"k": "reject"})))
+        .await
+        .unwrap();
 
     // Then the good one carries what each step saw, and no broker credentials
     let good_result = client.wait(good, Duration::from_secs(30)).await.unwrap();
@@ -162,5 +193,8 @@ command = ["sh", "-c", "x=$(cat); case \"$x\" in *reject*) echo 'rejected: bad i
     assert_eq!(bad_result.step, "strict");
     assert_eq!(bad_result.attempts, 1);
     let error = bad_result.error.unwrap();
-    assert!(error.contains("exit 65") && error.contains("rejected: bad input"), "{error}");
+    assert!(
+        error.contains("exit 65") && error.contains("rejected: bad input"),
+        "{error}"
+    );
 }

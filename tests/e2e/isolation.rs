@@ -20,7 +20,11 @@ concurrency = 1
 "#;
 
 /// Reads results until `target` shows up; returns how many `flood` results came before it.
-async fn floods_before(client: &Client, target: warren_common::JobId, since: u64) -> (usize, ResultEvent) {
+async fn floods_before(
+    client: &Client,
+    target: warren_common::JobId,
+    since: u64,
+) -> (usize, ResultEvent) {
     let mut stream = client.results(since).await.unwrap();
     let mut before = 0;
     loop {
@@ -54,12 +58,18 @@ async fn a_flooded_shard_does_not_block_another_shard() {
     client.submit_many(flood).await.unwrap();
     let _w = ns.spawn_worker(&[]);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let quiet_job = client.submit(Job::new("slow", quiet.as_str(), json!({"sleep_ms": 20}))).await.unwrap();
+    let quiet_job = client
+        .submit(Job::new("slow", quiet.as_str(), json!({"sleep_ms": 20})))
+        .await
+        .unwrap();
 
     // Then the quiet job is served after a handful of flood jobs, not after the whole flood
     let (before, _) = floods_before(&client, quiet_job, since).await;
     eprintln!("flood jobs finished before the quiet tenant's job: {before} of 150");
-    assert!(before < 60, "{before} flood jobs finished before the quiet tenant's job");
+    assert!(
+        before < 60,
+        "{before} flood jobs finished before the quiet tenant's job"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +78,8 @@ async fn high_priority_overtakes_a_low_backlog() {
     let ns = TestNamespace::new(ONE_SLOW_STEP).await;
     let client = ns.client().await;
     let since = warren_common::now_ms();
-    let backlog = (0..150).map(|i| Job::new("slow", "acme", json!({"i": i, "sleep_ms": 20})).priority(Priority::Low));
+    let backlog = (0..150)
+        .map(|i| Job::new("slow", "acme", json!({"i": i, "sleep_ms": 20})).priority(Priority::Low));
     client.submit_many(backlog).await.unwrap();
     let _w = ns.spawn_worker(&[]);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -83,5 +94,8 @@ async fn high_priority_overtakes_a_low_backlog() {
     let (before, event) = floods_before(&client, urgent, since).await;
     eprintln!("low jobs finished before the high one: {before} of 150");
     assert_eq!(event.priority, Priority::High);
-    assert!(before < 60, "{before} low jobs finished before the high one");
+    assert!(
+        before < 60,
+        "{before} low jobs finished before the high one"
+    );
 }

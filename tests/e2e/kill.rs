@@ -16,7 +16,11 @@ async fn sigkill_in_the_middle_of_a_step() {
     let mut doomed = ns.spawn_worker(&[]);
     let client = ns.client().await;
     let id = client
-        .submit(Job::new("chain", "acme", json!({"sleep_ms_at": {"b": 2000}})))
+        .submit(Job::new(
+            "chain",
+            "acme",
+            json!({"sleep_ms_at": {"b": 2000}}),
+        ))
         .await
         .unwrap();
     let in_b = eventually(Duration::from_secs(20), || async {
@@ -35,7 +39,11 @@ async fn sigkill_in_the_middle_of_a_step() {
     assert_eq!(result.output["trail"], json!(["a", "b", "c"]));
     let starts = ns.step_starts();
     let count = |step: &str| starts.iter().filter(|s| s.1 == step).count();
-    assert_eq!((count("a"), count("b"), count("c")), (1, 2, 1), "{starts:?}");
+    assert_eq!(
+        (count("a"), count("b"), count("c")),
+        (1, 2, 1),
+        "{starts:?}"
+    );
 }
 
 #[tokio::test]
@@ -44,9 +52,13 @@ async fn sigterm_drains_running_steps_and_exits_zero() {
     let ns = TestNamespace::new(THREE_STEPS).await;
     let mut worker = ns.spawn_worker(&["--shutdown-grace", "20s"]);
     let client = ns.client().await;
-    let jobs = (0..8).map(|i| Job::new("chain", "acme", json!({"i": i, "sleep_ms_at": {"a": 1500}})));
+    let jobs =
+        (0..8).map(|i| Job::new("chain", "acme", json!({"i": i, "sleep_ms_at": {"a": 1500}})));
     let ids = client.submit_many(jobs).await.unwrap();
-    let busy = eventually(Duration::from_secs(20), || async { ns.step_starts().len() >= 4 }).await;
+    let busy = eventually(Duration::from_secs(20), || async {
+        ns.step_starts().len() >= 4
+    })
+    .await;
     assert!(busy);
 
     // When it gets SIGTERM
@@ -54,13 +66,22 @@ async fn sigterm_drains_running_steps_and_exits_zero() {
 
     // Then it exits 0 after finishing the running steps (their step b is queued, not lost) ...
     assert_eq!(code, Some(0), "worker log:\n{}", worker.log_text());
-    assert!(worker.log_text().contains("Drained"), "{}", worker.log_text());
+    assert!(
+        worker.log_text().contains("Drained"),
+        "{}",
+        worker.log_text()
+    );
     let a_runs_before = ns.step_starts().iter().filter(|s| s.1 == "a").count();
     // ... and a new worker completes every job, re-running no finished step a
     let _next = ns.spawn_worker(&[]);
     let results = collect_results(&client, &ids, Duration::from_secs(60)).await;
     assert_eq!(results.len(), 8);
-    assert!(results.values().all(|r| r[0].status == JobStatus::Succeeded));
+    assert!(results
+        .values()
+        .all(|r| r[0].status == JobStatus::Succeeded));
     let a_runs = ns.step_starts().iter().filter(|s| s.1 == "a").count();
-    assert_eq!(a_runs, 8, "step a ran {a_runs} times for 8 jobs ({a_runs_before} before the restart)");
+    assert_eq!(
+        a_runs, 8,
+        "step a ran {a_runs} times for 8 jobs ({a_runs_before} before the restart)"
+    );
 }

@@ -40,21 +40,32 @@ handler = "work"
         ("step".into(), "fetch".into()),
         ("priority".into(), "normal".into()),
         ("attempt".into(), 1.into()),
-        ("input".into(), rmpv::Value::Map(vec![("url".into(), "https://x/y.png".into())])),
+        (
+            "input".into(),
+            rmpv::Value::Map(vec![("url".into(), "https://x/y.png".into())]),
+        ),
         ("submitted_at".into(), now.into()),
         ("published_at".into(), now.into()),
         ("sent_by".into(), "a producer from elsewhere".into()),
     ]);
     let mut body = Vec::new();
     rmpv::encode::write_value(&mut body, &map).unwrap();
-    let conn = Connection::connect(&ns.config.broker.url, ConnectionProperties::default()).await.unwrap();
+    let conn = Connection::connect(&ns.config.broker.url, ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = conn.create_channel().await.unwrap();
-    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     let confirm = channel
         .basic_publish(
             format!("{}.tasks", ns.name).into(),
             "thumbnails.fetch.normal.7".into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             &body,
             BasicProperties::default()
                 .with_content_type("application/msgpack".into())
@@ -65,15 +76,26 @@ handler = "work"
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(confirm, lapin::Confirmation::Ack(None), "routable and stored");
+    assert_eq!(
+        confirm,
+        lapin::Confirmation::Ack(None),
+        "routable and stored"
+    );
 
     // Then the worker runs both steps, and the result event can be read as a plain map too
     let client = ns.client().await;
-    let result = client.wait(job_id.parse().unwrap(), Duration::from_secs(30)).await.unwrap();
+    let result = client
+        .wait(job_id.parse().unwrap(), Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(result.status, JobStatus::Succeeded);
     assert_eq!(result.output["url"], json!("https://x/y.png"));
     assert_eq!(result.output["trail"], json!(["fetch", "resize"]));
     let raw: rmpv::Value = rmp_serde::from_slice(&warren_common::encode_result(&result)).unwrap();
-    assert!(raw.as_map().unwrap().iter().any(|(k, v)| k.as_str() == Some("status") && v.as_str() == Some("succeeded")));
+    assert!(raw
+        .as_map()
+        .unwrap()
+        .iter()
+        .any(|(k, v)| k.as_str() == Some("status") && v.as_str() == Some("succeeded")));
     conn.close(200, "done".into()).await.unwrap();
 }

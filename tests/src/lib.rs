@@ -37,8 +37,13 @@ impl TestNamespace {
         let config_path = dir.join("warren.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(Some(&config_path), &HashMap::new()).expect("test config");
-        let broker = Broker::connect(&config.broker).await.expect("broker (is RabbitMQ up?)");
-        Topology::plan(&config).declare(&broker).await.expect("declare topology");
+        let broker = Broker::connect(&config.broker)
+            .await
+            .expect("broker (is RabbitMQ up?)");
+        Topology::plan(&config)
+            .declare(&broker)
+            .await
+            .expect("declare topology");
         Self {
             name,
             dir,
@@ -82,10 +87,15 @@ impl TestNamespace {
     /// Step starts recorded by the `work` handler: (job id, step, started at ms).
     pub fn step_starts(&self) -> Vec<(String, String, u64)> {
         let mut starts = Vec::new();
-        for entry in std::fs::read_dir(self.markers()).expect("markers").flatten() {
+        for entry in std::fs::read_dir(self.markers())
+            .expect("markers")
+            .flatten()
+        {
             let name = entry.file_name().to_string_lossy().into_owned();
             let mut parts = name.split('.');
-            let (Some(job), Some(step)) = (parts.next(), parts.next()) else { continue };
+            let (Some(job), Some(step)) = (parts.next(), parts.next()) else {
+                continue;
+            };
             let at = std::fs::read_to_string(entry.path())
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
@@ -101,7 +111,9 @@ impl Drop for TestNamespace {
         let config = self.config.clone();
         // Drop cannot be async, and we may be inside a runtime: clean up from a thread of its own.
         let cleaned = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
                 let broker = Broker::connect(&config.broker).await?;
                 Topology::plan(&config).delete(&broker).await
@@ -113,7 +125,11 @@ impl Drop for TestNamespace {
             eprintln!("could not delete test namespace {}: {cleaned:?}", self.name);
         }
         if std::thread::panicking() {
-            eprintln!("test namespace {} failed; worker logs kept in {}", self.name, self.dir.display());
+            eprintln!(
+                "test namespace {} failed; worker logs kept in {}",
+                self.name,
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -124,7 +140,10 @@ impl Drop for TestNamespace {
 /// (`target/<profile>/deps/e2e-*` -> `target/<profile>/test-worker`).
 pub fn test_worker_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     profile_dir.join("test-worker")
 }
 
@@ -192,8 +211,15 @@ pub async fn collect_results(
     timeout: Duration,
 ) -> HashMap<JobId, Vec<ResultEvent>> {
     let wanted: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let since = ids.iter().filter_map(JobId::timestamp_ms).min().unwrap_or(0);
-    let mut stream = client.results(since.saturating_sub(5_000)).await.expect("results");
+    let since = ids
+        .iter()
+        .filter_map(JobId::timestamp_ms)
+        .min()
+        .unwrap_or(0);
+    let mut stream = client
+        .results(since.saturating_sub(5_000))
+        .await
+        .expect("results");
     let mut found: HashMap<JobId, Vec<ResultEvent>> = HashMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while found.len() < wanted.len() {

@@ -16,7 +16,11 @@ use crate::runtime::{Worker, WorkerBuilder, WorkerError};
 pub const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "warren-worker", version, about = "Run warren steps from RabbitMQ queues.")]
+#[command(
+    name = "warren-worker",
+    version,
+    about = "Run warren steps from RabbitMQ queues."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -24,7 +24,9 @@ const STDERR_TAIL_BYTES: usize = 2048;
 
 /// Variables passed through from the worker's own environment. Nothing else is: the broker
 /// credentials in `WARREN_AMQP_URL` must never reach step code.
-pub const ENV_ALLOW_LIST: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER"];
+pub const ENV_ALLOW_LIST: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER",
+];
 
 /// Runs `argv` for one attempt.
 pub async fn run(
@@ -36,7 +38,11 @@ pub async fn run(
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
-        .envs(ENV_ALLOW_LIST.iter().filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))))
+        .envs(
+            ENV_ALLOW_LIST
+                .iter()
+                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
+        )
         .env(keys::ENV_WARREN_JOB_ID, ctx.job_id.to_string())
         .env(keys::ENV_WARREN_TENANT, &ctx.tenant)
         .env(keys::ENV_WARREN_PIPELINE, &ctx.pipeline)
@@ -87,7 +93,9 @@ pub async fn run(
         None => {
             use std::os::unix::process::ExitStatusExt;
             let signal = status.signal().unwrap_or(0);
-            Err(StepError::retryable(format!("killed by signal {signal}{tail}")))
+            Err(StepError::retryable(format!(
+                "killed by signal {signal}{tail}"
+            )))
         }
     }
 }
@@ -164,7 +172,10 @@ mod tests {
 
     #[tokio::test]
     async fn stdin_to_stdout() {
-        assert_eq!(sh("cat", json!({"a": [1, 2]}), 5_000).await, Ok(json!({"a": [1, 2]})));
+        assert_eq!(
+            sh("cat", json!({"a": [1, 2]}), 5_000).await,
+            Ok(json!({"a": [1, 2]}))
+        );
         assert_eq!(sh("true", json!(1), 5_000).await, Ok(Value::Null));
     }
 
@@ -182,18 +193,33 @@ mod tests {
 
     #[tokio::test]
     async fn exit_codes_decide_retry() {
-        let e = sh("echo bad input >&2; exit 65", Value::Null, 5_000).await.unwrap_err();
-        assert_eq!(e, StepError::Permanent("exit 65: bad input".into()));
-        let e = sh("echo flaky >&2; exit 3", Value::Null, 5_000).await.unwrap_err();
-        assert_eq!(e, StepError::Retryable("exit 3: flaky".into()));
-        let e = sh("kill -9 $$", Value::Null, 5_000).await.unwrap_err();
-        assert!(e.is_retryable() && e.to_string().contains("signal 9"), "{e}");
-        let e = sh("echo not json", Value::Null, 5_000).await.unwrap_err();
-        assert!(!e.is_retryable(), "{e}");
-        let e = run(&["/no/such/program".into()], &Value::Null, &ctx(), Duration::from_secs(1))
+        let e = sh("echo bad input >&2; exit 65", Value::Null, 5_000)
             .await
             .unwrap_err();
-        assert!(e.is_retryable() && e.to_string().contains("/no/such/program"), "{e}");
+        assert_eq!(e, StepError::Permanent("exit 65: bad input".into()));
+        let e = sh("echo flaky >&2; exit 3", Value::Null, 5_000)
+            .await
+            .unwrap_err();
+        assert_eq!(e, StepError::Retryable("exit 3: flaky".into()));
+        let e = sh("kill -9 $$", Value::Null, 5_000).await.unwrap_err();
+        assert!(
+            e.is_retryable() && e.to_string().contains("signal 9"),
+            "{e}"
+        );
+        let e = sh("echo not json", Value::Null, 5_000).await.unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        let e = run(
+            &["/no/such/program".into()],
+            &Value::Null,
+            &ctx(),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.is_retryable() && e.to_string().contains("/no/such/program"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
@@ -204,7 +230,10 @@ mod tests {
         let script = format!("(sleep 1.5; touch {}) & sleep 30", marker.display());
         let started = std::time::Instant::now();
         let e = sh(&script, Value::Null, 300).await.unwrap_err();
-        assert!(e.is_retryable() && e.to_string().contains("timed out"), "{e}");
+        assert!(
+            e.is_retryable() && e.to_string().contains("timed out"),
+            "{e}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(2_000)).await;
         assert!(!marker.exists(), "the grandchild survived the timeout");

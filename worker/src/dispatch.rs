@@ -29,7 +29,10 @@ impl Picker {
     }
 
     /// Picks the (priority, shard) to serve, given which queues have a delivery waiting.
-    pub fn pick(&mut self, has_work: impl Fn(Priority, usize) -> bool) -> Option<(Priority, usize)> {
+    pub fn pick(
+        &mut self,
+        has_work: impl Fn(Priority, usize) -> bool,
+    ) -> Option<(Priority, usize)> {
         let waiting: Vec<Priority> = Priority::ALL
             .into_iter()
             .filter(|&p| (0..self.shards).any(|s| has_work(p, s)))
@@ -70,7 +73,10 @@ mod tests {
     #[test]
     fn high_first() {
         let mut p = Picker::new(2, 10);
-        assert_eq!(p.pick(|pr, s| (pr == Low && s == 0) || (pr == High && s == 1)), Some((High, 1)));
+        assert_eq!(
+            p.pick(|pr, s| (pr == Low && s == 0) || (pr == High && s == 1)),
+            Some((High, 1))
+        );
     }
 
     #[test]
@@ -80,14 +86,19 @@ mod tests {
         let lows = picks.iter().filter(|&&x| x == Low).count();
         let normals = picks.iter().filter(|&&x| x == Normal).count();
         assert!(lows >= 1 && normals >= 1, "{picks:?}");
-        assert!(picks.iter().filter(|&&x| x == High).count() >= 16, "{picks:?}");
+        assert!(
+            picks.iter().filter(|&&x| x == High).count() >= 16,
+            "{picks:?}"
+        );
     }
 
     #[test]
     fn shards_take_turns() {
         let mut p = Picker::new(4, 10);
         // Shards 0 and 2 have work: they alternate, whatever their backlog.
-        let picks: Vec<_> = (0..6).map(|_| p.pick(|_, s| s == 0 || s == 2).unwrap().1).collect();
+        let picks: Vec<_> = (0..6)
+            .map(|_| p.pick(|_, s| s == 0 || s == 2).unwrap().1)
+            .collect();
         assert_eq!(picks, vec![0, 2, 0, 2, 0, 2]);
     }
 }

@@ -77,9 +77,15 @@ mod tests {
     #[tokio::test]
     async fn typed_handlers_round_trip_through_json() {
         let mut r = Registry::default();
-        r.insert("double", handler_fn(|n: u64, _| async move { Ok::<_, StepError>(n * 2) }))
-            .unwrap();
-        assert_eq!(r.insert("double", handler_fn(|v: Value, _| async { Ok(v) })), Err("double".into()));
+        r.insert(
+            "double",
+            handler_fn(|n: u64, _| async move { Ok::<_, StepError>(n * 2) }),
+        )
+        .unwrap();
+        assert_eq!(
+            r.insert("double", handler_fn(|v: Value, _| async { Ok(v) })),
+            Err("double".into())
+        );
         let double = r.get("double").unwrap();
         assert_eq!(double(json!(21), ctx()).await, Ok(json!(42)));
         let err = double(json!("nope"), ctx()).await.unwrap_err();

@@ -86,7 +86,9 @@ impl WorkerBuilder {
 
     pub fn build(self) -> Result<Worker, WorkerError> {
         if let Some(name) = self.duplicates.first() {
-            return Err(WorkerError::Setup(format!("handler {name:?} is registered twice")));
+            return Err(WorkerError::Setup(format!(
+                "handler {name:?} is registered twice"
+            )));
         }
         let mut lanes = Vec::new();
         for pipeline in &self.config.pipelines {
@@ -198,7 +200,10 @@ impl Worker {
         }
         tracker.close();
         let running = tracker.len();
-        if tokio::time::timeout(self.grace, tracker.wait()).await.is_ok() {
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_ok()
+        {
             info!(finished = running, "Drained: every running step finished.");
         } else {
             warn!(unfinished = tracker.len(), grace = ?self.grace,
@@ -229,12 +234,13 @@ impl Buffers {
         self.ready.notify_one();
     }
 
-    fn take(&self, picker: &mut Picker) -> Option<Delivery> {
+    /// The next delivery to run, with the (priority, shard) queue it came from.
+    fn take(&self, picker: &mut Picker) -> Option<(Priority, u16, Delivery)> {
         let mut queues = self.queues.lock().expect("buffers lock");
         let shards = self.shards;
-        let (priority, shard) =
-            picker.pick(|p, s| !queues[p.index() * shards + s].is_empty())?;
-        queues[priority.index() * shards + shard].pop_front()
+        let (priority, shard) = picker.pick(|p, s| !queues[p.index() * shards + s].is_empty())?;
+        let delivery = queues[priority.index() * shards + shard].pop_front()?;
+        Some((priority, shard as u16, delivery))
     }
 
     fn drain(&self) -> Vec<Delivery> {
@@ -267,7 +273,10 @@ impl Lane {
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
-            .map_err(|source| BrokerError::Amqp { action: "set prefetch".into(), source })?;
+            .map_err(|source| BrokerError::Amqp {
+                action: "set prefetch".into(),
+                source,
+            })?;
         let buffers = Arc::new(Buffers {
             shards,
             queues: Mutex::new((0..3 * shards).map(|_| VecDeque::new()).collect()),
@@ -276,8 +285,12 @@ impl Lane {
         let mut consumer_tags = Vec::new();
         for priority in Priority::ALL {
             for shard in 0..shards {
-                let queue =
-                    shared.names.step_queue(&step.pipeline.name, &step.step.name, priority, shard as u16);
+                let queue = shared.names.step_queue(
+                    &step.pipeline.name,
+                    &step.step.name,
+                    priority,
+                    shard as u16,
+                );
                 let mut consumer = channel
                     .basic_consume(
                         queue.as_str().into(),
@@ -291,7 +304,8 @@ impl Lane {
                         source,
                     })?;
                 consumer_tags.push(consumer.tag().to_string());
-                let (buffers, cancel, fatal) = (Arc::clone(&buffers), cancel.clone(), fatal.clone());
+                let (buffers, cancel, fatal) =
+                    (Arc::clone(&buffers), cancel.clone(), fatal.clone());
                 let slot = priority.index() * shards + shard;
                 tokio::spawn(async move {
                     while let Some(delivery) = consumer.next().await {
@@ -316,15 +330,25 @@ impl Lane {
             cancel.clone(),
             tracker.clone(),
         ));
-        Ok(Self { channel, consumer_tags, buffers })
+        Ok(Self {
+            channel,
+            consumer_tags,
+            buffers,
+        })
     }
 
     /// Stops new deliveries and returns the buffered ones to their queues.
     async fn stop_consuming(&self) {
         for tag in &self.consumer_tags {
-            let _ = self.channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+            let _ = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
         }
-        let requeue = BasicNackOptions { requeue: true, ..BasicNackOptions::default() };
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
         for delivery in self.buffers.drain() {
             let _ = delivery.acker.nack(requeue).await;
         }
@@ -350,18 +374,21 @@ async fn dispatch(
             _ = cancel.cancelled() => return,
             permit = Arc::clone(&slots).acquire_owned() => permit.expect("semaphore never closed"),
         };
-        let delivery = loop {
-            if let Some(delivery) = buffers.take(&mut picker) {
-                break delivery;
+        let (priority, shard, delivery) = loop {
+            if let Some(taken) = buffers.take(&mut picker) {
+                break taken;
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = buffers.ready.notified() => {}
             }
         };
+        let queue = shared
+            .names
+            .step_queue(&step.pipeline.name, &step.step.name, priority, shard);
         let (shared, step) = (Arc::clone(&shared), Arc::clone(&step));
         tracker.spawn(async move {
-            process(shared, step, delivery).await;
+            process(shared, step, queue, delivery).await;
             drop(permit);
         });
     }

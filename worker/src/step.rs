@@ -45,7 +45,12 @@ pub(crate) struct LaneStep {
 }
 
 impl Runner {
-    async fn run(&self, input: Value, ctx: StepContext, timeout: Duration) -> Result<Value, StepError> {
+    async fn run(
+        &self,
+        input: Value,
+        ctx: StepContext,
+        timeout: Duration,
+    ) -> Result<Value, StepError> {
         match self {
             Runner::Command(argv) => crate::command::run(argv, &input, &ctx, timeout).await,
             Runner::Handler(handler) => {
@@ -54,9 +59,10 @@ impl Runner {
                 let abort = task.abort_handle();
                 match tokio::time::timeout(timeout, task).await {
                     Ok(Ok(result)) => result,
-                    Ok(Err(join)) if join.is_panic() => {
-                        Err(StepError::retryable(format!("handler panicked: {}", panic_text(join))))
-                    }
+                    Ok(Err(join)) if join.is_panic() => Err(StepError::retryable(format!(
+                        "handler panicked: {}",
+                        panic_text(join)
+                    ))),
                     Ok(Err(_)) => Err(StepError::retryable("handler was cancelled")),
                     Err(_) => {
                         abort.abort();
@@ -80,16 +86,33 @@ fn panic_text(join: tokio::task::JoinError) -> String {
         .unwrap_or_else(|| "non-text panic".to_string())
 }
 
-/// Handles one delivery end to end.
-pub(crate) async fn process(shared: Arc<Shared>, lane: Arc<LaneStep>, delivery: Delivery) {
+/// Handles one delivery, taken from `queue`, end to end.
+pub(crate) async fn process(
+    shared: Arc<Shared>,
+    lane: Arc<LaneStep>,
+    queue: String,
+    delivery: Delivery,
+) {
     let outcome = match decode(&delivery.data) {
-        Err(e) => set_aside(&shared, &delivery, None, "undecodable", &e.to_string()).await,
+        Err(e) => {
+            set_aside(
+                &shared,
+                &delivery,
+                &queue,
+                None,
+                "undecodable",
+                &e.to_string(),
+            )
+            .await
+        }
         Ok(env) => match check(&shared.config, &lane, &env) {
-            Err((reason, text)) => set_aside(&shared, &delivery, Some(&env), reason, &text).await,
+            Err((reason, text)) => {
+                set_aside(&shared, &delivery, &queue, Some(&env), reason, &text).await
+            }
             Ok(()) => {
                 let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
                     pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
-                run_step(&shared, &lane, env).instrument(span).await
+                run_step(&shared, &lane, &queue, env).instrument(span).await
             }
         },
     };
@@ -99,10 +122,16 @@ pub(crate) async fn process(shared: Arc<Shared>, lane: Arc<LaneStep>, delivery: 
 /// The envelope must name this lane's pipeline and step.
 fn check(config: &Config, lane: &LaneStep, env: &Envelope) -> Result<(), (&'static str, String)> {
     let Some(pipeline) = config.pipeline(&env.pipeline) else {
-        return Err(("unknown-pipeline", format!("no pipeline {:?} in the config", env.pipeline)));
+        return Err((
+            "unknown-pipeline",
+            format!("no pipeline {:?} in the config", env.pipeline),
+        ));
     };
     if pipeline.step(&env.step).is_none() {
-        return Err(("unknown-step", format!("pipeline {} has no step {:?}", env.pipeline, env.step)));
+        return Err((
+            "unknown-step",
+            format!("pipeline {} has no step {:?}", env.pipeline, env.step),
+        ));
     }
     if env.pipeline != lane.pipeline.name || env.step != lane.step.name {
         return Err((
@@ -116,7 +145,12 @@ fn check(config: &Config, lane: &LaneStep, env: &Envelope) -> Result<(), (&'stat
     Ok(())
 }
 
-async fn run_step(shared: &Shared, lane: &LaneStep, env: Envelope) -> Result<(), PublishError> {
+async fn run_step(
+    shared: &Shared,
+    lane: &LaneStep,
+    queue: &str,
+    env: Envelope,
+) -> Result<(), PublishError> {
     let ctx = StepContext {
         job_id: env.job_id,
         tenant: env.tenant.to_string(),
@@ -127,13 +161,18 @@ async fn run_step(shared: &Shared, lane: &LaneStep, env: Envelope) -> Result<(),
     };
     let started = Instant::now();
     let queue_wait_ms = now_ms().saturating_sub(env.published_at);
-    let result = lane.runner.run(env.input.clone(), ctx, lane.step.timeout).await;
+    let result = lane
+        .runner
+        .run(env.input.clone(), ctx, lane.step.timeout)
+        .await;
     let took_ms = started.elapsed().as_millis() as u64;
     match result {
         Ok(output) => {
             debug!(took_ms, queue_wait_ms, "Step finished.");
             match lane.pipeline.next_step(&env.step) {
-                Some(next) => publish_step(shared, &lane.pipeline, &env.next(&next.name, output)).await,
+                Some(next) => {
+                    publish_step(shared, &lane.pipeline, &env.next(&next.name, output)).await
+                }
                 None => publish_result(shared, &ResultEvent::succeeded(&env, output)).await,
             }
         }
@@ -142,23 +181,44 @@ async fn run_step(shared: &Shared, lane: &LaneStep, env: Envelope) -> Result<(),
             publish_step(shared, &lane.pipeline, &env.retry()).await
         }
         Err(e) => {
-            let why = if e.is_retryable() { "attempts used up" } else { "permanent failure" };
+            let why = if e.is_retryable() {
+                "attempts used up"
+            } else {
+                "permanent failure"
+            };
             warn!(took_ms, error = %e, "Step failed for good ({why}); the job goes to the dead-letter queue.");
             let text = format!("{why}: {e}");
-            dead_letter(shared, &encode(&env), &env.job_id.to_string(), "failed", &text, "").await?;
+            dead_letter(
+                shared,
+                &encode(&env),
+                &env.job_id.to_string(),
+                "failed",
+                &text,
+                queue,
+            )
+            .await?;
             publish_result(shared, &ResultEvent::failed(&env, text)).await
         }
     }
 }
 
-async fn publish_step(shared: &Shared, pipeline: &PipelineConfig, env: &Envelope) -> Result<(), PublishError> {
+async fn publish_step(
+    shared: &Shared,
+    pipeline: &PipelineConfig,
+    env: &Envelope,
+) -> Result<(), PublishError> {
     let shard = pipeline.shard_of(env.tenant.as_str());
     let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
     let body = encode(env);
     let id = env.job_id.to_string();
     shared
         .publisher
-        .publish(Outgoing::persistent(&shared.tasks_exchange, &key, &body, &id))
+        .publish(Outgoing::persistent(
+            &shared.tasks_exchange,
+            &key,
+            &body,
+            &id,
+        ))
         .await
 }
 
@@ -168,7 +228,12 @@ async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), Publ
     let id = event.job_id.to_string();
     shared
         .publisher
-        .publish(Outgoing::persistent(&shared.events_exchange, &key, &body, &id))
+        .publish(Outgoing::persistent(
+            &shared.events_exchange,
+            &key,
+            &body,
+            &id,
+        ))
         .await
 }
 
@@ -176,16 +241,26 @@ async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), Publ
 async fn set_aside(
     shared: &Shared,
     delivery: &Delivery,
+    queue: &str,
     env: Option<&Envelope>,
     reason: &str,
     text: &str,
 ) -> Result<(), PublishError> {
-    warn!(reason, error = text, routing_key = %delivery.routing_key, "Message set aside in the dead-letter queue.");
+    warn!(
+        reason,
+        error = text,
+        queue,
+        "Message set aside in the dead-letter queue."
+    );
     let id = env.map(|e| e.job_id.to_string()).unwrap_or_default();
-    dead_letter(shared, &delivery.data, &id, reason, text, delivery.routing_key.as_str()).await?;
+    dead_letter(shared, &delivery.data, &id, reason, text, queue).await?;
     // Tell a waiting submitter, when the job is one of ours.
     if let Some(env) = env.filter(|e| shared.config.pipeline(&e.pipeline).is_some()) {
-        publish_result(shared, &ResultEvent::failed(env, format!("{reason}: {text}"))).await?;
+        publish_result(
+            shared,
+            &ResultEvent::failed(env, format!("{reason}: {text}")),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -196,13 +271,13 @@ async fn dead_letter(
     id: &str,
     reason: &str,
     text: &str,
-    routing_key: &str,
+    queue: &str,
 ) -> Result<(), PublishError> {
     let dlq = shared.names.dlq();
     let msg = Outgoing::persistent("", &dlq, body, id).with_headers(&[
         ("x-warren-reason", reason.to_string()),
         ("x-warren-error", text.to_string()),
-        ("x-warren-routing-key", routing_key.to_string()),
+        ("x-warren-queue", queue.to_string()),
         ("x-warren-failed-at", now_ms().to_string()),
     ]);
     shared.publisher.publish(msg).await

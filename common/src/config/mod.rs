@@ -125,7 +125,11 @@ impl Config {
 
 /// 1-based line number of byte offset `at`.
 fn line_of(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+    text[..at.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]
@@ -172,7 +176,10 @@ handler = "resize"
         assert_eq!(p.pins["big-customer"], 7);
         let fetch = p.step("fetch").unwrap();
         assert_eq!(fetch.timeout, Duration::from_secs(30));
-        assert_eq!(fetch.kind, StepKind::Command(vec!["python3".into(), "steps/fetch.py".into()]));
+        assert_eq!(
+            fetch.kind,
+            StepKind::Command(vec!["python3".into(), "steps/fetch.py".into()])
+        );
         let resize = p.next_step("fetch").unwrap();
         assert_eq!(resize.kind, StepKind::Handler("resize".into()));
         assert_eq!(resize.max_attempts, 5);
@@ -200,7 +207,10 @@ handler = "resize"
     #[test]
     fn bad_values_name_key_and_line() {
         let e = err(&EXAMPLE.replace("shards = 8", "shards = 0"));
-        assert!(e.starts_with("warren.toml:8:") && e.contains("`shards`"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:8:") && e.contains("`shards`"),
+            "{e}"
+        );
         let e = err(&EXAMPLE.replace("concurrency = 4", "concurrency = -1"));
         assert!(e.contains(":16:") && e.contains("`concurrency`"), "{e}");
         let e = err(&EXAMPLE.replace("\"30s\"", "\"soon\""));
@@ -226,14 +236,19 @@ handler = "resize"
     #[test]
     fn env_wins() {
         let env = HashMap::from([
-            (ENV_WARREN_AMQP_URL.to_string(), "amqp://u:p@rabbit:5672/%2f".to_string()),
+            (
+                ENV_WARREN_AMQP_URL.to_string(),
+                "amqp://u:p@rabbit:5672/%2f".to_string(),
+            ),
             (ENV_WARREN_NAMESPACE.to_string(), "test-1".to_string()),
         ]);
         let c = Config::parse(EXAMPLE, "x", Path::new("."), &env).unwrap();
         assert_eq!(c.broker.url, "amqp://u:p@rabbit:5672/%2f");
         assert_eq!(c.broker.namespace, "test-1");
         let bad = HashMap::from([(ENV_WARREN_NAMESPACE.to_string(), "a.b".to_string())]);
-        let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad).unwrap_err().to_string();
+        let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("WARREN_NAMESPACE"), "{e}");
     }
 
@@ -244,7 +259,9 @@ handler = "resize"
         std::fs::write(dir.join("steps/fetch.py"), "").unwrap();
         std::fs::write(dir.join("warren.toml"), EXAMPLE).unwrap();
         let c = Config::load(Some(&dir.join("warren.toml")), &HashMap::new()).unwrap();
-        let StepKind::Command(argv) = &c.pipelines[0].steps[0].kind else { panic!() };
+        let StepKind::Command(argv) = &c.pipelines[0].steps[0].kind else {
+            panic!()
+        };
         assert_eq!(argv[0], "python3");
         assert!(Path::new(&argv[1]).is_absolute() && argv[1].ends_with("steps/fetch.py"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -115,12 +115,17 @@ impl TryFrom<RawPipeline> for PipelineConfig {
     fn try_from(raw: RawPipeline) -> Result<Self, String> {
         let p = &raw.name;
         if raw.steps.is_empty() {
-            return Err(format!("pipeline `{p}` needs at least one [[pipelines.steps]]"));
+            return Err(format!(
+                "pipeline `{p}` needs at least one [[pipelines.steps]]"
+            ));
         }
         let mut seen = HashSet::new();
         for step in &raw.steps {
             if !seen.insert(step.name.as_str()) {
-                return Err(format!("pipeline `{p}`: duplicate step name `{}`", step.name));
+                return Err(format!(
+                    "pipeline `{p}`: duplicate step name `{}`",
+                    step.name
+                ));
             }
         }
         for (tenant, &shard) in &raw.pins {
@@ -195,7 +200,9 @@ impl TryFrom<RawStep> for StepConfig {
             (Some(cmd), None) => StepKind::Command(cmd),
             (None, Some(h)) => StepKind::Handler(h),
             (Some(_), Some(_)) => {
-                return Err(format!("step `{s}`: set either `command` or `handler`, not both"))
+                return Err(format!(
+                    "step `{s}`: set either `command` or `handler`, not both"
+                ))
             }
             (None, None) => return Err(format!("step `{s}`: set `command` or `handler`")),
         };
@@ -237,7 +244,11 @@ fn default_max_attempts() -> u32 {
     5
 }
 fn default_backoff() -> Vec<Duration> {
-    vec![Duration::from_secs(1), Duration::from_secs(10), Duration::from_secs(60)]
+    vec![
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    ]
 }
 fn default_concurrency() -> u32 {
     4

@@ -12,7 +12,13 @@ use warren_worker::{handler_fn, StepContext, StepError};
 /// retryable until attempt `fail_times`+1, `fail_permanently_at: step`).
 async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     if let Ok(dir) = std::env::var(warren_tests::ENV_TEST_DIR) {
-        let name = format!("{}.{}.{}.{}", ctx.job_id, ctx.step, ctx.attempt, uuid::Uuid::now_v7().simple());
+        let name = format!(
+            "{}.{}.{}.{}",
+            ctx.job_id,
+            ctx.step,
+            ctx.attempt,
+            uuid::Uuid::now_v7().simple()
+        );
         let _ = std::fs::write(format!("{dir}/{name}"), warren_common::now_ms().to_string());
     }
     let at = |key: &str| input.get(key).and_then(Value::as_str) == Some(ctx.step.as_str());
@@ -31,7 +37,10 @@ async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     }
     let fail_times = input.get("fail_times").and_then(Value::as_u64).unwrap_or(0);
     if at("fail_at") && u64::from(ctx.attempt) <= fail_times {
-        return Err(StepError::retryable(format!("told to fail, attempt {}", ctx.attempt)));
+        return Err(StepError::retryable(format!(
+            "told to fail, attempt {}",
+            ctx.attempt
+        )));
     }
     match input.get_mut("trail").and_then(Value::as_array_mut) {
         Some(trail) => trail.push(json!(ctx.step)),

@@ -19,7 +19,11 @@ pub(crate) const EXIT_JOB_FAILED: u8 = 3;
 pub(crate) const EXIT_TIMEOUT: u8 = 4;
 
 #[derive(Debug, Parser)]
-#[command(name = "warren", version, about = "Submit jobs to a warren cluster and manage its topology.")]
+#[command(
+    name = "warren",
+    version,
+    about = "Submit jobs to a warren cluster and manage its topology."
+)]
 struct Cli {
     /// Config file [default: $WARREN_CONFIG, else ./warren.toml]
     #[arg(long, global = true)]

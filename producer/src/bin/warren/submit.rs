@@ -66,7 +66,11 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
     };
     let client = Client::connect(config).await?;
     let ids = if jobs.len() == 1 && args.bulk.is_none() {
-        vec![client.submit(jobs.into_iter().next().expect("one job")).await?]
+        vec![
+            client
+                .submit(jobs.into_iter().next().expect("one job"))
+                .await?,
+        ]
     } else {
         client.submit_many(jobs).await?
     };
@@ -90,9 +94,18 @@ pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::
 
 /// Prints each result as it arrives (output JSON, or the event with --json); fails if any job
 /// failed or did not finish in time.
-async fn wait_all(client: &Client, ids: &[JobId], timeout: Duration, json: bool) -> anyhow::Result<()> {
+async fn wait_all(
+    client: &Client,
+    ids: &[JobId],
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
     let mut waiting: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let since = ids.iter().filter_map(JobId::timestamp_ms).min().unwrap_or(0);
+    let since = ids
+        .iter()
+        .filter_map(JobId::timestamp_ms)
+        .min()
+        .unwrap_or(0);
     let mut stream = client.results(since.saturating_sub(10_000)).await?;
     let mut failed = 0usize;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -111,19 +124,30 @@ async fn wait_all(client: &Client, ids: &[JobId], timeout: Duration, json: bool)
     if !waiting.is_empty() {
         return Err(Exit(
             EXIT_TIMEOUT,
-            format!("{} of {} jobs had no result within {timeout:?}", waiting.len(), ids.len()),
+            format!(
+                "{} of {} jobs had no result within {timeout:?}",
+                waiting.len(),
+                ids.len()
+            ),
         )
         .into());
     }
     if failed > 0 {
-        return Err(Exit(EXIT_JOB_FAILED, format!("{failed} of {} jobs failed", ids.len())).into());
+        return Err(Exit(
+            EXIT_JOB_FAILED,
+            format!("{failed} of {} jobs failed", ids.len()),
+        )
+        .into());
     }
     Ok(())
 }
 
 fn print_result(event: &ResultEvent, json: bool, many: bool) {
     if json {
-        println!("{}", serde_json::to_string(event).expect("result events serialise"));
+        println!(
+            "{}",
+            serde_json::to_string(event).expect("result events serialise")
+        );
     } else if event.status == JobStatus::Succeeded {
         if many {
             println!("{} {}", event.job_id, event.output);

@@ -36,8 +36,12 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
                 let exchanges: Vec<_> = plan.exchanges.iter().map(|e| &e.name).collect();
                 println!("{}", json!({"exchanges": exchanges, "queues": queues}));
             } else {
-                plan.exchanges.iter().for_each(|e| println!("exchange {} ({})", e.name, e.kind));
-                plan.queues.iter().for_each(|q| println!("queue    {}", q.name));
+                plan.exchanges
+                    .iter()
+                    .for_each(|e| println!("exchange {} ({})", e.name, e.kind));
+                plan.queues
+                    .iter()
+                    .for_each(|q| println!("queue    {}", q.name));
             }
         }
         Action::Apply => {
@@ -60,7 +64,10 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
 fn report(json: bool, what: &str, ns: &str, plan: &Topology) {
     let (exchanges, queues) = (plan.exchanges.len(), plan.queues.len());
     if json {
-        println!("{}", json!({"namespace": ns, what: {"exchanges": exchanges, "queues": queues}}));
+        println!(
+            "{}",
+            json!({"namespace": ns, what: {"exchanges": exchanges, "queues": queues}})
+        );
     } else {
         println!("{what} namespace {ns}: {exchanges} exchanges, {queues} queues");
     }

@@ -1,0 +1,174 @@
+# shellcheck shell=bash
+# Shared helpers for the local scripts (demo.sh, test.sh, rabbitmq.sh). Source it; do not run it.
+#
+# The one job here: make sure a RabbitMQ answers on 127.0.0.1:5672 (and that python3 exists), on a
+# machine where it may already run, be installed but stopped, or be missing. Targets Debian/Ubuntu:
+# packages come from apt, and the broker is started without systemd when there is none (containers).
+
+WARREN_BROKER_HOST=127.0.0.1
+WARREN_BROKER_PORT=5672
+# How long to wait for a broker we started before giving up.
+WARREN_BROKER_WAIT_SECS=${WARREN_BROKER_WAIT_SECS:-60}
+
+# The repo root, whichever directory the calling script was started from.
+# shellcheck disable=SC2034 # used by the scripts that source this file
+WARREN_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+log() { echo "[warren] $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# Runs a command as root: directly when we are root, else through sudo when there is one.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root for: $* (run as root or install sudo)"
+    fi
+}
+
+# True when something accepts TCP connections on host:port. bash's /dev/tcp needs no extra tool;
+# `timeout` keeps a filtered port from hanging us for the kernel's connect timeout.
+port_answers() {
+    timeout 2 bash -c "exec 3<>/dev/tcp/$1/$2" 2>/dev/null
+}
+
+_warren_apt_updated=0
+
+# apt-get install with no prompts. The package lists are refreshed once per script run: on a fresh
+# machine they are often empty or stale, and then install fails with "Unable to locate package".
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install $* yourself (see README)"
+    if [ "$_warren_apt_updated" -eq 0 ]; then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        _warren_apt_updated=1
+    fi
+    log "apt-get install $*"
+    # sudo drops the environment, hence `env` to carry DEBIAN_FRONTEND through it.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+ensure_python3() {
+    command -v python3 >/dev/null 2>&1 && return 0
+    log "python3 not found; installing it"
+    apt_install python3
+    command -v python3 >/dev/null 2>&1 || die "python3 still missing after install"
+}
+
+# A policy-rc.d that says 101 ("action forbidden") stops a package's postinst from starting its
+# service. Without systemd (a container) that start fails or hangs; with systemd we start the
+# service ourselves afterwards anyway. We only add one when none exists, and always remove ours.
+_warren_policy_rc=/usr/sbin/policy-rc.d
+_warren_policy_rc_ours=0
+
+_block_service_starts() {
+    [ -e "$_warren_policy_rc" ] && return 0
+    as_root sh -c "printf '#!/bin/sh\n# temporary, from warren deploy/local/lib.sh\nexit 101\n' > $_warren_policy_rc && chmod 755 $_warren_policy_rc"
+    _warren_policy_rc_ours=1
+}
+
+_unblock_service_starts() {
+    if [ "$_warren_policy_rc_ours" -eq 1 ]; then
+        as_root rm -f "$_warren_policy_rc"
+        _warren_policy_rc_ours=0
+    fi
+}
+
+install_rabbitmq() {
+    log "rabbitmq-server not found; installing it from the OS packages"
+    _block_service_starts
+    # Ctrl-C during the install must not leave our policy-rc.d behind: it would silently stop
+    # every later package from starting its service.
+    trap '_unblock_service_starts; exit 130' INT TERM
+    local rc=0
+    apt_install rabbitmq-server || rc=$?
+    _unblock_service_starts
+    trap - INT TERM
+    [ "$rc" -eq 0 ] || die "installing rabbitmq-server failed (exit $rc)"
+
+    # The node is named rabbit@<short hostname>, and Erlang distribution refuses to start when
+    # that name does not resolve (common in containers). Only then, on this fresh install, name the
+    # node rabbit@localhost instead; an explicit NODENAME already in the file is left alone.
+    local env_conf=/etc/rabbitmq/rabbitmq-env.conf
+    if ! getent hosts "$(hostname -s)" >/dev/null 2>&1 &&
+        ! grep -qs '^[[:space:]]*NODENAME=' "$env_conf"; then
+        log "hostname $(hostname -s) does not resolve; naming the node rabbit@localhost in $env_conf"
+        as_root sh -c "mkdir -p /etc/rabbitmq && printf '%s\n' '# added by warren deploy/local/lib.sh: the hostname does not resolve' 'NODENAME=rabbit@localhost' >> $env_conf"
+    fi
+}
+
+# True when the local node is up and has finished booting (the CLI talks to it over Erlang
+# distribution, not AMQP). Only root and the rabbitmq user may run the CLI on Debian.
+_rabbitmq_booted() {
+    as_root rabbitmq-diagnostics -q check_running >/dev/null 2>&1
+}
+
+start_rabbitmq() {
+    # A node that is running but not (yet) listening must not be started twice.
+    if _rabbitmq_booted; then
+        log "RabbitMQ node is running but $WARREN_BROKER_HOST:$WARREN_BROKER_PORT does not answer yet"
+        return 0
+    fi
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        log "starting RabbitMQ (systemctl start rabbitmq-server)"
+        as_root systemctl start rabbitmq-server
+    else
+        # No systemd (a container): run it as a daemon. Its own logs are in /var/log/rabbitmq/.
+        log "starting RabbitMQ (rabbitmq-server -detached)"
+        as_root rabbitmq-server -detached >/dev/null 2>&1 ||
+            die "rabbitmq-server -detached failed; see /var/log/rabbitmq/"
+    fi
+}
+
+# Waits until AMQP answers and the node reports it has booted. The port opens near the end of the
+# boot, but plugins and queue recovery may still be running then, hence the second check.
+wait_for_rabbitmq() {
+    local deadline=$((SECONDS + WARREN_BROKER_WAIT_SECS))
+    log "waiting up to ${WARREN_BROKER_WAIT_SECS}s for RabbitMQ on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"
+    until port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "RabbitMQ did not answer on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT within ${WARREN_BROKER_WAIT_SECS}s; see /var/log/rabbitmq/ (a node whose app was stopped needs: rabbitmqctl start_app)"
+        fi
+        sleep 1
+    done
+    until _rabbitmq_booted; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            die "RabbitMQ answers on port $WARREN_BROKER_PORT but did not finish booting within ${WARREN_BROKER_WAIT_SECS}s; see /var/log/rabbitmq/"
+        fi
+        sleep 1
+    done
+    log "RabbitMQ is up"
+}
+
+# Makes sure a RabbitMQ answers on 127.0.0.1:5672: nothing to do when one does (the fast path),
+# else install it if missing, start it and wait for it.
+ensure_broker() {
+    # A broker of your own elsewhere (WARREN_AMQP_URL, which warren itself reads too): nothing to
+    # install or start here.
+    if [ -n "${WARREN_AMQP_URL:-}" ]; then
+        local rest=${WARREN_AMQP_URL#*://}
+        rest=${rest%%/*}     # host part only: user:pass@host:port
+        rest=${rest##*@}     # drop the credentials
+        case "$rest" in
+        127.0.0.1 | localhost | 127.0.0.1:5672 | localhost:5672) ;;
+        *)
+            log "WARREN_AMQP_URL points at $rest; not managing a local broker"
+            return 0
+            ;;
+        esac
+    fi
+    if port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; then
+        log "RabbitMQ answers on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"
+        return 0
+    fi
+    if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
+        install_rabbitmq
+    fi
+    start_rabbitmq
+    wait_for_rabbitmq
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: makes sure the local RabbitMQ the integration tests talk to answers
+# (installing and starting it when needed), then `cargo test --workspace`. Extra arguments go to
+# cargo test, e.g. `deploy/local/test.sh -p warren-common` or `deploy/local/test.sh -- --nocapture`.
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+cd "$WARREN_ROOT"
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
+ensure_broker
+# The example pipeline's steps are Python; cheap to check, and tests may run them.
+ensure_python3
+
+exec cargo test --workspace "$@"
