@@ -33,7 +33,7 @@ pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>,
         }
         Err(e) => Err(BrokerError::Amqp {
             action: format!("read depth of {queue}"),
-            source: e,
+            cause: e,
         }),
     }
 }

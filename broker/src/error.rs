@@ -7,26 +7,24 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 pub enum BrokerError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
-    #[error("{action}: {source}")]
-    Amqp {
-        action: String,
-        #[source]
-        source: lapin::Error,
-    },
+    // The lapin error is in the message, not exposed as `source()`, so a `{:#}` chain does not
+    // print it twice.
+    #[error("{action}: {cause}")]
+    Amqp { action: String, cause: lapin::Error },
 }
 
 impl BrokerError {
     pub(crate) fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
         let action = action.into();
-        move |source| BrokerError::Amqp { action, source }
+        move |cause| BrokerError::Amqp { action, cause }
     }
 
     /// True when the connection (not just one call) is gone: the caller should reconnect.
     pub fn is_connection_lost(&self) -> bool {
         match self {
             BrokerError::Connect { .. } => true,
-            BrokerError::Amqp { source, .. } => {
-                source.is_io_error() || source.is_amqp_hard_error() || !source.can_be_recovered()
+            BrokerError::Amqp { cause, .. } => {
+                cause.is_io_error() || cause.is_amqp_hard_error() || !cause.can_be_recovered()
             }
         }
     }
@@ -36,7 +34,7 @@ impl BrokerError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
-    #[error("no queue is bound to exchange {exchange:?} with routing key {routing_key:?}: is the topology applied (`warren topology apply`)?")]
+    #[error("nothing on the broker takes {routing_key:?} from exchange {exchange:?}: is the topology applied (`warren topology apply`)?")]
     Unroutable {
         exchange: String,
         routing_key: String,

@@ -128,6 +128,11 @@ impl Publisher {
     }
 }
 
+fn is_missing_exchange(err: &lapin::Error) -> bool {
+    crate::error::server_reply(err)
+        .is_some_and(|(_, text)| text.starts_with("NOT_FOUND - no exchange"))
+}
+
 /// A published message whose confirm has not been read yet.
 #[derive(Debug)]
 pub struct PendingConfirm {
@@ -138,10 +143,20 @@ pub struct PendingConfirm {
 
 impl PendingConfirm {
     pub async fn wait(self) -> Result<(), PublishError> {
-        let outcome = self.confirm.await.map_err(BrokerError::amqp(format!(
-            "confirm of publish to {}",
-            self.routing_key
-        )))?;
+        let outcome = match self.confirm.await {
+            Ok(outcome) => outcome,
+            // Publishing to a missing exchange closes the channel with 404 instead of returning
+            // the message; for the caller it is the same mistake.
+            Err(e) if is_missing_exchange(&e) => {
+                return Err(PublishError::Unroutable {
+                    exchange: self.exchange,
+                    routing_key: self.routing_key,
+                })
+            }
+            Err(e) => {
+                return Err(BrokerError::amqp(format!("publish to {}", self.routing_key))(e).into())
+            }
+        };
         match outcome {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {

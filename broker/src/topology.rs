@@ -205,7 +205,7 @@ fn conflict_or(kind: &'static str, name: &str, err: lapin::Error) -> TopologyErr
         },
         _ => TopologyError::Broker(BrokerError::Amqp {
             action: format!("declare {kind} {name}"),
-            source: err,
+            cause: err,
         }),
     }
 }

@@ -25,13 +25,18 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber on stderr; the filter comes from `WARREN_LOG` (default `info`).
+/// Default log filter. lapin logs channel closes at ERROR from its I/O loop; warren reports the
+/// same failures through its own errors, with context, so lapin's lines are off unless asked for.
+pub const DEFAULT_FILTER: &str = "info,lapin=off";
+
+/// Installs the global subscriber on stderr; the filter comes from `WARREN_LOG`
+/// (default [`DEFAULT_FILTER`]).
 /// Calling it twice is harmless.
 pub fn init(format: LogFormat, env: &dyn Env) {
     let filter = env
         .var(ENV_WARREN_LOG)
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

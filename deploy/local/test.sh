@@ -10,6 +10,5 @@ cd "$WARREN_ROOT"
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 ensure_broker
 # The example pipeline's steps are Python; cheap to check, and tests may run them.
-ensure_python3
 
 exec cargo test --workspace "$@"

@@ -88,9 +88,9 @@ impl Client {
         self.publisher
             .publish(self.outgoing(&prepared))
             .await
-            .map_err(|source| SubmitError::Publish {
+            .map_err(|cause| SubmitError::Publish {
                 confirmed: 0,
-                source,
+                cause,
             })?;
         Ok(prepared.id)
     }
@@ -107,7 +107,7 @@ impl Client {
             .map(|(index, job)| {
                 self.prepare(job).map_err(|e| SubmitError::InBatch {
                     index,
-                    source: Box::new(e),
+                    cause: Box::new(e),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -116,13 +116,13 @@ impl Client {
             let mut pending = Vec::with_capacity(window.len());
             for job in window {
                 let started = self.publisher.start(self.outgoing(job)).await;
-                pending.push(started.map_err(|source| SubmitError::Publish { confirmed, source })?);
+                pending.push(started.map_err(|cause| SubmitError::Publish { confirmed, cause })?);
             }
             for confirm in pending {
                 confirm
                     .wait()
                     .await
-                    .map_err(|source| SubmitError::Publish { confirmed, source })?;
+                    .map_err(|cause| SubmitError::Publish { confirmed, cause })?;
                 confirmed += 1;
             }
         }

@@ -12,18 +12,16 @@ pub enum SubmitError {
     UnknownPipeline(String),
     #[error("payload is {size} bytes of JSON, more than max_payload_bytes = {max}")]
     PayloadTooLarge { size: usize, max: usize },
-    #[error("job {index} of the batch: {source}")]
+    #[error("job {index} of the batch: {cause}")]
     InBatch {
         index: usize,
-        #[source]
-        source: Box<SubmitError>,
+        cause: Box<SubmitError>,
     },
-    /// The broker did not confirm. In a batch, `confirmed` jobs before it were confirmed.
-    #[error("{source} ({confirmed} jobs of the batch were confirmed before this)")]
+    /// The broker did not take the job. In a batch, the first `confirmed` jobs were confirmed.
+    #[error("{cause}{}", if *confirmed > 0 { format!(" ({confirmed} jobs of the batch were confirmed before this)") } else { String::new() })]
     Publish {
         confirmed: usize,
-        #[source]
-        source: PublishError,
+        cause: PublishError,
     },
 }
 

@@ -30,9 +30,9 @@ impl ResultStream {
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await
-            .map_err(|source| BrokerError::Amqp {
+            .map_err(|cause| BrokerError::Amqp {
                 action: "set results prefetch".into(),
-                source,
+                cause,
             })?;
         let mut args = FieldTable::default();
         args.insert(
@@ -47,9 +47,9 @@ impl ResultStream {
                 args,
             )
             .await
-            .map_err(|source| BrokerError::Amqp {
+            .map_err(|cause| BrokerError::Amqp {
                 action: format!("read {}", broker.names().results_stream()),
-                source,
+                cause,
             })?;
         Ok(Self { channel, consumer })
     }
@@ -58,9 +58,9 @@ impl ResultStream {
     /// (written by something else) are skipped.
     pub async fn next(&mut self) -> Result<Option<ResultEvent>, BrokerError> {
         while let Some(delivery) = self.consumer.next().await {
-            let delivery = delivery.map_err(|source| BrokerError::Amqp {
+            let delivery = delivery.map_err(|cause| BrokerError::Amqp {
                 action: "read results stream".into(),
-                source,
+                cause,
             })?;
             // Acks on a stream only return credit; the event stays in the stream.
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;

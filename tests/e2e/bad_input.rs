@@ -90,7 +90,7 @@ async fn unroutable_job_is_an_error_not_a_silent_drop() {
         matches!(
             err,
             SubmitError::Publish {
-                source: PublishError::Unroutable { .. },
+                cause: PublishError::Unroutable { .. },
                 ..
             }
         ),

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_broker::{Broker, BrokerError, Publisher};
+use warren_broker::{Broker, BrokerError, Publisher, Topology, TopologyError};
 use warren_common::config::StepKind;
 use warren_common::{Config, Priority};
 
@@ -40,7 +40,7 @@ pub enum WorkerError {
     Setup(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("lost the broker connection: {0}")]
+    #[error("cannot go on serving: {0}")]
     ConnectionLost(String),
 }
 
@@ -169,6 +169,15 @@ impl Worker {
     /// returns an error; unacked deliveries go back to their queues on the broker's side).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let broker = Broker::connect(&self.config.broker).await?;
+        // Declaring is idempotent, so a worker never waits on a forgotten `topology apply`; a
+        // queue that exists with other arguments stops it here, by name.
+        Topology::plan(&self.config)
+            .declare(&broker)
+            .await
+            .map_err(|e| match e {
+                TopologyError::Broker(e) => WorkerError::Broker(e),
+                conflict => WorkerError::Setup(conflict.to_string()),
+            })?;
         let names = broker.names().clone();
         let shared = Arc::new(Shared {
             config: Arc::clone(&self.config),
@@ -273,9 +282,9 @@ impl Lane {
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
-            .map_err(|source| BrokerError::Amqp {
+            .map_err(|cause| BrokerError::Amqp {
                 action: "set prefetch".into(),
-                source,
+                cause,
             })?;
         let buffers = Arc::new(Buffers {
             shards,
@@ -299,25 +308,29 @@ impl Lane {
                         FieldTable::default(),
                     )
                     .await
-                    .map_err(|source| BrokerError::Amqp {
-                        action: format!("consume {queue} (is the topology applied?)"),
-                        source,
+                    .map_err(|cause| BrokerError::Amqp {
+                        action: format!("consume {queue}"),
+                        cause,
                     })?;
                 consumer_tags.push(consumer.tag().to_string());
                 let (buffers, cancel, fatal) =
                     (Arc::clone(&buffers), cancel.clone(), fatal.clone());
                 let slot = priority.index() * shards + shard;
                 tokio::spawn(async move {
-                    while let Some(delivery) = consumer.next().await {
-                        match delivery {
-                            Ok(delivery) => buffers.push(slot, delivery),
-                            Err(e) => {
-                                if !cancel.is_cancelled() {
-                                    let _ = fatal.send(format!("consumer of {queue}: {e}"));
-                                }
-                                return;
+                    let reason = loop {
+                        match consumer.next().await {
+                            Some(Ok(delivery)) => buffers.push(slot, delivery),
+                            Some(Err(e)) => break format!("consumer of {queue}: {e}"),
+                            None => {
+                                break format!(
+                                    "the broker cancelled the consumer of {queue} (queue deleted?)"
+                                )
                             }
                         }
+                    };
+                    // During shutdown, consumers end because we cancelled them.
+                    if !cancel.is_cancelled() {
+                        let _ = fatal.send(reason);
                     }
                 });
             }
