@@ -5,6 +5,7 @@ mod bad_input;
 mod flow;
 mod isolation;
 mod kill;
+mod topology;
 mod wire_format;
 
 /// A 3-step pipeline of the test worker's `work` handler.

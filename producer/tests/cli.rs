@@ -1,0 +1,315 @@
+//! The `warren` binary against the real broker, with a worker running in this process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warren_worker::{handler_fn, StepContext, StepError, Worker};
+
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+
+struct Namespace {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Namespace {
+    fn new() -> Self {
+        let name = format!("wcli-{:08x}", uuid::Uuid::now_v7().as_u128() as u32);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("warren.toml");
+        let url = std::env::var("WARREN_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+        std::fs::write(
+            &config,
+            format!(
+                r#"[broker]
+url = {url:?}
+namespace = {name:?}
+
+[[pipelines]]
+name = "greet"
+shards = 2
+
+[[pipelines.steps]]
+name = "hello"
+handler = "hello"
+"#
+            ),
+        )
+        .unwrap();
+        Self { dir, config }
+    }
+
+    fn warren(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        run_warren(&self.config, args, stdin)
+    }
+}
+
+/// Runs `warren --config <config> <args>`, feeding `stdin`.
+fn run_warren(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(WARREN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let out = self.warren(&["topology", "delete", "--yes"], None);
+        assert!(out.status.success() || std::thread::panicking(), "{out:?}");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `hello`: greets `name`; refuses (permanently) when there is none; hangs on "slow".
+async fn hello(input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    let name = input["name"]
+        .as_str()
+        .ok_or_else(|| StepError::permanent("no name"))?;
+    if name == "slow" {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    Ok(json!({"greeting": format!("hello {name}"), "tenant": ctx.tenant}))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_wait_bulk_and_exit_codes() {
+    // Given a namespace declared by the CLI and a worker serving it
+    let ns = Namespace::new();
+    let out = ns.warren(&["topology", "apply"], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("2 exchanges, 8 queues"),
+        "{}",
+        text(&out.stdout)
+    );
+    let config =
+        warren_common::Config::load(Some(&ns.config), &std::collections::HashMap::new()).unwrap();
+    let worker = Worker::builder(config)
+        .handler("hello", handler_fn(hello))
+        .shutdown_grace(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn({
+        let stop = stop.clone();
+        async move { worker.run(stop.cancelled_owned()).await }
+    });
+    // The CLI blocks; run it off the runtime that drives the in-process worker.
+    let warren = |args: Vec<String>, stdin: Option<String>| {
+        let config = ns.config.clone();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_warren(&config, &refs, stdin.as_deref())
+        })
+    };
+
+    // When a job is submitted with --wait, then the result JSON is printed and the exit is 0
+    let out = warren(
+        args(&[
+            "submit",
+            "--pipeline",
+            "greet",
+            "--tenant",
+            "acme",
+            "--payload",
+            r#"{"name": "ada"}"#,
+            "--wait",
+        ]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let printed: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(printed, json!({"greeting": "hello ada", "tenant": "acme"}));
+
+    // When it is submitted without --wait, then the id is printed, and `warren wait` finds the result later
+    let out = warren(
+        args(&[
+            "submit",
+            "--pipeline",
+            "greet",
+            "--tenant",
+            "acme",
+            "--payload",
+            r#"{"name": "bob"}"#,
+            "--json",
+        ]),
+        None,
+    )
+    .await
+    .unwrap();
+    let id = serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = warren(args(&["wait", &id, "--json"]), None).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let event: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(
+        (event["status"].as_str(), event["job_id"].as_str()),
+        (Some("succeeded"), Some(id.as_str()))
+    );
+
+    // When a bulk file comes on stdin, with per-line fields and defaults from flags
+    let bulk = "{\"tenant\": \"t1\", \"payload\": {\"name\": \"x\"}}\n\n{\"tenant\": \"t2\", \"priority\": \"high\", \"payload\": {\"name\": \"y\"}}\n";
+    let out = warren(
+        args(&["submit", "--bulk", "-", "--pipeline", "greet", "--wait"]),
+        Some(bulk.into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("hello x") && stdout.contains("hello y"),
+        "{stdout}"
+    );
+
+    // When a bulk line is bad, then nothing is submitted and the line is named
+    let out = warren(
+        args(&["submit", "--bulk", "-", "--pipeline", "greet"]),
+        Some("{\"tenant\": \"ok\"}\n{\"tenant\": \"not ok\"}\n".into()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("job 1 of the batch: invalid tenant"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // When the job fails, then exit 3 with the reason; when it takes too long, exit 4
+    let out = warren(
+        args(&[
+            "submit",
+            "--pipeline",
+            "greet",
+            "--tenant",
+            "acme",
+            "--payload",
+            "{}",
+            "--wait",
+        ]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no name"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = warren(
+        args(&[
+            "submit",
+            "--pipeline",
+            "greet",
+            "--tenant",
+            "acme",
+            "--payload",
+            r#"{"name": "slow"}"#,
+            "--wait",
+            "--timeout",
+            "1s",
+        ]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+
+    // When input is wrong before anything is sent: not JSON, unknown pipeline, bad tenant
+    for (bad, expect) in [
+        (
+            ["--tenant", "acme", "--payload", "{nope"],
+            "payload is not valid JSON",
+        ),
+        (["--tenant", "a.b", "--payload", "{}"], "invalid tenant"),
+    ] {
+        let mut a = vec!["submit", "--pipeline", "greet"];
+        a.extend(bad);
+        let out = warren(args(&a), None).await.unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(text(&out.stderr).contains(expect), "{}", text(&out.stderr));
+    }
+    let out = warren(
+        args(&[
+            "submit",
+            "--pipeline",
+            "nope",
+            "--tenant",
+            "acme",
+            "--payload",
+            "{}",
+        ]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(
+        text(&out.stderr).contains("unknown pipeline \"nope\""),
+        "{}",
+        text(&out.stderr)
+    );
+
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}
+
+#[test]
+fn bad_config_exits_64_naming_the_line() {
+    let dir = std::env::temp_dir().join(format!("wcli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("warren.toml");
+    std::fs::write(
+        &path,
+        "[broker]\nnamespace = \"x\"\n\n[[pipelines]]\nname = \"p\"\nshards = 0\n",
+    )
+    .unwrap();
+    let out = Command::new(WARREN)
+        .arg("--config")
+        .arg(&path)
+        .args(["topology", "plan"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("warren.toml:6:") && stderr.contains("`shards`"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = Command::new(WARREN)
+        .args(["--config", "/nonexistent/warren.toml", "topology", "plan"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(text(&out.stderr).contains("/nonexistent/warren.toml"));
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
