@@ -108,12 +108,24 @@ _rabbitmq_booted() {
     as_root rabbitmq-diagnostics -q check_running >/dev/null 2>&1
 }
 
+# The node may be named rabbit@localhost (see install_rabbitmq), and Erlang must resolve that host
+# or the node dies at boot with {epmd_error,"localhost",nxdomain}. A root with no /etc/hosts at
+# all (a debootstrap'd chroot, some minimal images) does not resolve even localhost. Add the line
+# every Debian system normally has, and only when localhost does not resolve. Done here rather than
+# in install_rabbitmq so that a rerun after such a failed first start fixes it too.
+_ensure_localhost_resolves() {
+    getent hosts localhost >/dev/null 2>&1 && return 0
+    log "localhost does not resolve; adding '127.0.0.1 localhost' to /etc/hosts"
+    as_root sh -c "printf '127.0.0.1\tlocalhost\n' >> /etc/hosts"
+}
+
 start_rabbitmq() {
     # A node that is running but not (yet) listening must not be started twice.
     if _rabbitmq_booted; then
         log "RabbitMQ node is running but $WARREN_BROKER_HOST:$WARREN_BROKER_PORT does not answer yet"
         return 0
     fi
+    _ensure_localhost_resolves
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         log "starting RabbitMQ (systemctl start rabbitmq-server)"
         as_root systemctl start rabbitmq-server

@@ -205,11 +205,7 @@ async fn config_typo_stops_the_worker_with_key_and_line() {
         + 1;
 
     // When a worker starts with it
-    let out = std::process::Command::new(warren_tests::test_worker_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_worker(&path);
 
     // Then it exits 64 with one line naming the file, line and key
     assert_eq!(out.status.code(), Some(64));
@@ -224,15 +220,20 @@ async fn config_typo_stops_the_worker_with_key_and_line() {
         1,
     );
     std::fs::write(&path, unknown).unwrap();
-    let out = std::process::Command::new(warren_tests::test_worker_bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = run_worker(&path);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("pipelines.chain.steps.a.handler = \"resize\""),
         "{stderr}"
     );
+}
+
+/// Runs the test worker on `config` to its end (it is expected to refuse to start).
+fn run_worker(config: &Path) -> std::process::Output {
+    std::process::Command::new(warren_tests::test_worker_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .output()
+        .unwrap()
 }

@@ -168,17 +168,10 @@ impl WorkerProcess {
     /// SIGTERM, then waits up to `patience` for the exit code.
     pub fn terminate(&mut self, patience: Duration) -> Option<i32> {
         let _ = kill(self.pid(), Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + patience;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        self.wait_exit(patience)
     }
 
-    /// Waits for the process to exit by itself (a worker that refused to start).
+    /// Waits up to `patience` for the process to exit; its exit code, or `None` if it runs on.
     pub fn wait_exit(&mut self, patience: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + patience;
         while std::time::Instant::now() < deadline {
@@ -259,9 +252,4 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// Reads the whole log of a worker, for assertion messages.
-pub fn read_log(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
 }

@@ -210,31 +210,20 @@ async fn publish_step(
     let shard = pipeline.shard_of(env.tenant.as_str());
     let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
     let body = encode(env);
-    let id = env.job_id.to_string();
-    shared
-        .publisher
-        .publish(Outgoing::persistent(
-            &shared.tasks_exchange,
-            &key,
-            &body,
-            &id,
-        ))
-        .await
+    let msg = Outgoing::persistent(&shared.tasks_exchange, &key, &body, &env.job_id.to_string());
+    shared.publisher.publish(msg).await
 }
 
 async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), PublishError> {
     let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
     let body = encode_result(event);
-    let id = event.job_id.to_string();
-    shared
-        .publisher
-        .publish(Outgoing::persistent(
-            &shared.events_exchange,
-            &key,
-            &body,
-            &id,
-        ))
-        .await
+    let msg = Outgoing::persistent(
+        &shared.events_exchange,
+        &key,
+        &body,
+        &event.job_id.to_string(),
+    );
+    shared.publisher.publish(msg).await
 }
 
 /// Moves a delivery that cannot run to the dead-letter queue, with the reason.
