@@ -83,4 +83,18 @@ impl Broker {
             .map_err(BrokerError::amqp("enable publisher confirms"))?;
         Ok(channel)
     }
+
+    /// Closes the pooled connections with a proper AMQP close (the broker otherwise logs each
+    /// as "client unexpectedly closed"). Unacked deliveries on them return to their queues.
+    pub async fn close(&self) {
+        // Only idle connections: a get() when none is idle would open a new one.
+        while self.pool.status().available > 0 {
+            let Ok(conn) = self.pool.get().await else {
+                break;
+            };
+            let conn = deadpool_lapin::Object::take(conn);
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        self.pool.close();
+    }
 }

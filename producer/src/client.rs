@@ -159,6 +159,11 @@ impl Client {
         Ok(ResultStream::open(&self.broker, since_ms).await?)
     }
 
+    /// Closes the connection cleanly. Dropping a client without it is safe too.
+    pub async fn close(self) {
+        self.broker.close().await;
+    }
+
     fn prepare(&self, job: Job) -> Result<Prepared, SubmitError> {
         let tenant =
             TenantId::parse(job.tenant).map_err(|e| SubmitError::Invalid(e.to_string()))?;

@@ -221,6 +221,7 @@ impl Worker {
         for lane in lanes {
             lane.close().await;
         }
+        broker.close().await;
         match fatal {
             Some(reason) => Err(WorkerError::ConnectionLost(reason)),
             None => Ok(()),

@@ -74,7 +74,9 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
     } else {
         client.submit_many(jobs).await?
     };
-    if !args.wait {
+    let outcome = if args.wait {
+        wait_all(&client, &ids, args.timeout, json).await
+    } else {
         for id in &ids {
             if json {
                 println!("{}", json!({"job_id": id.to_string()}));
@@ -82,14 +84,17 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
                 println!("{id}");
             }
         }
-        return Ok(());
-    }
-    wait_all(&client, &ids, args.timeout, json).await
+        Ok(())
+    };
+    client.close().await;
+    outcome
 }
 
 pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::Result<()> {
     let client = Client::connect(config).await?;
-    wait_all(&client, &[args.job_id], args.timeout, json).await
+    let outcome = wait_all(&client, &[args.job_id], args.timeout, json).await;
+    client.close().await;
+    outcome
 }
 
 /// Prints each result as it arrives (output JSON, or the event with --json); fails if any job

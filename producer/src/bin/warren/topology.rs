@@ -47,6 +47,7 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
         Action::Apply => {
             let broker = Broker::connect(&config.broker).await?;
             plan.declare(&broker).await?;
+            broker.close().await;
             report(json, "applied", ns, &plan);
         }
         Action::Delete { yes } => {
@@ -55,6 +56,7 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
             }
             let broker = Broker::connect(&config.broker).await?;
             plan.delete(&broker).await?;
+            broker.close().await;
             report(json, "deleted", ns, &plan);
         }
     }
