@@ -75,7 +75,12 @@ pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode 
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(worker.run(crate::shutdown::signal())) {
+    let run = async {
+        // Before connecting: a SIGTERM during start-up must drain, not kill.
+        let signals = crate::shutdown::Signals::install();
+        worker.run(signals.recv()).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ WorkerError::Setup(_)) => {
             eprintln!("warren-worker: {e}");
