@@ -144,7 +144,7 @@ wait_for_rabbitmq() {
     log "waiting up to ${WARREN_BROKER_WAIT_SECS}s for RabbitMQ on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"
     until port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; do
         if [ "$SECONDS" -ge "$deadline" ]; then
-            die "RabbitMQ did not answer on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT within ${WARREN_BROKER_WAIT_SECS}s; see /var/log/rabbitmq/ (a node whose app was stopped needs: rabbitmqctl start_app)"
+            die "RabbitMQ did not answer on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT within ${WARREN_BROKER_WAIT_SECS}s; see /var/log/rabbitmq/ and /var/lib/rabbitmq/erl_crash.dump (a node whose app was stopped needs: rabbitmqctl start_app)"
         fi
         sleep 1
     done

@@ -9,6 +9,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WARREN_ROOT"
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 ensure_broker
-# The example pipeline's steps are Python; cheap to check, and tests may run them.
 
 exec cargo test --workspace "$@"
