@@ -122,41 +122,17 @@ async fn submit_wait_bulk_and_exit_codes() {
     };
 
     // When a job is submitted with --wait, then the result JSON is printed and the exit is 0
-    let out = warren(
-        args(&[
-            "submit",
-            "--pipeline",
-            "greet",
-            "--tenant",
-            "acme",
-            "--payload",
-            r#"{"name": "ada"}"#,
-            "--wait",
-        ]),
-        None,
-    )
-    .await
-    .unwrap();
+    let out = warren(acme_submit(r#"{"name": "ada"}"#, &["--wait"]), None)
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let printed: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(printed, json!({"greeting": "hello ada", "tenant": "acme"}));
 
     // When it is submitted without --wait, then the id is printed, and `warren wait` finds the result later
-    let out = warren(
-        args(&[
-            "submit",
-            "--pipeline",
-            "greet",
-            "--tenant",
-            "acme",
-            "--payload",
-            r#"{"name": "bob"}"#,
-            "--json",
-        ]),
-        None,
-    )
-    .await
-    .unwrap();
+    let out = warren(acme_submit(r#"{"name": "bob"}"#, &["--json"]), None)
+        .await
+        .unwrap();
     let id = serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
         .as_str()
         .unwrap()
@@ -201,21 +177,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     );
 
     // When the job fails, then exit 3 with the reason; when it takes too long, exit 4
-    let out = warren(
-        args(&[
-            "submit",
-            "--pipeline",
-            "greet",
-            "--tenant",
-            "acme",
-            "--payload",
-            "{}",
-            "--wait",
-        ]),
-        None,
-    )
-    .await
-    .unwrap();
+    let out = warren(acme_submit("{}", &["--wait"]), None).await.unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("no name"),
@@ -223,18 +185,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         text(&out.stderr)
     );
     let out = warren(
-        args(&[
-            "submit",
-            "--pipeline",
-            "greet",
-            "--tenant",
-            "acme",
-            "--payload",
-            r#"{"name": "slow"}"#,
-            "--wait",
-            "--timeout",
-            "1s",
-        ]),
+        acme_submit(r#"{"name": "slow"}"#, &["--wait", "--timeout", "1s"]),
         None,
     )
     .await
@@ -308,6 +259,21 @@ fn bad_config_exits_64_naming_the_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out.stderr).contains("/nonexistent/warren.toml"));
+}
+
+/// `submit --pipeline greet --tenant acme --payload <payload> <extra>`.
+fn acme_submit(payload: &str, extra: &[&str]) -> Vec<String> {
+    let mut a = args(&[
+        "submit",
+        "--pipeline",
+        "greet",
+        "--tenant",
+        "acme",
+        "--payload",
+        payload,
+    ]);
+    a.extend(args(extra));
+    a
 }
 
 fn args(a: &[&str]) -> Vec<String> {

@@ -231,9 +231,11 @@ impl Worker {
 
 // === impl Lane ===
 
-/// Deliveries received but not started, one queue per (priority, shard).
+/// Deliveries received but not started, one buffer per (priority, shard) queue.
 struct Buffers {
     shards: usize,
+    /// The broker queue behind each slot, named once here rather than per delivery.
+    names: Vec<Arc<str>>,
     queues: Mutex<Vec<VecDeque<Delivery>>>,
     ready: Notify,
 }
@@ -244,13 +246,14 @@ impl Buffers {
         self.ready.notify_one();
     }
 
-    /// The next delivery to run, with the (priority, shard) queue it came from.
-    fn take(&self, picker: &mut Picker) -> Option<(Priority, u16, Delivery)> {
+    /// The next delivery to run, with the name of the queue it came from.
+    fn take(&self, picker: &mut Picker) -> Option<(Arc<str>, Delivery)> {
         let mut queues = self.queues.lock().expect("buffers lock");
         let shards = self.shards;
         let (priority, shard) = picker.pick(|p, s| !queues[p.index() * shards + s].is_empty())?;
-        let delivery = queues[priority.index() * shards + shard].pop_front()?;
-        Some((priority, shard as u16, delivery))
+        let slot = priority.index() * shards + shard;
+        let delivery = queues[slot].pop_front()?;
+        Some((Arc::clone(&self.names[slot]), delivery))
     }
 
     fn drain(&self) -> Vec<Delivery> {
@@ -287,54 +290,57 @@ impl Lane {
                 action: "set prefetch".into(),
                 cause,
             })?;
+        let names: Vec<Arc<str>> = Priority::ALL
+            .into_iter()
+            .flat_map(|priority| (0..shards).map(move |shard| (priority, shard as u16)))
+            .map(|(priority, shard)| {
+                let name =
+                    shared
+                        .names
+                        .step_queue(&step.pipeline.name, &step.step.name, priority, shard);
+                Arc::from(name.as_str())
+            })
+            .collect();
         let buffers = Arc::new(Buffers {
             shards,
+            names,
             queues: Mutex::new((0..3 * shards).map(|_| VecDeque::new()).collect()),
             ready: Notify::new(),
         });
         let mut consumer_tags = Vec::new();
-        for priority in Priority::ALL {
-            for shard in 0..shards {
-                let queue = shared.names.step_queue(
-                    &step.pipeline.name,
-                    &step.step.name,
-                    priority,
-                    shard as u16,
-                );
-                let mut consumer = channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(|cause| BrokerError::Amqp {
-                        action: format!("consume {queue}"),
-                        cause,
-                    })?;
-                consumer_tags.push(consumer.tag().to_string());
-                let (buffers, cancel, fatal) =
-                    (Arc::clone(&buffers), cancel.clone(), fatal.clone());
-                let slot = priority.index() * shards + shard;
-                tokio::spawn(async move {
-                    let reason = loop {
-                        match consumer.next().await {
-                            Some(Ok(delivery)) => buffers.push(slot, delivery),
-                            Some(Err(e)) => break format!("consumer of {queue}: {e}"),
-                            None => {
-                                break format!(
-                                    "the broker cancelled the consumer of {queue} (queue deleted?)"
-                                )
-                            }
+        for (slot, queue) in buffers.names.iter().enumerate() {
+            let queue = Arc::clone(queue);
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_ref().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|cause| BrokerError::Amqp {
+                    action: format!("consume {queue}"),
+                    cause,
+                })?;
+            consumer_tags.push(consumer.tag().to_string());
+            let (buffers, cancel, fatal) = (Arc::clone(&buffers), cancel.clone(), fatal.clone());
+            tokio::spawn(async move {
+                let reason = loop {
+                    match consumer.next().await {
+                        Some(Ok(delivery)) => buffers.push(slot, delivery),
+                        Some(Err(e)) => break format!("consumer of {queue}: {e}"),
+                        None => {
+                            break format!(
+                                "the broker cancelled the consumer of {queue} (queue deleted?)"
+                            )
                         }
-                    };
-                    // During shutdown, consumers end because we cancelled them.
-                    if !cancel.is_cancelled() {
-                        let _ = fatal.send(reason);
                     }
-                });
-            }
+                };
+                // During shutdown, consumers end because we cancelled them.
+                if !cancel.is_cancelled() {
+                    let _ = fatal.send(reason);
+                }
+            });
         }
         tokio::spawn(dispatch(
             Arc::clone(shared),
@@ -388,7 +394,7 @@ async fn dispatch(
             _ = cancel.cancelled() => return,
             permit = Arc::clone(&slots).acquire_owned() => permit.expect("semaphore never closed"),
         };
-        let (priority, shard, delivery) = loop {
+        let (queue, delivery) = loop {
             if let Some(taken) = buffers.take(&mut picker) {
                 break taken;
             }
@@ -397,9 +403,6 @@ async fn dispatch(
                 _ = buffers.ready.notified() => {}
             }
         };
-        let queue = shared
-            .names
-            .step_queue(&step.pipeline.name, &step.step.name, priority, shard);
         let (shared, step) = (Arc::clone(&shared), Arc::clone(&step));
         tracker.spawn(async move {
             process(shared, step, queue, delivery).await;

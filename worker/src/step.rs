@@ -90,7 +90,7 @@ fn panic_text(join: tokio::task::JoinError) -> String {
 pub(crate) async fn process(
     shared: Arc<Shared>,
     lane: Arc<LaneStep>,
-    queue: String,
+    queue: Arc<str>,
     delivery: Delivery,
 ) {
     let outcome = match decode(&delivery.data) {
