@@ -241,7 +241,13 @@ async fn set_aside(
         queue,
         "Message set aside in the dead-letter queue."
     );
-    let id = env.map(|e| e.job_id.to_string()).unwrap_or_default();
+    // Every dead letter gets an id that `warren dlq show` can find: the job id when the body is
+    // an envelope, else the original message id, else a fresh one.
+    let id = env
+        .map(|e| e.job_id.to_string())
+        .or_else(|| delivery.properties.message_id().as_ref().map(|m| m.to_string()))
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| warren_common::JobId::new().to_string());
     dead_letter(shared, &delivery.data, &id, reason, text, queue).await?;
     // Tell a waiting submitter, when the job is one of ours.
     if let Some(env) = env.filter(|e| shared.config.pipeline(&e.pipeline).is_some()) {
