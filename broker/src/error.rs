@@ -39,8 +39,16 @@ pub enum PublishError {
         exchange: String,
         routing_key: String,
     },
-    #[error("the broker refused the message for {routing_key:?} (negative confirm)")]
+    /// A negative confirm. warren's step queues refuse publishes when they hold
+    /// `max_queue_length` messages, so this usually means "backlog full, try later".
+    #[error("the broker refused the message for {routing_key:?} (negative confirm: the queue is full, or the broker is out of resources)")]
     Nacked { routing_key: String },
+    /// No confirm came in time: the message may or may not be stored.
+    #[error("no confirm from the broker for {routing_key:?} within {waited:?}; the message may or may not be stored")]
+    Unconfirmed {
+        routing_key: String,
+        waited: std::time::Duration,
+    },
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }

@@ -40,6 +40,18 @@ impl Names {
         format!("{}.dlq", self.ns)
     }
 
+    /// Fanout exchange in front of [`Names::delay_queue`]: a retry is published here with its
+    /// step's routing key, which the message keeps until it is dead-lettered back.
+    pub fn delay_exchange(&self, delay_ms: u64) -> String {
+        format!("{}.delay.{delay_ms}", self.ns)
+    }
+
+    /// Where retries wait `delay_ms` (per-message TTL, with jitter) before their TTL
+    /// dead-letters them to the tasks exchange, under their step's routing key.
+    pub fn delay_queue(&self, delay_ms: u64) -> String {
+        format!("{}.delay.{delay_ms}", self.ns)
+    }
+
     /// Routing key of one step queue: `<pipeline>.<step>.<priority>.<shard>`.
     pub fn step_key(pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
         format!("{pipeline}.{step}.{priority}.{shard}")
@@ -75,6 +87,8 @@ mod tests {
         assert_eq!(n.events_exchange(), "acme-prod.events");
         assert_eq!(n.results_stream(), "acme-prod.results");
         assert_eq!(n.dlq(), "acme-prod.dlq");
+        assert_eq!(n.delay_queue(1500), "acme-prod.delay.1500");
+        assert_eq!(n.delay_exchange(1500), "acme-prod.delay.1500");
         assert_eq!(
             n.step_queue("thumbnails", "fetch", Priority::High, 3),
             "acme-prod.q.thumbnails.fetch.high.3"

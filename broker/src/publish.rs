@@ -4,11 +4,13 @@
 //! lettering all go through here, so "confirm before ack" exists once.
 
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use lapin::{Confirmation, PublisherConfirm};
+use warren_common::backoff::Backoff;
 use warren_common::now_ms;
 
 use crate::connection::Broker;
@@ -66,12 +68,22 @@ pub fn header(properties: &BasicProperties, key: &str) -> Option<String> {
     }
 }
 
+/// How long a publish waits for its confirm before it counts as failed. A confirm that never
+/// comes leaves the caller's input unacked, so the broker redelivers it: a duplicate at worst.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long getting a channel keeps reconnecting (with backoff) before it gives up. Nothing has
+/// been sent at that point, so retrying cannot duplicate a message.
+pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(30);
+
 /// A confirm-mode channel that reopens itself when the broker closed it (a channel error on one
-/// publish must not poison every later one). Publishes are mandatory, so an unroutable message
-/// comes back as [`PublishError::Unroutable`].
+/// publish must not poison every later one) and reconnects, with backoff, when the connection
+/// is gone. Publishes are mandatory, so an unroutable message comes back as
+/// [`PublishError::Unroutable`].
 pub struct Publisher {
     broker: Broker,
     channel: Mutex<Channel>,
+    patience: Duration,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -85,7 +97,14 @@ impl Publisher {
         Ok(Self {
             channel: Mutex::new(broker.confirm_channel().await?),
             broker: broker.clone(),
+            patience: RECONNECT_PATIENCE,
         })
+    }
+
+    /// How long to keep reconnecting before a publish fails (default [`RECONNECT_PATIENCE`]).
+    pub fn reconnect_patience(mut self, patience: Duration) -> Self {
+        self.patience = patience;
+        self
     }
 
     async fn live_channel(&self) -> Result<Channel, BrokerError> {
@@ -93,7 +112,20 @@ impl Publisher {
         if current.status().connected() {
             return Ok(current);
         }
-        let fresh = self.broker.confirm_channel().await?;
+        let deadline = Instant::now() + self.patience;
+        let mut backoff = Backoff::reconnect();
+        let fresh = loop {
+            match self.broker.confirm_channel().await {
+                Ok(channel) => break channel,
+                Err(e) if e.is_connection_lost() && Instant::now() < deadline => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
+                        "Broker unavailable; reconnecting.");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         *self.channel.lock().expect("publisher lock") = fresh.clone();
         Ok(fresh)
     }
@@ -143,7 +175,13 @@ pub struct PendingConfirm {
 
 impl PendingConfirm {
     pub async fn wait(self) -> Result<(), PublishError> {
-        let outcome = match self.confirm.await {
+        let Ok(confirmed) = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await else {
+            return Err(PublishError::Unconfirmed {
+                routing_key: self.routing_key,
+                waited: CONFIRM_TIMEOUT,
+            });
+        };
+        let outcome = match confirmed {
             Ok(outcome) => outcome,
             // Publishing to a missing exchange closes the channel with 404 instead of returning
             // the message; for the caller it is the same mistake.

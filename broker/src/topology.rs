@@ -2,13 +2,15 @@
 //! then declared, idempotently, on the broker. Declaring the same config twice is a no-op; a
 //! queue that exists with other arguments is a [`TopologyError::Conflict`] naming it.
 
+use std::collections::BTreeSet;
+
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::ExchangeKind;
-use warren_common::config::Config;
+use warren_common::config::{Config, QueueType};
 use warren_common::Priority;
 
 use crate::connection::Broker;
@@ -21,17 +23,34 @@ pub const RESULTS_MAX_AGE: &str = "7D";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeSpec {
     pub name: String,
-    /// `direct` or `topic`.
+    /// `direct`, `topic` or `fanout`.
     pub kind: &'static str,
+}
+
+/// The value of one `x-*` queue argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    Str(String),
+    Int(i64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSpec {
     pub name: String,
-    /// `x-*` arguments, all strings.
-    pub arguments: Vec<(&'static str, String)>,
+    /// `x-*` arguments.
+    pub arguments: Vec<(&'static str, Arg)>,
     /// (exchange, routing key) pairs.
     pub bindings: Vec<(String, String)>,
+}
+
+impl QueueSpec {
+    /// The value of argument `key`, if the plan sets it.
+    pub fn argument(&self, key: &str) -> Option<&Arg> {
+        self.arguments
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }
 }
 
 /// Everything one namespace needs on the broker.
@@ -47,15 +66,43 @@ impl Topology {
         let names = Names::new(&config.broker.namespace);
         let tasks = names.tasks_exchange();
         let events = names.events_exchange();
-        let queue_type = config.broker.queue_type.as_str().to_string();
+        let queue_type = config.broker.queue_type;
+        let str_arg = |s: &str| Arg::Str(s.to_string());
+        // Messages that leave a queue through the broker's own dead-lettering must arrive, not
+        // vanish: quorum queues promise that only with this strategy (which needs
+        // reject-publish overflow). Classic queues have no such option.
+        let dead_letter_to = |exchange: &str, routing_key: Option<String>| {
+            let mut args = vec![("x-dead-letter-exchange", str_arg(exchange))];
+            if let Some(key) = routing_key {
+                args.push(("x-dead-letter-routing-key", Arg::Str(key)));
+            }
+            args.push(("x-overflow", str_arg("reject-publish")));
+            if queue_type == QueueType::Quorum {
+                args.push(("x-dead-letter-strategy", str_arg("at-least-once")));
+            }
+            args
+        };
         let mut queues = Vec::new();
         for pipeline in &config.pipelines {
             for step in &pipeline.steps {
                 for priority in Priority::ALL {
                     for shard in 0..pipeline.shards {
+                        let mut arguments = vec![
+                            ("x-queue-type", str_arg(queue_type.as_str())),
+                            // Backpressure: a full shard refuses publishes (a negative
+                            // confirm) instead of growing without bound.
+                            (
+                                "x-max-length",
+                                Arg::Int(i64::from(pipeline.max_queue_length)),
+                            ),
+                        ];
+                        // Only the broker dead-letters from a step queue (workers never
+                        // reject): RabbitMQ 4's quorum delivery limit. Such a message goes to
+                        // the dead-letter queue instead of being dropped.
+                        arguments.extend(dead_letter_to("", Some(names.dlq())));
                         queues.push(QueueSpec {
                             name: names.step_queue(&pipeline.name, &step.name, priority, shard),
-                            arguments: vec![("x-queue-type", queue_type.clone())],
+                            arguments,
                             bindings: vec![(
                                 tasks.clone(),
                                 Names::step_key(&pipeline.name, &step.name, priority, shard),
@@ -65,32 +112,45 @@ impl Topology {
                 }
             }
         }
+        let mut exchanges = vec![
+            ExchangeSpec {
+                name: tasks.clone(),
+                kind: "direct",
+            },
+            ExchangeSpec {
+                name: events.clone(),
+                kind: "topic",
+            },
+        ];
+        for delay_ms in retry_delays_ms(config) {
+            let mut arguments = vec![("x-queue-type", str_arg(queue_type.as_str()))];
+            // When a retry's TTL runs out it goes back to the tasks exchange, under the step
+            // routing key it was published with.
+            arguments.extend(dead_letter_to(&tasks, None));
+            exchanges.push(ExchangeSpec {
+                name: names.delay_exchange(delay_ms),
+                kind: "fanout",
+            });
+            queues.push(QueueSpec {
+                name: names.delay_queue(delay_ms),
+                arguments,
+                bindings: vec![(names.delay_exchange(delay_ms), String::new())],
+            });
+        }
         queues.push(QueueSpec {
             name: names.dlq(),
-            arguments: vec![("x-queue-type", queue_type)],
+            arguments: vec![("x-queue-type", str_arg(queue_type.as_str()))],
             bindings: vec![],
         });
         queues.push(QueueSpec {
             name: names.results_stream(),
             arguments: vec![
-                ("x-queue-type", "stream".to_string()),
-                ("x-max-age", RESULTS_MAX_AGE.to_string()),
+                ("x-queue-type", str_arg("stream")),
+                ("x-max-age", str_arg(RESULTS_MAX_AGE)),
             ],
-            bindings: vec![(events.clone(), "result.#".to_string())],
+            bindings: vec![(events, "result.#".to_string())],
         });
-        Self {
-            exchanges: vec![
-                ExchangeSpec {
-                    name: tasks,
-                    kind: "direct",
-                },
-                ExchangeSpec {
-                    name: events,
-                    kind: "topic",
-                },
-            ],
-            queues,
-        }
+        Self { exchanges, queues }
     }
 
     /// Declares every exchange, queue and binding. Safe to run any number of times.
@@ -99,6 +159,7 @@ impl Topology {
         for exchange in &self.exchanges {
             let kind = match exchange.kind {
                 "topic" => ExchangeKind::Topic,
+                "fanout" => ExchangeKind::Fanout,
                 _ => ExchangeKind::Direct,
             };
             let result = channel
@@ -179,19 +240,41 @@ impl Topology {
         Ok(())
     }
 
-    /// The step queues only (not the dead-letter queue or the results stream).
+    /// The step queues only (not the delay queues, the dead-letter queue or the results stream).
     pub fn step_queues(&self) -> impl Iterator<Item = &QueueSpec> {
         self.queues.iter().filter(|q| q.name.contains(".q."))
     }
+
+    /// Every queue that holds work or dead letters: all but the results stream.
+    pub fn work_queues(&self) -> impl Iterator<Item = &QueueSpec> {
+        self.queues
+            .iter()
+            .filter(|q| q.argument("x-queue-type") != Some(&Arg::Str("stream".into())))
+    }
 }
 
-fn arguments(args: &[(&'static str, String)]) -> FieldTable {
+/// The distinct non-zero retry delays of every step, in ms: one delay queue each. Jitter
+/// varies each message's TTL around these values, within one queue.
+pub fn retry_delays_ms(config: &Config) -> Vec<u64> {
+    let delays: BTreeSet<u64> = config
+        .pipelines
+        .iter()
+        .flat_map(|p| &p.steps)
+        .flat_map(|s| &s.backoff)
+        .map(|d| d.as_millis() as u64)
+        .filter(|ms| *ms > 0)
+        .collect();
+    delays.into_iter().collect()
+}
+
+fn arguments(args: &[(&'static str, Arg)]) -> FieldTable {
     let mut table = FieldTable::default();
     for (key, value) in args {
-        table.insert(
-            ShortString::from(*key),
-            AMQPValue::LongString(LongString::from(value.as_str())),
-        );
+        let value = match value {
+            Arg::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            Arg::Int(i) => AMQPValue::LongLongInt(*i),
+        };
+        table.insert(ShortString::from(*key), value);
     }
     table
 }
@@ -243,8 +326,32 @@ handler = "h"
             q.bindings,
             vec![("ns.tasks".to_string(), "p.b.low.1".to_string())]
         );
-        assert_eq!(q.arguments, vec![("x-queue-type", "quorum".to_string())]);
+        assert_eq!(
+            q.argument("x-queue-type"),
+            Some(&Arg::Str("quorum".to_string()))
+        );
+        assert_eq!(q.argument("x-max-length"), Some(&Arg::Int(100_000)));
+        assert_eq!(
+            q.argument("x-overflow"),
+            Some(&Arg::Str("reject-publish".to_string()))
+        );
         assert!(plan.queues.iter().any(|q| q.name == "ns.dlq"));
+        // The default backoff (1s, 10s, 1m) gives three delay queues, each behind a fanout
+        // exchange and dead-lettering back to the tasks exchange.
+        for ms in [1_000, 10_000, 60_000] {
+            let name = format!("ns.delay.{ms}");
+            let q = plan.queues.iter().find(|q| q.name == name).unwrap();
+            assert_eq!(
+                q.argument("x-dead-letter-exchange"),
+                Some(&Arg::Str("ns.tasks".to_string()))
+            );
+            assert_eq!(q.bindings, vec![(name.clone(), String::new())]);
+            assert!(plan
+                .exchanges
+                .iter()
+                .any(|e| e.name == name && e.kind == "fanout"));
+        }
+        assert_eq!(plan.work_queues().count(), plan.queues.len() - 1);
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");
     }

@@ -80,6 +80,18 @@ mod tests {
     }
 
     #[test]
+    fn input_size_is_measured_only_when_the_body_is_big() {
+        let mut env = sample();
+        env.input = json!({"blob": "x".repeat(1000)});
+        let body = encode(&env);
+        assert_eq!(env.input_exceeds(body.len(), body.len()), None);
+        // The input alone is about 1010 bytes: under 1100, over 900.
+        assert_eq!(env.input_exceeds(body.len(), 1100), None);
+        let size = env.input_exceeds(body.len(), 900).expect("over the limit");
+        assert!((1000..1100).contains(&size), "{size}");
+    }
+
+    #[test]
     fn is_a_named_map() {
         let value: rmpv::Value = rmp_serde::from_slice(&encode(&sample())).unwrap();
         let map = value.as_map().expect("a map, not an array");

@@ -89,6 +89,17 @@ impl Envelope {
         }
     }
 
+    /// Size of `input` in MessagePack, the measure `max_payload_bytes` limits. `body_len` is the
+    /// size of the whole encoded envelope: the input is part of it, so the exact (and costlier)
+    /// measure is only taken when the body alone is over `max`.
+    pub fn input_exceeds(&self, body_len: usize, max: usize) -> Option<usize> {
+        if body_len <= max {
+            return None;
+        }
+        let size = rmp_serde::to_vec_named(&self.input).map_or(body_len, |v| v.len());
+        (size > max).then_some(size)
+    }
+
     /// The same step again, one attempt later.
     pub fn retry(&self) -> Self {
         Self {

@@ -4,6 +4,7 @@
 //! Nothing here talks to RabbitMQ; that is `warren-broker`'s job. Everything here is pure and
 //! unit-tested, so producers in other languages can be checked against it.
 
+pub mod backoff;
 pub mod codec;
 pub mod config;
 pub mod env;

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use warren_broker::{Broker, Names, Outgoing, Publisher};
+use warren_broker::depth::ready_messages;
+use warren_broker::{Broker, Names, Outgoing, PublishError, Publisher};
+use warren_common::backoff::Backoff;
 use warren_common::{encode, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 
 use crate::error::{SubmitError, WaitError};
@@ -60,6 +62,9 @@ struct Prepared {
     id: JobId,
     routing_key: String,
     body: Vec<u8>,
+    /// The step queue it goes to, and that queue's length bound.
+    queue: String,
+    max_queue_length: u32,
 }
 
 impl Client {
@@ -85,13 +90,10 @@ impl Client {
     /// Validates and publishes one job; returns its id once the broker has confirmed it.
     pub async fn submit(&self, job: Job) -> Result<JobId, SubmitError> {
         let prepared = self.prepare(job)?;
-        self.publisher
-            .publish(self.outgoing(&prepared))
-            .await
-            .map_err(|cause| SubmitError::Publish {
-                confirmed: 0,
-                cause,
-            })?;
+        let result = self.publisher.publish(self.outgoing(&prepared)).await;
+        if let Err(cause) = result {
+            return Err(self.publish_error(&prepared, cause, 0).await);
+        }
         Ok(prepared.id)
     }
 
@@ -115,14 +117,15 @@ impl Client {
         for window in prepared.chunks(CONFIRM_WINDOW) {
             let mut pending = Vec::with_capacity(window.len());
             for job in window {
-                let started = self.publisher.start(self.outgoing(job)).await;
-                pending.push(started.map_err(|cause| SubmitError::Publish { confirmed, cause })?);
+                match self.publisher.start(self.outgoing(job)).await {
+                    Ok(confirm) => pending.push((job, confirm)),
+                    Err(cause) => return Err(self.publish_error(job, cause, confirmed).await),
+                }
             }
-            for confirm in pending {
-                confirm
-                    .wait()
-                    .await
-                    .map_err(|cause| SubmitError::Publish { confirmed, cause })?;
+            for (job, confirm) in pending {
+                if let Err(cause) = confirm.wait().await {
+                    return Err(self.publish_error(job, cause, confirmed).await);
+                }
                 confirmed += 1;
             }
         }
@@ -130,23 +133,41 @@ impl Client {
     }
 
     /// Waits up to `timeout` for the job's result event (success or failure). Works for jobs
-    /// that finished before the call, too: results are read from the results stream.
+    /// that finished before the call, too: results are read from the results stream. A lost
+    /// connection is reopened with backoff, and reading starts again from the job's time.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
         let since = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
-        let mut stream = self.results(since).await?;
         let found = tokio::time::timeout(timeout, async {
-            while let Some(event) = stream.next().await? {
-                if event.job_id == id {
-                    return Ok(Some(event));
+            let mut backoff = Backoff::reconnect();
+            loop {
+                let outcome = async {
+                    let mut stream = self.results(since).await?;
+                    while let Some(event) = stream.next().await? {
+                        if event.job_id == id {
+                            stream.close().await;
+                            return Ok(Some(event));
+                        }
+                    }
+                    Ok::<_, WaitError>(None)
+                }
+                .await;
+                match outcome {
+                    Ok(Some(event)) => return Ok(event),
+                    Err(WaitError::Broker(e)) if !e.is_connection_lost() => {
+                        return Err(WaitError::Broker(e))
+                    }
+                    Err(e @ WaitError::Timeout { .. }) => return Err(e),
+                    // The stream ended or the connection went away: read again.
+                    Ok(None) | Err(WaitError::Broker(_)) => {
+                        tokio::time::sleep(backoff.next_delay()).await
+                    }
                 }
             }
-            Ok::<_, WaitError>(None)
         })
         .await;
         match found {
-            Ok(Ok(Some(event))) => Ok(event),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) | Err(_) => Err(WaitError::Timeout {
+            Ok(result) => result,
+            Err(_) => Err(WaitError::Timeout {
                 job_id: id.to_string(),
                 timeout,
             }),
@@ -164,6 +185,27 @@ impl Client {
         self.broker.close().await;
     }
 
+    /// A negative confirm from a queue at its length bound is a full backlog; tell the caller
+    /// so, rather than a bare "refused".
+    async fn publish_error(
+        &self,
+        job: &Prepared,
+        cause: PublishError,
+        confirmed: usize,
+    ) -> SubmitError {
+        if matches!(cause, PublishError::Nacked { .. }) {
+            let depth = ready_messages(&self.broker, &job.queue).await;
+            if matches!(depth, Ok(Some(n)) if n >= job.max_queue_length) {
+                return SubmitError::BacklogFull {
+                    queue: job.queue.clone(),
+                    max: job.max_queue_length,
+                    confirmed,
+                };
+            }
+        }
+        SubmitError::Publish { confirmed, cause }
+    }
+
     fn prepare(&self, job: Job) -> Result<Prepared, SubmitError> {
         let tenant =
             TenantId::parse(job.tenant).map_err(|e| SubmitError::Invalid(e.to_string()))?;
@@ -171,13 +213,6 @@ impl Client {
             .config
             .pipeline(&job.pipeline)
             .ok_or_else(|| SubmitError::UnknownPipeline(job.pipeline.clone()))?;
-        let size = serde_json::to_vec(&job.payload)
-            .map(|v| v.len())
-            .unwrap_or(0);
-        let max = self.config.broker.max_payload_bytes;
-        if size > max {
-            return Err(SubmitError::PayloadTooLarge { size, max });
-        }
         let first = &pipeline.first_step().name;
         let shard = pipeline.shard_of(tenant.as_str());
         let routing_key = Names::step_key(&pipeline.name, first, job.priority, shard);
@@ -189,10 +224,20 @@ impl Client {
             job.priority,
             job.payload,
         );
+        let body = encode(&envelope);
+        let max = self.config.broker.max_payload_bytes;
+        if let Some(size) = envelope.input_exceeds(body.len(), max) {
+            return Err(SubmitError::PayloadTooLarge { size, max });
+        }
         Ok(Prepared {
             id: job.id,
             routing_key,
-            body: encode(&envelope),
+            body,
+            queue: self
+                .broker
+                .names()
+                .step_queue(&pipeline.name, first, job.priority, shard),
+            max_queue_length: pipeline.max_queue_length,
         })
     }
 

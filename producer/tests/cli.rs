@@ -96,7 +96,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let out = ns.warren(&["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text(&out.stdout).contains("2 exchanges, 8 queues"),
+        text(&out.stdout).contains("5 exchanges, 11 queues"),
         "{}",
         text(&out.stdout)
     );

@@ -126,13 +126,17 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
         }
     };
 
-    // When garbage bytes, a future format version and an unknown pipeline land on a step queue
+    // When garbage bytes, a future format version, an unknown pipeline...
     publish(b"\xc1\xff definitely not msgpack".to_vec()).await;
     let mut future_version = rmp_serde::to_vec_named(&json!({"v": 99, "job_id": "x"})).unwrap();
     publish(std::mem::take(&mut future_version)).await;
     let stranger = json!({"v": 1, "job_id": uuid::Uuid::now_v7().to_string(), "tenant": "acme",
         "pipeline": "nope", "step": "a", "input": null});
     publish(rmp_serde::to_vec_named(&stranger).unwrap()).await;
+    // ...and an input over max_payload_bytes (1 MiB by default)
+    let huge = json!({"v": 1, "job_id": uuid::Uuid::now_v7().to_string(), "tenant": "acme",
+        "pipeline": "chain", "step": "a", "input": "x".repeat(1_100_000)});
+    publish(rmp_serde::to_vec_named(&huge).unwrap()).await;
 
     // Then each is in the dead-letter queue with its reason, the raw bytes kept...
     let dlq = names.dlq();
@@ -151,7 +155,7 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
         .await
         .unwrap();
     let mut reasons = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let d = tokio::time::timeout(Duration::from_secs(20), consumer.next())
             .await
             .unwrap()
@@ -170,7 +174,12 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
     reasons.sort();
     assert_eq!(
         reasons,
-        vec!["undecodable", "undecodable", "unknown-pipeline"]
+        vec![
+            "oversized",
+            "undecodable",
+            "undecodable",
+            "unknown-pipeline"
+        ]
     );
 
     // ...and the worker still serves real jobs

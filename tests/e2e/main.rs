@@ -5,6 +5,7 @@ mod bad_input;
 mod flow;
 mod isolation;
 mod kill;
+mod retry;
 mod topology;
 mod wire_format;
 

@@ -33,6 +33,6 @@ async fn apply_twice_is_fine_and_a_conflict_names_the_queue() {
     };
     assert_eq!(*kind, "queue");
     assert_eq!(name, &format!("{}.q.chain.a.high.0", ns.name));
-    assert!(detail.contains("x-queue-type"), "{detail}");
+    assert!(detail.contains("inequivalent arg"), "{detail}");
     assert!(err.to_string().contains("delete it"), "{err}");
 }

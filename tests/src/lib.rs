@@ -86,24 +86,48 @@ impl TestNamespace {
 
     /// Step starts recorded by the `work` handler: (job id, step, started at ms).
     pub fn step_starts(&self) -> Vec<(String, String, u64)> {
+        self.step_starts_with_attempts()
+            .into_iter()
+            .map(|s| (s.job, s.step, s.at_ms))
+            .collect()
+    }
+
+    /// Step starts recorded by the `work` handler, with the attempt each one was.
+    pub fn step_starts_with_attempts(&self) -> Vec<StepStart> {
         let mut starts = Vec::new();
         for entry in std::fs::read_dir(self.markers())
             .expect("markers")
             .flatten()
         {
+            // `<job>.<step>.<attempt>.<unique>`, written by tests/src/bin/test-worker.rs.
             let name = entry.file_name().to_string_lossy().into_owned();
             let mut parts = name.split('.');
-            let (Some(job), Some(step)) = (parts.next(), parts.next()) else {
+            let (Some(job), Some(step), Some(attempt)) = (parts.next(), parts.next(), parts.next())
+            else {
                 continue;
             };
-            let at = std::fs::read_to_string(entry.path())
+            let at_ms = std::fs::read_to_string(entry.path())
                 .ok()
                 .and_then(|t| t.trim().parse().ok())
                 .unwrap_or(0);
-            starts.push((job.to_string(), step.to_string(), at));
+            starts.push(StepStart {
+                job: job.to_string(),
+                step: step.to_string(),
+                attempt: attempt.parse().unwrap_or(0),
+                at_ms,
+            });
         }
         starts
     }
+}
+
+/// One start of a step, as the test worker's `work` handler recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepStart {
+    pub job: String,
+    pub step: String,
+    pub attempt: u32,
+    pub at_ms: u64,
 }
 
 impl Drop for TestNamespace {

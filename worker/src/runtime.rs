@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_broker::{Broker, BrokerError, Publisher, Topology, TopologyError};
+use warren_common::backoff::Backoff;
 use warren_common::config::StepKind;
 use warren_common::{Config, Priority};
 
@@ -40,8 +41,6 @@ pub enum WorkerError {
     Setup(String),
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("cannot go on serving: {0}")]
-    ConnectionLost(String),
 }
 
 // === impl WorkerBuilder ===
@@ -165,9 +164,37 @@ impl Worker {
         }
     }
 
-    /// Serves until `shutdown` resolves (then drains) or the broker connection is lost (then
-    /// returns an error; unacked deliveries go back to their queues on the broker's side).
+    /// Serves until `shutdown` resolves, then drains. A lost connection (broker restart, a
+    /// connection closed by the server, a channel error) does not end the run: the worker
+    /// reconnects with backoff, declares the topology again and carries on; what it held
+    /// unacked went back to the queues with the old connection. Only a config the broker
+    /// cannot take (a conflicting queue) is an error.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Backoff::reconnect();
+        loop {
+            // Not raced with `shutdown`: once consumers start, a signal must drain them, and
+            // `serve` sees a signal that came during start-up.
+            let reason = match self.session(&mut backoff).await {
+                Ok(session) => match session.serve(&mut shutdown, self.grace).await {
+                    None => return Ok(()),
+                    Some(reason) => reason,
+                },
+                Err(WorkerError::Broker(e)) => e.to_string(),
+                Err(e) => return Err(e),
+            };
+            let wait = backoff.next_delay();
+            warn!(reason = %reason, retry_in_ms = wait.as_millis() as u64, tries = backoff.tries(),
+                "Lost the broker; reconnecting.");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut shutdown => return Ok(()),
+            }
+        }
+    }
+
+    /// Connects, declares the topology and starts consuming.
+    async fn session(&self, backoff: &mut Backoff) -> Result<Session, WorkerError> {
         let broker = Broker::connect(&self.config.broker).await?;
         // Declaring is idempotent, so a worker never waits on a forgotten `topology apply`; a
         // queue that exists with other arguments stops it here, by name.
@@ -185,47 +212,110 @@ impl Worker {
             tasks_exchange: names.tasks_exchange(),
             events_exchange: names.events_exchange(),
             names,
+            lost: CancellationToken::new(),
         });
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
         // Bounded by the number of consumers: each reports at most one error before it stops.
-        let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-        let mut lanes = Vec::new();
+        let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
+        let mut session = Session {
+            broker,
+            shared,
+            lanes: Vec::new(),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            fatal_rx,
+        };
         for step in &self.lanes {
-            let lane = Lane::start(&broker, &shared, step, &cancel, &tracker, &fatal_tx).await?;
-            lanes.push(lane);
+            let started = Lane::start(
+                &session.broker,
+                &session.shared,
+                step,
+                &session.cancel,
+                &session.tracker,
+                &fatal_tx,
+            )
+            .await;
+            match started {
+                Ok(lane) => session.lanes.push(lane),
+                Err(e) => {
+                    // Lanes already started must not run on unsupervised.
+                    session.abandon().await;
+                    return Err(e);
+                }
+            }
         }
-        info!(broker = %broker.redacted_url(), namespace = %self.config.broker.namespace,
+        if backoff.tries() > 0 {
+            info!(tries = backoff.tries(), "Reconnected.");
+        }
+        backoff.reset();
+        info!(broker = %session.broker.redacted_url(), namespace = %self.config.broker.namespace,
             steps = ?self.lanes.iter().map(|l| format!("{}/{}", l.pipeline.name, l.step.name)).collect::<Vec<_>>(),
             "Worker started.");
+        Ok(session)
+    }
+}
 
-        let fatal = tokio::select! {
+// === impl Session ===
+
+/// One connection's worth of serving: its consumers, dispatchers and running steps.
+struct Session {
+    broker: Broker,
+    shared: Arc<Shared>,
+    lanes: Vec<Lane>,
+    /// Stops the dispatchers.
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    fatal_rx: mpsc::UnboundedReceiver<String>,
+}
+
+impl Session {
+    /// Serves until `shutdown` (then drains and returns `None`) or until the connection is lost
+    /// (then abandons running steps and returns why).
+    async fn serve(
+        mut self,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+        grace: Duration,
+    ) -> Option<String> {
+        let lost = tokio::select! {
             _ = shutdown => None,
-            err = fatal_rx.recv() => err,
+            reason = self.fatal_rx.recv() => Some(reason.unwrap_or_default()),
         };
-        cancel.cancel();
-        for lane in &lanes {
+        if let Some(reason) = lost {
+            self.abandon().await;
+            return Some(reason);
+        }
+        self.cancel.cancel();
+        for lane in &self.lanes {
             lane.stop_consuming().await;
         }
-        tracker.close();
-        let running = tracker.len();
-        if tokio::time::timeout(self.grace, tracker.wait())
+        self.tracker.close();
+        let running = self.tracker.len();
+        if tokio::time::timeout(grace, self.tracker.wait())
             .await
             .is_ok()
         {
             info!(finished = running, "Drained: every running step finished.");
         } else {
-            warn!(unfinished = tracker.len(), grace = ?self.grace,
+            warn!(unfinished = self.tracker.len(), grace = ?grace,
                 "Grace period over; unfinished steps go back to their queues.");
         }
-        for lane in lanes {
+        for lane in self.lanes {
             lane.close().await;
         }
-        broker.close().await;
-        match fatal {
-            Some(reason) => Err(WorkerError::ConnectionLost(reason)),
-            None => Ok(()),
+        self.broker.close().await;
+        None
+    }
+
+    /// Stops everything at once. Nothing started on a lost connection can be acked any more,
+    /// so running steps are dropped and the broker hands their messages out again.
+    async fn abandon(self) {
+        self.cancel.cancel();
+        self.shared.lost.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        for lane in self.lanes {
+            lane.close().await;
         }
+        self.broker.close().await;
     }
 }
 

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info_span, warn, Instrument};
 use warren_broker::{Names, Outgoing, PublishError, Publisher};
+use warren_common::backoff::{nominal_retry_delay, retry_delay, Backoff};
 use warren_common::config::{PipelineConfig, StepConfig};
 use warren_common::{decode, encode, encode_result, now_ms, Config, Envelope, ResultEvent};
 
@@ -21,13 +23,19 @@ use crate::registry::ErasedHandler;
 /// turn into a hot redelivery loop.
 const HANDOFF_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
-/// What every step task of a worker shares.
+/// Longest wait between tries to hand an output to a full queue.
+const BACKLOG_FULL_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// What every step task of one connection's session shares.
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) names: Names,
     pub(crate) publisher: Publisher,
     pub(crate) tasks_exchange: String,
     pub(crate) events_exchange: String,
+    /// Cancelled when the session's connection is lost: its deliveries can no longer be acked,
+    /// so running steps stop and the broker hands their messages out again.
+    pub(crate) lost: CancellationToken,
 }
 
 /// What runs a step.
@@ -93,30 +101,40 @@ pub(crate) async fn process(
     queue: Arc<str>,
     delivery: Delivery,
 ) {
-    let outcome = match decode(&delivery.data) {
-        Err(e) => {
-            set_aside(
-                &shared,
-                &delivery,
-                &queue,
-                None,
-                "undecodable",
-                &e.to_string(),
-            )
-            .await
+    let outcome = tokio::select! {
+        outcome = handle(&shared, &lane, &queue, &delivery) => outcome,
+        // Dropping the attempt kills a command's process group; the message is redelivered.
+        _ = shared.lost.cancelled() => {
+            debug!(queue = %queue, "Connection lost mid-step; the broker will redeliver the message.");
+            return;
         }
-        Ok(env) => match check(&shared.config, &lane, &env) {
-            Err((reason, text)) => {
-                set_aside(&shared, &delivery, &queue, Some(&env), reason, &text).await
-            }
-            Ok(()) => {
-                let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
-                    pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
-                run_step(&shared, &lane, &queue, env).instrument(span).await
-            }
-        },
     };
     settle(delivery, outcome).await;
+}
+
+async fn handle(
+    shared: &Shared,
+    lane: &LaneStep,
+    queue: &str,
+    delivery: &Delivery,
+) -> Result<(), PublishError> {
+    let env = match decode(&delivery.data) {
+        Ok(env) => env,
+        Err(e) => {
+            return set_aside(shared, delivery, queue, None, "undecodable", &e.to_string()).await
+        }
+    };
+    let max = shared.config.broker.max_payload_bytes;
+    if let Some(size) = env.input_exceeds(delivery.data.len(), max) {
+        let text = format!("input is {size} bytes, more than max_payload_bytes = {max}");
+        return set_aside(shared, delivery, queue, Some(&env), "oversized", &text).await;
+    }
+    if let Err((reason, text)) = check(&shared.config, lane, &env) {
+        return set_aside(shared, delivery, queue, Some(&env), reason, &text).await;
+    }
+    let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
+        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
+    run_step(shared, lane, queue, env).instrument(span).await
 }
 
 /// The envelope must name this lane's pipeline and step.
@@ -161,24 +179,56 @@ async fn run_step(
     };
     let started = Instant::now();
     let queue_wait_ms = now_ms().saturating_sub(env.published_at);
-    let result = lane
+    let mut result = lane
         .runner
         .run(env.input.clone(), ctx, lane.step.timeout)
         .await;
     let took_ms = started.elapsed().as_millis() as u64;
+    // The output travels as the next step's input, so it obeys the same size limit.
+    let mut next = None;
+    if let Ok(output) = result {
+        next = lane
+            .pipeline
+            .next_step(&env.step)
+            .map(|step| env.next(&step.name, Value::Null));
+        let max = shared.config.broker.max_payload_bytes;
+        result = match &mut next {
+            Some(next) => {
+                next.input = output;
+                let body = encode(next);
+                match next.input_exceeds(body.len(), max) {
+                    Some(size) => Err(StepError::permanent(format!(
+                        "output is {size} bytes, more than max_payload_bytes = {max}"
+                    ))),
+                    None => Ok(Value::Null),
+                }
+            }
+            None => Ok(output),
+        };
+    }
     match result {
         Ok(output) => {
             debug!(took_ms, queue_wait_ms, "Step finished.");
-            match lane.pipeline.next_step(&env.step) {
+            match next {
                 Some(next) => {
-                    publish_step(shared, &lane.pipeline, &env.next(&next.name, output)).await
+                    hand_off(shared, || publish_step(shared, &lane.pipeline, &next)).await
                 }
-                None => publish_result(shared, &ResultEvent::succeeded(&env, output)).await,
+                None => {
+                    let event = ResultEvent::succeeded(&env, output);
+                    hand_off(shared, || publish_result(shared, &event)).await
+                }
             }
         }
         Err(e) if e.is_retryable() && env.attempt < lane.step.max_attempts => {
-            warn!(took_ms, error = %e, max_attempts = lane.step.max_attempts, "Step failed; it will be retried.");
-            publish_step(shared, &lane.pipeline, &env.retry()).await
+            let nominal = nominal_retry_delay(&lane.step.backoff, env.attempt);
+            let delay = retry_delay(&lane.step.backoff, env.attempt, rand::random::<f64>());
+            warn!(took_ms, error = %e, max_attempts = lane.step.max_attempts,
+                retry_in_ms = delay.as_millis() as u64, "Step failed; it will be retried.");
+            let retry = env.retry();
+            hand_off(shared, || {
+                publish_retry(shared, lane, &retry, nominal, delay)
+            })
+            .await
         }
         Err(e) => {
             let why = if e.is_retryable() {
@@ -197,7 +247,36 @@ async fn run_step(
                 queue,
             )
             .await?;
-            publish_result(shared, &ResultEvent::failed(&env, text)).await
+            let event = ResultEvent::failed(&env, text);
+            hand_off(shared, || publish_result(shared, &event)).await
+        }
+    }
+}
+
+/// Publishes a step's successor. A queue at its length bound refuses the publish (negative
+/// confirm): then the finished work waits here and tries again, rather than being dropped or
+/// dead-lettered, until the queue has room or the connection is lost.
+async fn hand_off<'a, F, Fut>(shared: &'a Shared, publish: F) -> Result<(), PublishError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), PublishError>> + 'a,
+{
+    let mut backoff =
+        Backoff::try_new(Duration::from_millis(50), BACKLOG_FULL_MAX_WAIT).expect("valid bounds");
+    loop {
+        match publish().await {
+            Err(PublishError::Nacked { routing_key }) => {
+                let wait = backoff.next_delay();
+                if backoff.tries() == 1 || backoff.tries().is_multiple_of(20) {
+                    warn!(routing_key, tries = backoff.tries(),
+                        "Next queue is full (or refused the message); holding the output and trying again.");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shared.lost.cancelled() => return Err(PublishError::Nacked { routing_key }),
+                }
+            }
+            other => return other,
         }
     }
 }
@@ -211,6 +290,30 @@ async fn publish_step(
     let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
     let body = encode(env);
     let msg = Outgoing::persistent(&shared.tasks_exchange, &key, &body, &env.job_id.to_string());
+    shared.publisher.publish(msg).await
+}
+
+/// Parks a retry in the delay queue of its nominal delay; the message's own TTL (the delay with
+/// jitter) sends it back to its step queue. The step queue itself stays free for other jobs.
+async fn publish_retry(
+    shared: &Shared,
+    lane: &LaneStep,
+    env: &Envelope,
+    nominal: Duration,
+    delay: Duration,
+) -> Result<(), PublishError> {
+    let nominal_ms = nominal.as_millis() as u64;
+    if nominal_ms == 0 {
+        return publish_step(shared, &lane.pipeline, env).await;
+    }
+    let shard = lane.pipeline.shard_of(env.tenant.as_str());
+    let key = Names::step_key(&lane.pipeline.name, &env.step, env.priority, shard);
+    let body = encode(env);
+    let exchange = shared.names.delay_exchange(nominal_ms);
+    let mut msg = Outgoing::persistent(&exchange, &key, &body, &env.job_id.to_string());
+    msg.properties = msg
+        .properties
+        .with_expiration(delay.as_millis().max(1).to_string().into());
     shared.publisher.publish(msg).await
 }
 
@@ -245,7 +348,13 @@ async fn set_aside(
     // an envelope, else the original message id, else a fresh one.
     let id = env
         .map(|e| e.job_id.to_string())
-        .or_else(|| delivery.properties.message_id().as_ref().map(|m| m.to_string()))
+        .or_else(|| {
+            delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.to_string())
+        })
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| warren_common::JobId::new().to_string());
     dead_letter(shared, &delivery.data, &id, reason, text, queue).await?;

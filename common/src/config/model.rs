@@ -31,7 +31,9 @@ pub struct BrokerConfig {
     /// Step queue type: `quorum` (replicated; the default) or `classic`.
     #[serde(default)]
     pub queue_type: QueueType,
-    /// Largest accepted job payload, in bytes of JSON.
+    /// Largest step input (a job payload, or a step's output), in bytes of its MessagePack
+    /// encoding. Producers refuse bigger payloads; workers fail a step whose output is bigger and
+    /// set aside a step message whose input is.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
 }
@@ -73,6 +75,8 @@ pub struct PipelineConfig {
     pub shards: u16,
     /// Tenants with a dedicated shard.
     pub pins: BTreeMap<String, u16>,
+    /// Most messages one step queue holds; publishing into a full one is refused (backpressure).
+    pub max_queue_length: u32,
     pub steps: Vec<StepConfig>,
 }
 
@@ -106,6 +110,11 @@ struct RawPipeline {
     shards: u16,
     #[serde(default)]
     pins: BTreeMap<String, u16>,
+    #[serde(
+        default = "default_max_queue_length",
+        deserialize_with = "max_queue_length"
+    )]
+    max_queue_length: u32,
     #[serde(default)]
     steps: Vec<StepConfig>,
 }
@@ -141,6 +150,7 @@ impl TryFrom<RawPipeline> for PipelineConfig {
             name: raw.name,
             shards: raw.shards,
             pins: raw.pins,
+            max_queue_length: raw.max_queue_length,
             steps: raw.steps,
         })
     }
@@ -237,6 +247,9 @@ fn default_max_payload() -> usize {
 fn default_shards() -> u16 {
     4
 }
+fn default_max_queue_length() -> u32 {
+    100_000
+}
 fn default_timeout() -> Duration {
     Duration::from_secs(60)
 }
@@ -322,6 +335,10 @@ fn ranged<'de, D: Deserializer<'de>>(d: D, key: &str, min: u64, max: u64) -> Res
 
 fn shards<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     ranged(d, "shards", 1, 1024).map(|v| v as u16)
+}
+
+fn max_queue_length<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "max_queue_length", 1, 100_000_000).map(|v| v as u32)
 }
 
 fn max_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
