@@ -60,6 +60,21 @@ impl TestNamespace {
         Broker::connect(&self.config.broker).await.expect("broker")
     }
 
+    /// Ready messages in every queue of the namespace that holds work or dead letters (step
+    /// queues, delay queues, the dead-letter queue), by name; a missing queue counts as empty.
+    pub async fn work_queue_depths(&self) -> Vec<(String, u32)> {
+        let broker = self.broker().await;
+        let mut depths = Vec::new();
+        for queue in Topology::plan(&self.config).work_queues() {
+            let depth = warren_broker::depth::ready_messages(&broker, &queue.name)
+                .await
+                .expect("queue depth");
+            depths.push((queue.name.clone(), depth.unwrap_or(0)));
+        }
+        broker.close().await;
+        depths
+    }
+
     /// Starts the test worker binary (`test-worker run`) on this namespace's config.
     pub fn spawn_worker(&self, extra: &[&str]) -> WorkerProcess {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
