@@ -14,7 +14,8 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub(crate) fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
+    /// Wraps a lapin error with what was being done: `.map_err(BrokerError::amqp("declare x"))`.
+    pub fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> Self {
         let action = action.into();
         move |cause| BrokerError::Amqp { action, cause }
     }

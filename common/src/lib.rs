@@ -7,6 +7,7 @@
 pub mod backoff;
 pub mod codec;
 pub mod config;
+pub mod dead_letter;
 pub mod env;
 pub mod envelope;
 pub mod ids;

@@ -87,6 +87,14 @@ impl Client {
         &self.broker
     }
 
+    pub(crate) fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    pub(crate) fn tasks_exchange(&self) -> &str {
+        &self.tasks_exchange
+    }
+
     /// Validates and publishes one job; returns its id once the broker has confirmed it.
     pub async fn submit(&self, job: Job) -> Result<JobId, SubmitError> {
         let prepared = self.prepare(job)?;

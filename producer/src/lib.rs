@@ -1,5 +1,5 @@
 //! The warren producer SDK: submit jobs (one, or many with pipelined confirms) and wait for
-//! their results.
+//! their results; list, replay and purge the dead-letter queue.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -16,9 +16,11 @@
 //! ```
 
 mod client;
+mod dlq;
 mod error;
 mod results;
 
 pub use client::{Client, Job};
+pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};
 pub use error::{SubmitError, WaitError};
 pub use results::ResultStream;

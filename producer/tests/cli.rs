@@ -226,6 +226,88 @@ async fn submit_wait_bulk_and_exit_codes() {
         text(&out.stderr)
     );
 
+    // The job that failed ("no name") waits in the dead-letter queue: list, show, replay, purge
+    let out = warren(args(&["dlq", "list", "--json"]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let letters: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let dead = &letters[0];
+    assert_eq!(
+        (
+            dead["reason"].as_str(),
+            dead["step"].as_str(),
+            dead["tenant"].as_str()
+        ),
+        (Some("failed"), Some("hello"), Some("acme"))
+    );
+    assert!(
+        dead["error"].as_str().unwrap().contains("no name"),
+        "{dead}"
+    );
+    let dead_id = dead["id"].as_str().unwrap().to_string();
+    let out = warren(args(&["dlq", "list"]), None).await.unwrap();
+    assert!(
+        text(&out.stdout).contains(&dead_id) && text(&out.stdout).contains("1 dead letters"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = warren(args(&["dlq", "show", &dead_id]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("no name"),
+        "{}",
+        text(&out.stdout)
+    );
+    // A replay or purge must say what it touches; a purge must be confirmed
+    let out = warren(args(&["dlq", "replay"]), None).await.unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = warren(args(&["dlq", "purge", "--all"]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    // Replayed as it is, it fails again, one attempt later
+    let out = warren(args(&["dlq", "replay", &dead_id]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 replayed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let mut attempts = None;
+    for _ in 0..100 {
+        let out = warren(args(&["dlq", "list", "--json"]), None)
+            .await
+            .unwrap();
+        if let Some(line) = text(&out.stdout).lines().next() {
+            attempts = serde_json::from_str::<Value>(line).unwrap()["attempts"].as_u64();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(attempts, Some(2));
+    let out = warren(args(&["dlq", "purge", "--tenant", "acme", "--yes"]), None)
+        .await
+        .unwrap();
+    assert!(
+        text(&out.stdout).contains("purged 1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = warren(args(&["dlq", "show", &dead_id]), None)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+
     stop.cancel();
     worker.await.unwrap().unwrap();
 }

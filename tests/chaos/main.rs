@@ -7,6 +7,8 @@
 //! `rabbitmqctl stop_app` / `start_app` on this machine's node; set
 //! `WARREN_CHAOS_BROKER_RESTART=0` when the broker is elsewhere.
 
+mod replay;
+
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
 use std::time::{Duration, Instant};

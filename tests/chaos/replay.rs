@@ -75,11 +75,9 @@ async fn flaky_steps_retry_and_broken_ones_resume_from_the_dead_letter_queue() {
     let broken_ids: Vec<JobId> = broken.iter().copied().collect();
     let replayed = eventually(Duration::from_secs(60), || async {
         let starts = ns.step_starts();
-        broken_ids.iter().all(|id| {
-            starts
-                .iter()
-                .any(|s| s.0 == id.to_string() && s.1 == "c")
-        })
+        broken_ids
+            .iter()
+            .all(|id| starts.iter().any(|s| s.0 == id.to_string() && s.1 == "c"))
     })
     .await;
     assert!(replayed, "replayed jobs did not reach step c");

@@ -14,6 +14,7 @@ use tracing::{debug, error, info_span, warn, Instrument};
 use warren_broker::{Names, Outgoing, PublishError, Publisher};
 use warren_common::backoff::{nominal_retry_delay, retry_delay, Backoff};
 use warren_common::config::{PipelineConfig, StepConfig};
+use warren_common::dead_letter as headers;
 use warren_common::{decode, encode, encode_result, now_ms, Config, Envelope, ResultEvent};
 
 use crate::handler::{StepContext, StepError};
@@ -379,10 +380,10 @@ async fn dead_letter(
 ) -> Result<(), PublishError> {
     let dlq = shared.names.dlq();
     let msg = Outgoing::persistent("", &dlq, body, id).with_headers(&[
-        ("x-warren-reason", reason.to_string()),
-        ("x-warren-error", text.to_string()),
-        ("x-warren-queue", queue.to_string()),
-        ("x-warren-failed-at", now_ms().to_string()),
+        (headers::REASON, reason.to_string()),
+        (headers::ERROR, text.to_string()),
+        (headers::QUEUE, queue.to_string()),
+        (headers::FAILED_AT, now_ms().to_string()),
     ]);
     shared.publisher.publish(msg).await
 }

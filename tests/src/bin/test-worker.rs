@@ -9,7 +9,8 @@ use warren_worker::{handler_fn, StepContext, StepError};
 
 /// `work`: appends the step name to `trail`; optionally sleeps (`sleep_ms`, or
 /// `sleep_ms_at: {step: ms}`), panics (`panic_at: step` on attempt 1) or fails (`fail_at: step`
-/// retryable until attempt `fail_times`+1, `fail_permanently_at: step`).
+/// retryable until attempt `fail_times`+1, `fail_permanently_at: step` unless the file named by
+/// `fail_permanently_at_unless_file` exists).
 async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     if let Ok(dir) = std::env::var(warren_tests::ENV_TEST_DIR) {
         let name = format!(
@@ -32,7 +33,11 @@ async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     if at("panic_at") && ctx.attempt == 1 {
         panic!("test panic at {}", ctx.step);
     }
-    if at("fail_permanently_at") {
+    let fixed = input
+        .get("fail_permanently_at_unless_file")
+        .and_then(Value::as_str)
+        .is_some_and(|path| std::path::Path::new(path).exists());
+    if at("fail_permanently_at") && !fixed {
         return Err(StepError::permanent("told to fail permanently"));
     }
     let fail_times = input.get("fail_times").and_then(Value::as_u64).unwrap_or(0);

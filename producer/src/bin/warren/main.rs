@@ -1,5 +1,6 @@
 //! `warren`: the producer-side CLI. Thin: parse, load config, call the SDK, print.
 
+mod dlq;
 mod submit;
 mod topology;
 
@@ -17,12 +18,14 @@ pub(crate) const EXIT_USAGE: u8 = 64;
 pub(crate) const EXIT_JOB_FAILED: u8 = 3;
 /// Exit code when `--wait` gave up.
 pub(crate) const EXIT_TIMEOUT: u8 = 4;
+/// Exit code when `dlq show` or `dlq replay` found no matching dead letter.
+pub(crate) const EXIT_NOT_FOUND: u8 = 5;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "warren",
     version,
-    about = "Submit jobs to a warren cluster and manage its topology."
+    about = "Submit jobs to a warren cluster, manage its topology and its dead-letter queue."
 )]
 struct Cli {
     /// Config file [default: $WARREN_CONFIG, else ./warren.toml]
@@ -43,6 +46,8 @@ enum Command {
     Submit(submit::SubmitArgs),
     /// Wait for the result of a job submitted earlier.
     Wait(submit::WaitArgs),
+    /// Inspect, replay and purge the dead-letter queue.
+    Dlq(dlq::DlqArgs),
 }
 
 /// An error already explained to the user; carries the exit code.
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
             Command::Topology(args) => topology::run(args, &config, cli.json).await,
             Command::Submit(args) => submit::run(args, config, cli.json).await,
             Command::Wait(args) => submit::wait(args, config, cli.json).await,
+            Command::Dlq(args) => dlq::run(args, config, cli.json).await,
         }
     });
     match result {

@@ -1,0 +1,244 @@
+//! `warren dlq list|show|replay|purge`.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use serde_json::json;
+use warren_common::Config;
+use warren_producer::{Client, DeadLetter, DlqFilter, ReplayOptions};
+
+use crate::{Exit, EXIT_NOT_FOUND};
+
+#[derive(Debug, Args)]
+pub(crate) struct DlqArgs {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// List the dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        by: ListFilter,
+    },
+    /// Show one dead letter (or every one with that id) in full: error, input, headers.
+    Show {
+        /// The dead letter's id (the job id).
+        id: String,
+    },
+    /// Publish dead letters back to the step that failed, with their input as it was.
+    Replay {
+        #[command(flatten)]
+        select: Selection,
+        /// Start the failed step over at attempt 1 (default: the next attempt).
+        #[arg(long)]
+        reset_attempts: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        select: Selection,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ListFilter {
+    #[arg(long)]
+    pipeline: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Only this reason (`failed`, `undecodable`, `oversized`, `unknown-pipeline`, ...).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+/// Which dead letters a replay or purge touches: one id, or a filter, or --all.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = true)]
+struct Selection {
+    /// The dead letter's id (the job id).
+    #[arg(conflicts_with = "all")]
+    id: Option<String>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+    #[arg(long)]
+    pipeline: Option<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+impl Selection {
+    fn filter(self) -> DlqFilter {
+        DlqFilter {
+            id: self.id,
+            pipeline: self.pipeline,
+            tenant: self.tenant,
+            reason: self.reason,
+        }
+    }
+}
+
+pub(crate) async fn run(args: DlqArgs, config: Config, json: bool) -> anyhow::Result<()> {
+    if let Action::Purge { yes: false, .. } = args.action {
+        bail!("this deletes the selected dead letters for good; add --yes");
+    }
+    let client = Client::connect(config).await?;
+    let outcome = act(&client, args.action, json).await;
+    client.close().await;
+    outcome
+}
+
+async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> {
+    match action {
+        Action::List { by } => {
+            let filter = DlqFilter {
+                pipeline: by.pipeline,
+                tenant: by.tenant,
+                reason: by.reason,
+                ..DlqFilter::default()
+            };
+            let letters = client.dlq_list(&filter).await?;
+            if json {
+                letters.iter().for_each(|l| println!("{}", to_json(l)));
+            } else {
+                print_table(&letters);
+            }
+        }
+        Action::Show { id } => {
+            let letters = client.dlq_list(&DlqFilter::id(&id)).await?;
+            if letters.is_empty() {
+                return Err(Exit(EXIT_NOT_FOUND, format!("no dead letter with id {id}")).into());
+            }
+            for letter in &letters {
+                if json {
+                    println!("{}", to_json(letter));
+                } else {
+                    print_detail(letter);
+                }
+            }
+        }
+        Action::Replay {
+            select,
+            reset_attempts,
+        } => {
+            let options = ReplayOptions { reset_attempts };
+            let report = client.dlq_replay(&select.filter(), options).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("reports serialise")
+                );
+            } else {
+                for l in &report.replayed {
+                    println!(
+                        "replayed {} ({}, {}) at step {}",
+                        l.id,
+                        l.tenant.as_deref().unwrap_or("-"),
+                        l.pipeline.as_deref().unwrap_or("-"),
+                        l.step.as_deref().unwrap_or("-")
+                    );
+                }
+                for s in &report.skipped {
+                    eprintln!("skipped {}: {}", s.letter.id, s.why);
+                }
+                println!(
+                    "{} replayed, {} left in the dead-letter queue",
+                    report.replayed.len(),
+                    report.skipped.len()
+                );
+            }
+            if report.replayed.is_empty() && report.skipped.is_empty() {
+                return Err(Exit(EXIT_NOT_FOUND, "no dead letter matched".into()).into());
+            }
+        }
+        Action::Purge { select, .. } => {
+            let purged = client.dlq_purge(&select.filter()).await?;
+            if json {
+                println!("{}", json!({"purged": purged.len()}));
+            } else {
+                println!("purged {} dead letters", purged.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn to_json(letter: &DeadLetter) -> String {
+    serde_json::to_string(letter).expect("dead letters serialise")
+}
+
+fn print_table(letters: &[DeadLetter]) {
+    if letters.is_empty() {
+        println!("no dead letters");
+        return;
+    }
+    println!(
+        "{:<36} {:<16} {:<12} {:<10} {:>3} {:<20} {:<20} error",
+        "id", "tenant", "pipeline", "step", "att", "reason", "failed at"
+    );
+    for l in letters {
+        let error: String = l
+            .error
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(60)
+            .collect();
+        println!(
+            "{:<36} {:<16} {:<12} {:<10} {:>3} {:<20} {:<20} {error}",
+            l.id,
+            l.tenant.as_deref().unwrap_or("-"),
+            l.pipeline.as_deref().unwrap_or("-"),
+            l.step.as_deref().unwrap_or("-"),
+            l.attempts.map_or("-".into(), |a| a.to_string()),
+            l.reason,
+            l.failed_at.map_or("-".into(), time),
+        );
+    }
+    println!("{} dead letters", letters.len());
+}
+
+fn print_detail(l: &DeadLetter) {
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_string();
+    println!("id:           {}", l.id);
+    println!("reason:       {}", l.reason);
+    println!("tenant:       {}", or_dash(l.tenant.as_deref()));
+    println!("pipeline:     {}", or_dash(l.pipeline.as_deref()));
+    println!("step:         {}", or_dash(l.step.as_deref()));
+    println!(
+        "priority:     {}",
+        l.priority.map_or("-".into(), |p| p.to_string())
+    );
+    println!(
+        "attempts:     {}",
+        l.attempts.map_or("-".into(), |a| a.to_string())
+    );
+    println!("queue:        {}", or_dash(l.queue.as_deref()));
+    println!("submitted at: {}", l.submitted_at.map_or("-".into(), time));
+    println!("failed at:    {}", l.failed_at.map_or("-".into(), time));
+    println!("error:");
+    for line in l.error.lines() {
+        println!("  {line}");
+    }
+    match (&l.input, &l.raw) {
+        (Some(input), _) => println!(
+            "input:\n{}",
+            serde_json::to_string_pretty(input).expect("JSON values serialise")
+        ),
+        (None, Some(raw)) => println!("raw body ({} bytes, as text):\n{raw}", l.body_bytes),
+        (None, None) => {}
+    }
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
