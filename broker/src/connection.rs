@@ -1,10 +1,12 @@
-//! Pooled AMQP connections (deadpool-lapin). A [`Broker`] is cheap to clone; every clone shares
-//! the pool.
+//! Pooled AMQP connections (deadpool), over TLS when the URL is `amqps://`. A [`Broker`] is
+//! cheap to clone; every clone shares the pool.
 
-use deadpool_lapin::{Config as PoolConfig, Pool, Runtime};
+use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
+use deadpool::Runtime;
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, ConnectionProperties};
-use warren_common::config::BrokerConfig;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::{Channel, Connect, Connection, ConnectionProperties};
+use warren_common::config::{BrokerConfig, TlsConfig};
 use warren_common::telemetry::redact_url;
 
 use crate::error::BrokerError;
@@ -12,7 +14,7 @@ use crate::names::Names;
 
 #[derive(Clone)]
 pub struct Broker {
-    pool: Pool,
+    pool: Pool<Manager>,
     names: Names,
     url: String,
 }
@@ -26,6 +28,66 @@ impl std::fmt::Debug for Broker {
     }
 }
 
+/// Opens connections for the pool, with the TLS settings of the config.
+struct Manager {
+    url: String,
+    tls: OwnedTLSConfig,
+}
+
+impl managed::Manager for Manager {
+    type Type = Connection;
+    type Error = lapin::Error;
+
+    async fn create(&self) -> Result<Connection, lapin::Error> {
+        let properties = ConnectionProperties::default().with_connection_name("warren".into());
+        let runtime = lapin::runtime::default_runtime()?;
+        self.url
+            .as_str()
+            .connect_with_config(properties, self.tls.clone(), runtime)
+            .await
+    }
+
+    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<lapin::Error> {
+        if conn.status().connected() {
+            Ok(())
+        } else {
+            Err(RecycleError::message("connection closed"))
+        }
+    }
+}
+
+/// Reads the PEM files `[broker.tls]` names. A missing or unreadable file is an error that
+/// names its key.
+fn load_tls(tls: Option<&TlsConfig>, url: &str) -> Result<OwnedTLSConfig, String> {
+    let Some(tls) = tls else {
+        return Ok(OwnedTLSConfig::default());
+    };
+    if !url.starts_with("amqps://") {
+        return Err("[broker.tls] is set, but the url is not amqps://".into());
+    }
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("broker.tls.{key} {}: {e}", path.display()))
+    };
+    let cert_chain = match &tls.ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("ca_file", path)?)
+                .map_err(|_| format!("broker.tls.ca_file {}: not PEM text", path.display()))?,
+        ),
+        None => None,
+    };
+    let identity = match &tls.client {
+        Some(client) => Some(OwnedIdentity::PKCS8 {
+            pem: read("cert_file", &client.cert_file)?,
+            key: read("key_file", &client.key_file)?,
+        }),
+        None => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
 impl Broker {
     /// Builds the pool and opens one connection, so a wrong URL fails here, not later.
     pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
@@ -34,20 +96,19 @@ impl Broker {
             url: redact_url(&url),
             reason,
         };
-        let pool_config = PoolConfig {
-            url: Some(url.clone()),
-            ..PoolConfig::default()
+        let tls = load_tls(config.tls.as_ref(), &url).map_err(connect_error)?;
+        let manager = Manager {
+            url: url.clone(),
+            tls,
         };
-        let pool = pool_config
-            .create_pool(
-                || ConnectionProperties::default().with_connection_name("warren".into()),
-                Runtime::Tokio1,
-            )
+        let pool = Pool::builder(manager)
+            .runtime(Runtime::Tokio1)
+            .build()
             .map_err(|e| connect_error(e.to_string()))?;
         let broker = Self {
             pool,
             names: Names::new(&config.namespace),
-            url: url.clone(),
+            url,
         };
         broker.channel().await?;
         Ok(broker)
@@ -92,7 +153,7 @@ impl Broker {
             let Ok(conn) = self.pool.get().await else {
                 break;
             };
-            let conn = deadpool_lapin::Object::take(conn);
+            let conn = managed::Object::take(conn);
             let _ = conn.close(200, "bye".into()).await;
         }
         self.pool.close();

@@ -7,6 +7,7 @@ mod flow;
 mod isolation;
 mod kill;
 mod retry;
+mod security;
 mod topology;
 mod wire_format;
 

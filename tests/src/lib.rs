@@ -77,13 +77,20 @@ impl TestNamespace {
 
     /// Starts the test worker binary (`test-worker run`) on this namespace's config.
     pub fn spawn_worker(&self, extra: &[&str]) -> WorkerProcess {
+        self.spawn_worker_with_config(&self.config_path, extra)
+    }
+
+    /// Starts the test worker on another config file (one that reaches the broker another
+    /// way); its log goes to this namespace's folder all the same.
+    pub fn spawn_worker_with_config(&self, config: &Path, extra: &[&str]) -> WorkerProcess {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
         let log = self.dir.join(format!("worker-{n}.log"));
         let child = Command::new(test_worker_bin())
             .arg("run")
             .arg("--config")
-            .arg(&self.config_path)
+            .arg(config)
             .args(extra)
+            .env_remove("WARREN_AMQP_URL")
             .env(ENV_TEST_DIR, self.markers())
             .env("WARREN_LOG", "info")
             .stdin(Stdio::null())

@@ -22,27 +22,30 @@ pub const EXIT_PERMANENT: i32 = 65;
 /// How much of stderr is kept with a failure.
 const STDERR_TAIL_BYTES: usize = 2048;
 
-/// Variables passed through from the worker's own environment. Nothing else is: the broker
-/// credentials in `WARREN_AMQP_URL` must never reach step code.
+/// Variables passed through from the worker's own environment, besides a step's `pass_env`.
+/// Nothing else is: the broker credentials in `WARREN_AMQP_URL` must never reach step code.
 pub const ENV_ALLOW_LIST: &[&str] = &[
     "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER",
 ];
 
-/// Runs `argv` for one attempt.
+/// Runs `argv` for one attempt, passing the worker's variables named in [`ENV_ALLOW_LIST`] and
+/// `pass_env` (which the config keeps free of `WARREN_AMQP_URL`).
 pub async fn run(
     argv: &[String],
+    pass_env: &[String],
     input: &Value,
     ctx: &StepContext,
     timeout: Duration,
 ) -> Result<Value, StepError> {
+    let passed = ENV_ALLOW_LIST
+        .iter()
+        .copied()
+        .chain(pass_env.iter().map(String::as_str))
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)));
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .env_clear()
-        .envs(
-            ENV_ALLOW_LIST
-                .iter()
-                .filter_map(|k| std::env::var(k).ok().map(|v| (*k, v))),
-        )
+        .envs(passed)
         .env(keys::ENV_WARREN_JOB_ID, ctx.job_id.to_string())
         .env(keys::ENV_WARREN_TENANT, &ctx.tenant)
         .env(keys::ENV_WARREN_PIPELINE, &ctx.pipeline)
@@ -167,7 +170,14 @@ mod tests {
 
     async fn sh(script: &str, input: Value, timeout_ms: u64) -> Result<Value, StepError> {
         let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
-        run(&argv, &input, &ctx(), Duration::from_millis(timeout_ms)).await
+        run(
+            &argv,
+            &[],
+            &input,
+            &ctx(),
+            Duration::from_millis(timeout_ms),
+        )
+        .await
     }
 
     #[tokio::test]
@@ -180,15 +190,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sees_warren_env_and_nothing_secret() {
-        let out = sh(
-            r#"printf '["%s","%s","%s","%s","%s","%s"]' "$WARREN_TENANT" "$WARREN_PIPELINE" "$WARREN_STEP" "$WARREN_ATTEMPT" "$WARREN_PRIORITY" "${WARREN_AMQP_URL:-unset}""#,
-            Value::Null,
-            5_000,
-        )
-        .await
-        .unwrap();
-        assert_eq!(out, json!(["acme", "p", "s", "2", "high", "unset"]));
+    async fn sees_warren_env_and_only_the_variables_it_is_given() {
+        // cargo sets CARGO_* for the test process; only what is passed reaches the step
+        assert!(
+            std::env::var("CARGO_PKG_NAME").is_ok() && std::env::var("CARGO_MANIFEST_DIR").is_ok()
+        );
+        let script = r#"printf '["%s","%s","%s","%s","%s","%s","%s","%s"]' "$WARREN_TENANT" "$WARREN_PIPELINE" "$WARREN_STEP" "$WARREN_ATTEMPT" "$WARREN_PRIORITY" "${CARGO_MANIFEST_DIR:-unset}" "${CARGO_PKG_NAME:-unset}" "${PATH:+path}""#;
+        let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        let pass = vec!["CARGO_PKG_NAME".to_string()];
+        let out = run(&argv, &pass, &Value::Null, &ctx(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            json!([
+                "acme",
+                "p",
+                "s",
+                "2",
+                "high",
+                "unset",
+                "warren-worker",
+                "path"
+            ])
+        );
     }
 
     #[tokio::test]
@@ -210,6 +235,7 @@ mod tests {
         assert!(!e.is_retryable(), "{e}");
         let e = run(
             &["/no/such/program".into()],
+            &[],
             &Value::Null,
             &ctx(),
             Duration::from_secs(1),

@@ -99,7 +99,9 @@ impl WorkerBuilder {
                     continue;
                 }
                 let runner = match &step.kind {
-                    StepKind::Command(argv) => Runner::Command(Arc::new(argv.clone())),
+                    StepKind::Command(argv) => {
+                        Runner::Command(Arc::new((argv.clone(), step.pass_env.clone())))
+                    }
                     StepKind::Handler(name) => {
                         Runner::Handler(self.registry.get(name).ok_or_else(|| {
                             let known: Vec<_> = self.registry.names().collect();

@@ -43,7 +43,8 @@ pub(crate) struct Shared {
 #[derive(Clone)]
 pub(crate) enum Runner {
     Handler(ErasedHandler),
-    Command(Arc<Vec<String>>),
+    /// The program and its arguments, and the variables to pass through (`pass_env`).
+    Command(Arc<(Vec<String>, Vec<String>)>),
 }
 
 /// The step one lane of the worker serves.
@@ -61,7 +62,10 @@ impl Runner {
         timeout: Duration,
     ) -> Result<Value, StepError> {
         match self {
-            Runner::Command(argv) => crate::command::run(argv, &input, &ctx, timeout).await,
+            Runner::Command(spec) => {
+                let (argv, pass_env) = &**spec;
+                crate::command::run(argv, pass_env, &input, &ctx, timeout).await
+            }
             Runner::Handler(handler) => {
                 // A task of its own, so a panic is caught as a JoinError and a timeout can abort it.
                 let task = tokio::spawn(handler(input, ctx));

@@ -5,7 +5,9 @@ mod model;
 
 use std::path::{Path, PathBuf};
 
-pub use model::{BrokerConfig, Config, PipelineConfig, QueueType, StepConfig, StepKind};
+pub use model::{
+    BrokerConfig, ClientCert, Config, PipelineConfig, QueueType, StepConfig, StepKind, TlsConfig,
+};
 
 use crate::env::{Env, ENV_WARREN_AMQP_URL, ENV_WARREN_CONFIG, ENV_WARREN_NAMESPACE};
 use crate::ids::validate_name;
@@ -91,11 +93,18 @@ impl Config {
         Ok(())
     }
 
-    /// An argument that contains a `/`, is not absolute and names something that exists next to
-    /// the config file is made absolute. Bare words (`python3`) stay for `PATH`; other arguments
-    /// (`-c`, `s/a/b/`) stay as they are.
+    /// A command argument that contains a `/`, is not absolute and names something that exists
+    /// next to the config file is made absolute. Bare words (`python3`) stay for `PATH`; other
+    /// arguments (`-c`, `s/a/b/`) stay as they are. TLS file paths are always made absolute.
     fn resolve_paths(&mut self, base_dir: &Path) {
         let base = std::fs::canonicalize(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+        if let Some(tls) = &mut self.broker.tls {
+            let client = tls.client.iter_mut();
+            let files = client.flat_map(|c| [&mut c.cert_file, &mut c.key_file]);
+            for file in files.chain(tls.ca_file.iter_mut()) {
+                *file = base.join(&*file);
+            }
+        }
         for step in self.pipelines.iter_mut().flat_map(|p| p.steps.iter_mut()) {
             if let StepKind::Command(argv) = &mut step.kind {
                 for arg in argv.iter_mut() {
@@ -231,6 +240,63 @@ handler = "resize"
         assert!(e.contains("not both"), "{e}");
         let e = err(&EXAMPLE.replace("name = \"resize\"", "name = \"fetch\""));
         assert!(e.contains("duplicate step name `fetch`"), "{e}");
+    }
+
+    #[test]
+    fn pass_env_is_checked() {
+        let with = |line: &str| {
+            EXAMPLE.replace("concurrency = 4\n", &format!("concurrency = 4\n{line}\n"))
+        };
+        let c = parse(&with("pass_env = [\"DATABASE_URL\"]")).unwrap();
+        let fetch = c.pipeline("thumbnails").unwrap().step("fetch").unwrap();
+        assert_eq!(fetch.pass_env, vec!["DATABASE_URL".to_string()]);
+        let e = err(&with("pass_env = [\"WARREN_AMQP_URL\"]"));
+        assert!(
+            e.contains("`pass_env`") && e.contains("never passed"),
+            "{e}"
+        );
+        let e = err(&with("pass_env = [\"A=B\"]"));
+        assert!(e.contains("not a variable name"), "{e}");
+        let handler = EXAMPLE.replace(
+            "handler = \"resize\"",
+            "handler = \"resize\"\npass_env = [\"HOME\"]",
+        );
+        assert!(err(&handler).contains("for command steps"));
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_resolve_next_to_the_config() {
+        let tls = "[broker]\nurl = \"amqps://u:p@h/v\"\n[broker.tls]\nca_file = \"ca.pem\"\n";
+        let c = Config::parse(
+            tls,
+            "warren.toml",
+            Path::new("/etc/warren"),
+            &HashMap::new(),
+        )
+        .unwrap();
+        let tls_config = c.broker.tls.unwrap();
+        assert_eq!(
+            tls_config.ca_file,
+            Some(PathBuf::from("/etc/warren/ca.pem"))
+        );
+        assert_eq!(tls_config.client, None);
+        let e = err("[broker.tls]\ncert_file = \"c.pem\"\n");
+        assert!(
+            e.starts_with("warren.toml:1:") && e.contains("needs `key_file`"),
+            "{e}"
+        );
+        let e = err("[broker.tls]\nca = \"c.pem\"\n");
+        assert!(e.contains("unknown field `ca`"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_hides_the_password() {
+        let c = parse("[broker]\nurl = \"amqp://guest:s3cret@h:5672/%2f\"\n").unwrap();
+        let text = format!("{c:?}");
+        assert!(
+            !text.contains("s3cret") && text.contains("guest:***@h"),
+            "{text}"
+        );
     }
 
     #[test]

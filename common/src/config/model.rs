@@ -2,6 +2,7 @@
 //! the TOML parser with the line of the offending key; `docs/config.md` documents each field.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -19,7 +20,7 @@ pub struct Config {
 }
 
 /// `[broker]`: where RabbitMQ is and how names are scoped.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
     /// AMQP URL (`amqp://` or `amqps://`). Env `WARREN_AMQP_URL` wins.
@@ -36,6 +37,67 @@ pub struct BrokerConfig {
     /// set aside a step message whose input is.
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: usize,
+    /// `[broker.tls]`: certificates for an `amqps://` URL.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+// By hand, so the password in the URL never reaches a log line through `{:?}`.
+impl std::fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("url", &crate::telemetry::redact_url(&self.url))
+            .field("namespace", &self.namespace)
+            .field("queue_type", &self.queue_type)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
+/// `[broker.tls]`: PEM files for TLS. Without a `ca_file`, the server's certificate must chain
+/// to the system's trusted roots. Relative paths are relative to the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawTls")]
+pub struct TlsConfig {
+    /// Extra CA certificates to trust (PEM): for a broker with a private CA.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and its private key (PEM, PKCS#8 or PKCS#1), for brokers that ask
+    /// for one (`ssl_options.verify = verify_peer`, `fail_if_no_peer_cert = true`).
+    pub client: Option<ClientCert>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+impl TryFrom<RawTls> for TlsConfig {
+    type Error = String;
+    fn try_from(raw: RawTls) -> Result<Self, String> {
+        let client = match (raw.cert_file, raw.key_file) {
+            (Some(cert_file), Some(key_file)) => Some(ClientCert {
+                cert_file,
+                key_file,
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err("`cert_file` needs `key_file` too".into()),
+            (None, Some(_)) => return Err("`key_file` needs `cert_file` too".into()),
+        };
+        Ok(Self {
+            ca_file: raw.ca_file,
+            client,
+        })
+    }
 }
 
 impl Default for BrokerConfig {
@@ -45,6 +107,7 @@ impl Default for BrokerConfig {
             namespace: default_namespace(),
             queue_type: QueueType::default(),
             max_payload_bytes: default_max_payload(),
+            tls: None,
         }
     }
 }
@@ -170,6 +233,9 @@ pub struct StepConfig {
     pub backoff: Vec<Duration>,
     /// Attempts of this step one worker process runs at once.
     pub concurrency: u32,
+    /// Variables of the worker's environment a command step also gets (besides `PATH`, `HOME`,
+    /// locale and the `WARREN_*` step variables). Never `WARREN_AMQP_URL`.
+    pub pass_env: Vec<String>,
 }
 
 /// What runs a step.
@@ -197,6 +263,8 @@ struct RawStep {
     backoff: Vec<Duration>,
     #[serde(default = "default_concurrency", deserialize_with = "concurrency")]
     concurrency: u32,
+    #[serde(default)]
+    pass_env: Vec<String>,
 }
 
 impl TryFrom<RawStep> for StepConfig {
@@ -222,6 +290,14 @@ impl TryFrom<RawStep> for StepConfig {
         if raw.backoff.is_empty() {
             return Err(format!("step `{s}`: `backoff` needs at least one delay"));
         }
+        if !raw.pass_env.is_empty() && matches!(kind, StepKind::Handler(_)) {
+            return Err(format!(
+                "step `{s}`: `pass_env` is for command steps; a handler reads the worker's environment"
+            ));
+        }
+        for var in &raw.pass_env {
+            check_pass_env(var).map_err(|e| format!("step `{s}`: `pass_env`: {e}"))?;
+        }
         Ok(Self {
             name: raw.name,
             kind,
@@ -229,8 +305,27 @@ impl TryFrom<RawStep> for StepConfig {
             max_attempts: raw.max_attempts,
             backoff: raw.backoff,
             concurrency: raw.concurrency,
+            pass_env: raw.pass_env,
         })
     }
+}
+
+/// A variable name a command step may be given: a plain name, and never the broker URL.
+fn check_pass_env(var: &str) -> Result<(), String> {
+    let plain = var
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain {
+        return Err(format!("{var:?} is not a variable name"));
+    }
+    if var == crate::env::ENV_WARREN_AMQP_URL {
+        return Err(format!(
+            "{var} holds the broker credentials and is never passed to steps"
+        ));
+    }
+    Ok(())
 }
 
 // === defaults ===
