@@ -102,6 +102,63 @@ concurrency = 1
 }
 
 #[tokio::test]
+async fn a_handler_past_its_timeout_is_cancelled_and_counts_as_a_failed_attempt() {
+    // Given a step with a 300 ms timeout and two attempts
+    let ns = TestNamespace::new(
+        r#"
+[[pipelines]]
+name = "slow"
+shards = 1
+
+[[pipelines.steps]]
+name = "a"
+handler = "work"
+timeout = "300ms"
+max_attempts = 2
+backoff = ["100ms"]
+"#,
+    )
+    .await;
+    let mut worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+
+    // When its handler takes 1.5 s
+    let id = client
+        .submit(Job::new(
+            "slow",
+            "acme",
+            json!({"sleep_ms": 1500, "mark_sleep_end": true}),
+        ))
+        .await
+        .unwrap();
+
+    // Then both attempts time out, the job fails, and neither handler ran on past its timeout
+    let result = client.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Failed, "{result:?}");
+    assert_eq!(result.attempts, 2);
+    assert!(
+        result
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out after 300ms"),
+        "{result:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slept: Vec<_> = std::fs::read_dir(ns.markers())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("slept-"))
+        .collect();
+    assert!(slept.is_empty(), "a timed-out handler kept running");
+    assert_eq!(ns.step_starts().len(), 2);
+    assert!(
+        worker.wait_exit(Duration::from_millis(10)).is_none(),
+        "worker died"
+    );
+}
+
+#[tokio::test]
 async fn retries_then_succeeds_and_panics_do_not_kill_the_worker() {
     // Given one worker
     let ns = TestNamespace::new(THREE_STEPS).await;

@@ -8,8 +8,9 @@ use serde_json::{json, Value};
 use warren_worker::{handler_fn, StepContext, StepError};
 
 /// `work`: appends the step name to `trail`; optionally sleeps (`sleep_ms`, or
-/// `sleep_ms_at: {step: ms}`), panics (`panic_at: step` on attempt 1) or fails (`fail_at: step`
-/// retryable until attempt `fail_times`+1, `fail_permanently_at: step` unless the file named by
+/// `sleep_ms_at: {step: ms}`; `mark_sleep_end: true` leaves a `slept-` marker after), panics
+/// (`panic_at: step` on attempt 1) or fails (`fail_at: step` retryable until attempt
+/// `fail_times`+1, `fail_permanently_at: step` unless the file named by
 /// `fail_permanently_at_unless_file` exists).
 async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     if let Ok(dir) = std::env::var(warren_tests::ENV_TEST_DIR) {
@@ -30,6 +31,12 @@ async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
         .and_then(Value::as_u64)
         .unwrap_or(0);
     tokio::time::sleep(Duration::from_millis(sleep)).await;
+    let mark_end = input.get("mark_sleep_end") == Some(&json!(true));
+    if let (Ok(dir), true) = (std::env::var(warren_tests::ENV_TEST_DIR), mark_end) {
+        // Proof that the sleep ran to its end (a timed-out attempt must not get here).
+        let name = format!("slept-{}-{}-{}", ctx.job_id, ctx.step, ctx.attempt);
+        let _ = std::fs::write(format!("{dir}/{name}"), "");
+    }
     if at("panic_at") && ctx.attempt == 1 {
         panic!("test panic at {}", ctx.step);
     }
