@@ -216,3 +216,67 @@ async fn sigkills_and_a_broker_restart_lose_nothing() {
         assert_eq!(worker.terminate(Duration::from_secs(20)), Some(0));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_closing_every_connection_loses_nothing() {
+    if !broker_restart_enabled() {
+        return; // needs rabbitmqctl on this machine, like the restart
+    }
+    let _serial = SERIAL.lock().await;
+    // Given three workers busy with 1500 jobs
+    let ns = TestNamespace::new(PIPELINE).await;
+    let mut workers: Vec<WorkerProcess> = (0..WORKERS).map(|_| ns.spawn_worker(&[])).collect();
+    let client = ns.client().await;
+    let jobs: Vec<Job> = (0..1500)
+        .map(|i| {
+            Job::new(
+                "chaos",
+                format!("tenant-{}", i % TENANTS),
+                json!({"i": i, "sleep_ms": 5}),
+            )
+            .priority(priority(i))
+        })
+        .collect();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    submit_all(&client, jobs).await;
+
+    // When the broker closes every client connection, twice, while they work
+    let mut closes = 0;
+    let mut done_at_close = Vec::new();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        done_at_close.push(finished_jobs(&ns).len());
+        let out = Command::new("rabbitmqctl")
+            .args(["close_all_connections", "warren chaos test"])
+            .output()
+            .expect("rabbitmqctl");
+        assert!(out.status.success(), "{out:?}");
+        closes += 1;
+    }
+
+    // Then the workers reconnect and every job succeeds; nothing is left in any queue
+    let results = collect_results(&client, &ids, Duration::from_secs(120)).await;
+    let missing = ids.iter().filter(|id| !results.contains_key(id)).count();
+    let failed = results
+        .values()
+        .flatten()
+        .filter(|r| r.status != JobStatus::Succeeded)
+        .count();
+    let busy = settle_queues(&ns).await;
+    let starts = ns.step_starts().len();
+    println!(
+        "connection-close run: 1500 jobs x 3 steps, {closes} server-side closes of every \
+         connection (jobs done by then: {done_at_close:?}); lost = {missing}, failed = {failed}, \
+         duplicate step executions = {}",
+        starts.saturating_sub(3 * 1500)
+    );
+    assert!(
+        done_at_close[0] < 1500,
+        "the jobs were done before the first close"
+    );
+    assert_eq!((missing, failed), (0, 0));
+    assert!(busy.is_empty(), "queues not empty: {busy:?}");
+    for worker in &mut workers {
+        assert_eq!(worker.terminate(Duration::from_secs(20)), Some(0));
+    }
+}
