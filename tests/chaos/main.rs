@@ -1,11 +1,11 @@
-//! Chaos: thousands of 3-step jobs while worker processes are SIGKILLed and the broker restarts,
-//! then a run with flaky and broken steps and a dead-letter replay. Nothing may be lost;
-//! duplicates (at-least-once) are counted and printed.
+//! Chaos: thousands of 3-step jobs while worker processes are SIGKILLed and the broker restarts;
+//! a run where the server closes every connection; and a run with flaky and broken steps and a
+//! dead-letter replay. Nothing may be lost; duplicates (at-least-once) are counted and printed.
 //!
 //! Runs with the test suite; alone: `cargo test -p warren-tests --test chaos -- --nocapture`.
-//! `WARREN_CHAOS_JOBS` sets the size of the first run (default 4000). The broker restart uses
-//! `rabbitmqctl stop_app` / `start_app` on this machine's node; set
-//! `WARREN_CHAOS_BROKER_RESTART=0` when the broker is elsewhere.
+//! `WARREN_CHAOS_JOBS` sets the size of the first run (default 4000). The broker restart and the
+//! connection closing use `rabbitmqctl` on this machine's node; set
+//! `WARREN_CHAOS_BROKER_RESTART=0` when the broker is elsewhere (those parts are then skipped).
 
 mod replay;
 
