@@ -1,6 +1,8 @@
 //! Pooled AMQP connections (deadpool), over TLS when the URL is `amqps://`. A [`Broker`] is
 //! cheap to clone; every clone shares the pool.
 
+use std::time::Duration;
+
 use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use lapin::options::ConfirmSelectOptions;
@@ -11,6 +13,9 @@ use warren_common::telemetry::redact_url;
 
 use crate::error::BrokerError;
 use crate::names::Names;
+
+/// How long closing a connection waits for the broker's answer.
+pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Broker {
@@ -147,15 +152,14 @@ impl Broker {
 
     /// Closes the pooled connections with a proper AMQP close (the broker otherwise logs each
     /// as "client unexpectedly closed"). Unacked deliveries on them return to their queues.
+    /// Takes at most [`CLOSE_PATIENCE`] per connection, since a dead one may never answer.
     pub async fn close(&self) {
-        // Only idle connections: a get() when none is idle would open a new one.
-        while self.pool.status().available > 0 {
-            let Ok(conn) = self.pool.get().await else {
-                break;
-            };
-            let conn = managed::Object::take(conn);
-            let _ = conn.close(200, "bye".into()).await;
-        }
+        // Only the idle ones, and never through `get()`, which would open a fresh connection
+        // to replace a broken one.
+        let idle = self.pool.retain(|_, _| false).removed;
         self.pool.close();
+        for conn in idle.into_iter().filter(|c| c.status().connected()) {
+            let _ = tokio::time::timeout(CLOSE_PATIENCE, conn.close(200, "bye".into())).await;
+        }
     }
 }

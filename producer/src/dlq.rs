@@ -364,8 +364,12 @@ impl Client {
                     (Fate::Purge, Ok(())) => Done::Purged,
                     (Fate::Replay { .. }, Ok(())) => Done::Replayed,
                     (Fate::Skip(why), Ok(())) => Done::Skipped(why),
-                    // The step queue refused it (full): keep the dead letter for a later replay.
-                    (Fate::Replay { .. }, Err(e @ PublishError::Nacked { .. })) => {
+                    // The step queue refused it (full), or has no queue (topology not applied):
+                    // keep the dead letter for a later replay.
+                    (
+                        Fate::Replay { .. },
+                        Err(e @ (PublishError::Nacked { .. } | PublishError::Unroutable { .. })),
+                    ) => {
                         self.keep(dlq, &delivery).await?.wait().await?;
                         Done::Skipped(e.to_string())
                     }

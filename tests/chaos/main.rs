@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use warren_common::{JobId, JobStatus, Priority};
 use warren_producer::{Client, Job, SubmitError};
-use warren_tests::{collect_results, TestNamespace, WorkerProcess};
+use warren_tests::{collect_results, eventually, TestNamespace, WorkerProcess};
 
 /// Both runs kill workers (and one restarts the broker): one at a time.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -232,27 +232,35 @@ async fn the_server_closing_every_connection_loses_nothing() {
             Job::new(
                 "chaos",
                 format!("tenant-{}", i % TENANTS),
-                json!({"i": i, "sleep_ms": 5}),
+                json!({"i": i, "sleep_ms": 15}),
             )
             .priority(priority(i))
         })
         .collect();
     let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-    submit_all(&client, jobs).await;
+    let submitter = {
+        let client = ns.client().await;
+        tokio::spawn(async move { submit_all(&client, jobs).await })
+    };
 
     // When the broker closes every client connection, twice, while they work
-    let mut closes = 0;
     let mut done_at_close = Vec::new();
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        done_at_close.push(finished_jobs(&ns).len());
+    // (rabbitmqctl itself takes a second to start: the thresholds leave room for that)
+    for when_done in [100, 600] {
+        let reached = eventually(Duration::from_secs(60), || async {
+            finished_jobs(&ns).len() >= when_done
+        })
+        .await;
+        assert!(reached, "{when_done} jobs did not finish");
         let out = Command::new("rabbitmqctl")
             .args(["close_all_connections", "warren chaos test"])
             .output()
             .expect("rabbitmqctl");
         assert!(out.status.success(), "{out:?}");
-        closes += 1;
+        done_at_close.push(finished_jobs(&ns).len());
     }
+    let closes = done_at_close.len();
+    submitter.await.expect("submitter");
 
     // Then the workers reconnect and every job succeeds; nothing is left in any queue
     let results = collect_results(&client, &ids, Duration::from_secs(120)).await;

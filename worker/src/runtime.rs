@@ -33,6 +33,10 @@ use crate::step::{process, LaneStep, Runner, Shared};
 /// Default time running steps get to finish after a shutdown signal.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
+/// Longest wait for one part of tearing a session down (a channel close, a consumer cancel,
+/// abandoned steps stopping): a dead connection may never answer.
+const TEARDOWN_PATIENCE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WorkerError {
@@ -313,7 +317,17 @@ impl Session {
         self.cancel.cancel();
         self.shared.lost.cancel();
         self.tracker.close();
-        self.tracker.wait().await;
+        // Steps stop at once when `lost` fires; the bound is for one stuck in an ack on a dead
+        // channel, which must not keep the worker from reconnecting.
+        if tokio::time::timeout(TEARDOWN_PATIENCE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                unfinished = self.tracker.len(),
+                "Steps did not stop in time; leaving them behind."
+            );
+        }
         for lane in self.lanes {
             lane.close().await;
         }
@@ -452,10 +466,16 @@ impl Lane {
     /// Stops new deliveries and returns the buffered ones to their queues.
     async fn stop_consuming(&self) {
         for tag in &self.consumer_tags {
-            let _ = self
+            let cancel = self
                 .channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            // A dead connection may never answer; its deliveries go back anyway.
+            if tokio::time::timeout(TEARDOWN_PATIENCE, cancel)
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
         let requeue = BasicNackOptions {
             requeue: true,
@@ -467,7 +487,8 @@ impl Lane {
     }
 
     async fn close(self) {
-        let _ = self.channel.close(200, "worker stopped".into()).await;
+        let close = self.channel.close(200, "worker stopped".into());
+        let _ = tokio::time::timeout(TEARDOWN_PATIENCE, close).await;
     }
 }
 
