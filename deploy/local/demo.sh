@@ -70,10 +70,13 @@ TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
 for i in $(seq 1 "$WORKERS"); do
-    "$BIN/warren-worker" run --config "$CONFIG" >"$LOG_DIR/worker-$i.log" 2>&1 &
+    # Each worker serves its metrics on a port of its own: 9480, 9481, ...
+    "$BIN/warren-worker" run --config "$CONFIG" --metrics-addr "127.0.0.1:$((9479 + i))" \
+        >"$LOG_DIR/worker-$i.log" 2>&1 &
     WORKER_PIDS+=("$!")
 done
 log "started $WORKERS workers; logs in $LOG_DIR/worker-{1..$WORKERS}.log"
+log "metrics: http://127.0.0.1:9480/metrics (and 9481.. for the other workers)"
 
 # A worker that cannot start (bad config, no broker) exits at once; say so now rather than leave
 # the driver waiting for results that never come.

@@ -6,6 +6,7 @@ mod dlq;
 mod flow;
 mod isolation;
 mod kill;
+mod metrics;
 mod retry;
 mod security;
 mod topology;

@@ -177,6 +177,7 @@ async fn the_password_stays_out_of_errors_logs_and_help() {
         .args(["run", "--config"])
         .arg(&path)
         .env_remove("WARREN_AMQP_URL")
+        .env("WARREN_METRICS_ADDR", "off")
         .env("WARREN_LOG", "trace")
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()

@@ -91,6 +91,9 @@ impl TestNamespace {
             .arg(config)
             .args(extra)
             .env_remove("WARREN_AMQP_URL")
+            // Any free port: tests run many workers at once. A test that wants to scrape a
+            // worker passes --metrics-addr itself.
+            .env("WARREN_METRICS_ADDR", "127.0.0.1:0")
             .env(ENV_TEST_DIR, self.markers())
             .env("WARREN_LOG", "info")
             .stdin(Stdio::null())

@@ -10,6 +10,7 @@ use warren_common::env::ProcessEnv;
 use warren_common::telemetry::{self, LogFormat};
 use warren_common::Config;
 
+use crate::metrics::MetricsAddr;
 use crate::runtime::{Worker, WorkerBuilder, WorkerError};
 
 /// Exit code for a bad config or set-up (BSD sysexits EX_USAGE).
@@ -49,6 +50,10 @@ struct RunArgs {
     /// Log line format: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Serve /metrics, /healthz and /readyz here (HOST:PORT; port 0 picks a free one), or `off`.
+    #[arg(long, env = "WARREN_METRICS_ADDR", hide_env_values = true,
+          default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    metrics_addr: MetricsAddr,
 }
 
 /// Parses the command line, builds the worker (after `customize` adds handlers) and runs it.
@@ -78,6 +83,16 @@ pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode 
     let run = async {
         // Before connecting: a SIGTERM during start-up must drain, not kill.
         let signals = crate::shutdown::Signals::install();
+        if let MetricsAddr::On(addr) = args.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                WorkerError::Setup(format!(
+                    "cannot serve metrics on {addr}: {e} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)"
+                ))
+            })?;
+            let bound = listener.local_addr().map_or(addr, |a| a);
+            tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
+            tokio::spawn(crate::metrics::serve(listener, worker.metrics()));
+        }
         worker.run(signals.recv()).await
     };
     match runtime.block_on(run) {

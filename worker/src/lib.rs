@@ -22,6 +22,7 @@ pub mod cli;
 pub mod command;
 pub mod dispatch;
 pub mod handler;
+pub mod metrics;
 pub mod registry;
 mod runtime;
 pub mod shutdown;

@@ -27,6 +27,7 @@ use warren_common::{Config, Priority};
 
 use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
 use crate::handler::StepHandler;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::step::{process, LaneStep, Runner, Shared};
 
@@ -134,6 +135,7 @@ impl WorkerBuilder {
             config: Arc::new(self.config),
             lanes,
             grace: self.grace,
+            metrics: Arc::new(Metrics::new()),
         })
     }
 }
@@ -145,6 +147,7 @@ pub struct Worker {
     config: Arc<Config>,
     lanes: Vec<Arc<LaneStep>>,
     grace: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -170,6 +173,11 @@ impl Worker {
         }
     }
 
+    /// This worker's metrics, for `/metrics` and `/readyz` (see [`crate::metrics::serve`]).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
     /// Serves until `shutdown` resolves, then drains. A lost connection (broker restart, a
     /// connection closed by the server, a channel error) does not end the run: the worker
     /// reconnects with backoff, declares the topology again and carries on; what it held
@@ -182,10 +190,14 @@ impl Worker {
             // Not raced with `shutdown`: once consumers start, a signal must drain them, and
             // `serve` sees a signal that came during start-up.
             let reason = match self.session(&mut backoff).await {
-                Ok(session) => match session.serve(&mut shutdown, self.grace).await {
-                    None => return Ok(()),
-                    Some(reason) => reason,
-                },
+                Ok(session) => {
+                    let outcome = session.serve(&mut shutdown, self.grace).await;
+                    self.metrics.set_connected(false);
+                    match outcome {
+                        None => return Ok(()),
+                        Some(reason) => reason,
+                    }
+                }
                 Err(WorkerError::Broker(e)) => e.to_string(),
                 Err(e) => return Err(e),
             };
@@ -219,6 +231,7 @@ impl Worker {
             events_exchange: names.events_exchange(),
             names,
             lost: CancellationToken::new(),
+            metrics: Arc::clone(&self.metrics),
         });
         // Bounded by the number of consumers: each reports at most one error before it stops.
         let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
@@ -251,8 +264,10 @@ impl Worker {
         }
         if backoff.tries() > 0 {
             info!(tries = backoff.tries(), "Reconnected.");
+            self.metrics.reconnected();
         }
         backoff.reset();
+        self.metrics.set_connected(true);
         info!(broker = %session.broker.redacted_url(), namespace = %self.config.broker.namespace,
             steps = ?self.lanes.iter().map(|l| format!("{}/{}", l.pipeline.name, l.step.name)).collect::<Vec<_>>(),
             "Worker started.");

@@ -18,6 +18,7 @@ use warren_common::dead_letter as headers;
 use warren_common::{decode, encode, encode_result, now_ms, Config, Envelope, ResultEvent};
 
 use crate::handler::{StepContext, StepError};
+use crate::metrics::{Metrics, Outcome, PublishKind};
 use crate::registry::ErasedHandler;
 
 /// Pause before returning a delivery whose hand-off failed, so a broken downstream does not
@@ -37,6 +38,7 @@ pub(crate) struct Shared {
     /// Cancelled when the session's connection is lost: its deliveries can no longer be acked,
     /// so running steps stop and the broker hands their messages out again.
     pub(crate) lost: CancellationToken,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// What runs a step.
@@ -111,10 +113,17 @@ pub(crate) async fn process(
         // Dropping the attempt kills a command's process group; the message is redelivered.
         _ = shared.lost.cancelled() => {
             debug!(queue = %queue, "Connection lost mid-step; the broker will redeliver the message.");
+            let priority = priority_of(&queue);
+            shared.metrics.execution(&lane.pipeline.name, &lane.step.name, priority, Outcome::Abandoned, None);
             return;
         }
     };
     settle(delivery, outcome).await;
+}
+
+/// The priority part of a step queue's name (`{ns}.q.<pipeline>.<step>.<priority>.<shard>`).
+fn priority_of(queue: &str) -> &str {
+    queue.rsplit('.').nth(1).unwrap_or("unknown")
 }
 
 async fn handle(
@@ -126,16 +135,34 @@ async fn handle(
     let env = match decode(&delivery.data) {
         Ok(env) => env,
         Err(e) => {
-            return set_aside(shared, delivery, queue, None, "undecodable", &e.to_string()).await
+            return set_aside(
+                shared,
+                lane,
+                delivery,
+                queue,
+                None,
+                "undecodable",
+                &e.to_string(),
+            )
+            .await
         }
     };
     let max = shared.config.broker.max_payload_bytes;
     if let Some(size) = env.input_exceeds(delivery.data.len(), max) {
         let text = format!("input is {size} bytes, more than max_payload_bytes = {max}");
-        return set_aside(shared, delivery, queue, Some(&env), "oversized", &text).await;
+        return set_aside(
+            shared,
+            lane,
+            delivery,
+            queue,
+            Some(&env),
+            "oversized",
+            &text,
+        )
+        .await;
     }
     if let Err((reason, text)) = check(&shared.config, lane, &env) {
-        return set_aside(shared, delivery, queue, Some(&env), reason, &text).await;
+        return set_aside(shared, lane, delivery, queue, Some(&env), reason, &text).await;
     }
     let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
         pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
@@ -182,13 +209,26 @@ async fn run_step(
         attempt: env.attempt,
         priority: env.priority,
     };
+    let (pipeline, step, priority) = (&lane.pipeline.name, &lane.step.name, env.priority.as_str());
+    let metrics = &shared.metrics;
     let started = Instant::now();
     let queue_wait_ms = now_ms().saturating_sub(env.published_at);
+    if env.published_at > 0 {
+        metrics.queue_wait(
+            pipeline,
+            step,
+            priority,
+            Duration::from_millis(queue_wait_ms),
+        );
+    }
+    let running = metrics.running(pipeline, step);
     let mut result = lane
         .runner
         .run(env.input.clone(), ctx, lane.step.timeout)
         .await;
-    let took_ms = started.elapsed().as_millis() as u64;
+    drop(running);
+    let took = started.elapsed();
+    let took_ms = took.as_millis() as u64;
     // The output travels as the next step's input, so it obeys the same size limit.
     let mut next = None;
     if let Ok(output) = result {
@@ -211,20 +251,24 @@ async fn run_step(
             None => Ok(output),
         };
     }
+    let job_took = || Duration::from_millis(now_ms().saturating_sub(env.submitted_at));
     match result {
         Ok(output) => {
             debug!(took_ms, queue_wait_ms, "Step finished.");
+            metrics.execution(pipeline, step, priority, Outcome::Succeeded, Some(took));
             match next {
                 Some(next) => {
                     hand_off(shared, || publish_step(shared, &lane.pipeline, &next)).await
                 }
                 None => {
+                    metrics.job_finished(pipeline, priority, true, job_took());
                     let event = ResultEvent::succeeded(&env, output);
                     hand_off(shared, || publish_result(shared, &event)).await
                 }
             }
         }
         Err(e) if e.is_retryable() && env.attempt < lane.step.max_attempts => {
+            metrics.execution(pipeline, step, priority, Outcome::Retried, Some(took));
             let nominal = nominal_retry_delay(&lane.step.backoff, env.attempt);
             let delay = retry_delay(&lane.step.backoff, env.attempt, rand::random::<f64>());
             warn!(took_ms, error = %e, max_attempts = lane.step.max_attempts,
@@ -242,11 +286,14 @@ async fn run_step(
                 "permanent failure"
             };
             warn!(took_ms, error = %e, "Step failed for good ({why}); the job goes to the dead-letter queue.");
+            metrics.execution(pipeline, step, priority, Outcome::Failed, Some(took));
+            metrics.job_finished(pipeline, priority, false, job_took());
             let text = format!("{why}: {e}");
             dead_letter(
                 shared,
                 &encode(&env),
                 &env.job_id.to_string(),
+                Some(pipeline),
                 "failed",
                 &text,
                 queue,
@@ -295,7 +342,21 @@ async fn publish_step(
     let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
     let body = encode(env);
     let msg = Outgoing::persistent(&shared.tasks_exchange, &key, &body, &env.job_id.to_string());
-    shared.publisher.publish(msg).await
+    timed_publish(shared, PublishKind::NextStep, msg).await
+}
+
+/// Publishes with confirm, and records how long the confirm took.
+async fn timed_publish(
+    shared: &Shared,
+    kind: PublishKind,
+    msg: Outgoing<'_>,
+) -> Result<(), PublishError> {
+    let started = Instant::now();
+    let result = shared.publisher.publish(msg).await;
+    if result.is_ok() {
+        shared.metrics.confirmed(kind, started.elapsed());
+    }
+    result
 }
 
 /// Parks a retry in the delay queue of its nominal delay; the message's own TTL (the delay with
@@ -319,7 +380,7 @@ async fn publish_retry(
     msg.properties = msg
         .properties
         .with_expiration(delay.as_millis().max(1).to_string().into());
-    shared.publisher.publish(msg).await
+    timed_publish(shared, PublishKind::Retry, msg).await
 }
 
 async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), PublishError> {
@@ -331,12 +392,13 @@ async fn publish_result(shared: &Shared, event: &ResultEvent) -> Result<(), Publ
         &body,
         &event.job_id.to_string(),
     );
-    shared.publisher.publish(msg).await
+    timed_publish(shared, PublishKind::Result, msg).await
 }
 
 /// Moves a delivery that cannot run to the dead-letter queue, with the reason.
 async fn set_aside(
     shared: &Shared,
+    lane: &LaneStep,
     delivery: &Delivery,
     queue: &str,
     env: Option<&Envelope>,
@@ -362,7 +424,15 @@ async fn set_aside(
         })
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| warren_common::JobId::new().to_string());
-    dead_letter(shared, &delivery.data, &id, reason, text, queue).await?;
+    shared.metrics.execution(
+        &lane.pipeline.name,
+        &lane.step.name,
+        priority_of(queue),
+        Outcome::DeadLettered,
+        None,
+    );
+    let pipeline = env.map(|e| e.pipeline.as_str());
+    dead_letter(shared, &delivery.data, &id, pipeline, reason, text, queue).await?;
     // Tell a waiting submitter, when the job is one of ours.
     if let Some(env) = env.filter(|e| shared.config.pipeline(&e.pipeline).is_some()) {
         publish_result(
@@ -378,6 +448,7 @@ async fn dead_letter(
     shared: &Shared,
     body: &[u8],
     id: &str,
+    pipeline: Option<&str>,
     reason: &str,
     text: &str,
     queue: &str,
@@ -389,7 +460,11 @@ async fn dead_letter(
         (headers::QUEUE, queue.to_string()),
         (headers::FAILED_AT, now_ms().to_string()),
     ]);
-    shared.publisher.publish(msg).await
+    timed_publish(shared, PublishKind::DeadLetter, msg).await?;
+    // A pipeline name from a message we could not place would be unbounded label values.
+    let known = pipeline.filter(|p| shared.config.pipeline(p).is_some());
+    shared.metrics.dead_letter(known, reason);
+    Ok(())
 }
 
 /// Acks once the successor is confirmed; otherwise returns the delivery to its queue.
