@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::trace::TraceParent;
 use crate::{JobId, Priority, TenantId};
 
 /// The format version this build writes and reads.
@@ -47,6 +48,10 @@ pub struct Envelope {
     /// When this message was published (ms since the epoch): queue wait starts here.
     #[serde(default)]
     pub published_at: u64,
+    /// W3C trace context (`00-<trace id>-<parent span id>-<flags>`): every step of a job
+    /// carries the same trace id. Optional; an invalid value is ignored, never an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 fn first_attempt() -> u32 {
@@ -75,7 +80,13 @@ impl Envelope {
             input: payload,
             submitted_at: now,
             published_at: now,
+            traceparent: Some(TraceParent::new_root().to_string()),
         }
+    }
+
+    /// The trace context, when the message carries a valid one.
+    pub fn trace(&self) -> Option<TraceParent> {
+        self.traceparent.as_deref()?.parse().ok()
     }
 
     /// The message for `next_step`, carrying this step's `output`.
@@ -85,6 +96,12 @@ impl Envelope {
             attempt: 1,
             input: output,
             published_at: now_ms(),
+            // A message without one starts its trace here, so the rest of the job shares it.
+            traceparent: Some(
+                self.trace()
+                    .map_or_else(TraceParent::new_root, |t| t.child())
+                    .to_string(),
+            ),
             ..self.clone()
         }
     }

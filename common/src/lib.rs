@@ -14,6 +14,7 @@ pub mod ids;
 pub mod priority;
 pub mod shard;
 pub mod telemetry;
+pub mod trace;
 
 pub use codec::{decode, decode_result, encode, encode_result, DecodeError};
 pub use config::{Config, ConfigError, PipelineConfig, StepConfig, StepKind};

@@ -7,6 +7,7 @@ use serde_json::Value;
 use warren_broker::depth::ready_messages;
 use warren_broker::{Broker, Names, Outgoing, PublishError, Publisher};
 use warren_common::backoff::Backoff;
+use warren_common::trace::TraceParent;
 use warren_common::{encode, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 
 use crate::error::{SubmitError, WaitError};
@@ -29,6 +30,9 @@ pub struct Job {
     pub tenant: String,
     pub priority: Priority,
     pub payload: Value,
+    /// The caller's W3C trace context (say, of the web request that made the job): the job's
+    /// steps join that trace. Without it, each job starts a trace of its own.
+    pub traceparent: Option<TraceParent>,
 }
 
 impl Job {
@@ -39,11 +43,17 @@ impl Job {
             tenant: tenant.into(),
             priority: Priority::Normal,
             payload,
+            traceparent: None,
         }
     }
 
     pub fn priority(mut self, priority: Priority) -> Self {
         self.priority = priority;
+        self
+    }
+
+    pub fn traceparent(mut self, parent: TraceParent) -> Self {
+        self.traceparent = Some(parent);
         self
     }
 }
@@ -224,7 +234,7 @@ impl Client {
         let first = &pipeline.first_step().name;
         let shard = pipeline.shard_of(tenant.as_str());
         let routing_key = Names::step_key(&pipeline.name, first, job.priority, shard);
-        let envelope = Envelope::new_job(
+        let mut envelope = Envelope::new_job(
             job.id,
             tenant,
             &pipeline.name,
@@ -232,6 +242,9 @@ impl Client {
             job.priority,
             job.payload,
         );
+        if let Some(parent) = job.traceparent {
+            envelope.traceparent = Some(parent.child().to_string());
+        }
         let body = encode(&envelope);
         let max = self.config.broker.max_payload_bytes;
         if let Some(size) = envelope.input_exceeds(body.len(), max) {

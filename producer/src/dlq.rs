@@ -50,6 +50,8 @@ pub struct DeadLetter {
     pub input: Option<Value>,
     /// The raw body as (lossy) text, when it is not an envelope.
     pub raw: Option<String>,
+    /// The job's W3C trace context, kept across a replay.
+    pub traceparent: Option<String>,
     pub body_bytes: usize,
 }
 
@@ -85,6 +87,7 @@ impl DeadLetter {
             submitted_at: env.map(|e| e.submitted_at),
             input: env.map(|e| e.input.clone()),
             raw,
+            traceparent: env.and_then(|e| e.traceparent.clone()),
             body_bytes: delivery.data.len(),
         }
     }
@@ -271,6 +274,7 @@ impl Client {
             attempt,
             published_at: now_ms(),
             submitted_at: letter.submitted_at.unwrap_or(0),
+            traceparent: letter.traceparent.clone(),
             ..Envelope::new_job(
                 job_id,
                 tenant.clone(),

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
+use warren_common::trace::TraceParent;
 use warren_common::JobStatus;
 use warren_producer::Job;
 use warren_tests::{collect_results, TestNamespace};
@@ -99,6 +100,45 @@ concurrency = 1
         .map(|s| s.0)
         .collect();
     assert_eq!(seconds.len(), 10);
+}
+
+#[tokio::test]
+async fn every_step_of_a_job_shares_one_trace() {
+    // Given a worker, a job that joins the caller's trace and one that starts its own
+    let ns = TestNamespace::new(THREE_STEPS).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let caller: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        .parse()
+        .unwrap();
+    let joined = client
+        .submit(Job::new("chain", "acme", json!({})).traceparent(caller))
+        .await
+        .unwrap();
+    let own = client
+        .submit(Job::new("chain", "acme", json!({})))
+        .await
+        .unwrap();
+
+    // Then each job's three steps ran in one trace: the caller's, or a fresh one
+    let traces = |output: &serde_json::Value| -> Vec<String> {
+        serde_json::from_value(output["traces"].clone()).unwrap()
+    };
+    let joined = client.wait(joined, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        traces(&joined.output),
+        vec!["4bf92f3577b34da6a3ce929d0e0e4736"; 3]
+    );
+    let own = traces(
+        &client
+            .wait(own, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .output,
+    );
+    assert_eq!(own.len(), 3);
+    assert!(own.iter().all(|t| t == &own[0] && t.len() == 32));
+    assert_ne!(own[0], "4bf92f3577b34da6a3ce929d0e0e4736");
 }
 
 #[tokio::test]

@@ -53,6 +53,8 @@ pub async fn run(
         .env(keys::ENV_WARREN_ATTEMPT, ctx.attempt.to_string())
         .env(keys::ENV_WARREN_PRIORITY, ctx.priority.as_str())
         .env(keys::ENV_WARREN_IDEMPOTENCY_KEY, ctx.idempotency_key())
+        // The OpenTelemetry convention for handing trace context to a child process.
+        .envs(ctx.trace.map(|t| ("TRACEPARENT", t.to_string())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -155,6 +157,7 @@ impl Drop for GroupGuard {
 mod tests {
     use super::*;
     use serde_json::json;
+    use warren_common::trace::TraceParent;
     use warren_common::{JobId, Priority};
 
     fn ctx() -> StepContext {
@@ -165,6 +168,7 @@ mod tests {
             step: "s".into(),
             attempt: 2,
             priority: Priority::High,
+            trace: None,
         }
     }
 
@@ -214,6 +218,22 @@ mod tests {
                 "path"
             ])
         );
+    }
+
+    #[tokio::test]
+    async fn trace_context_reaches_the_command() {
+        let argv = vec![
+            "sh".into(),
+            "-c".into(),
+            r#"printf '"%s"' "$TRACEPARENT""#.into(),
+        ];
+        let mut ctx = ctx();
+        let trace: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        ctx.trace = Some(trace);
+        let out = run(&argv, &[], &Value::Null, &ctx, Duration::from_secs(5)).await;
+        assert_eq!(out, Ok(json!(trace.to_string())));
     }
 
     #[tokio::test]

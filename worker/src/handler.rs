@@ -7,6 +7,7 @@ use std::marker::PhantomData;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use warren_common::trace::TraceParent;
 use warren_common::{JobId, Priority};
 
 /// A failed attempt, saying what should happen next.
@@ -45,6 +46,8 @@ pub struct StepContext {
     /// 1 on the first try.
     pub attempt: u32,
     pub priority: Priority,
+    /// The job's W3C trace context, for a handler that reports spans of its own.
+    pub trace: Option<TraceParent>,
 }
 
 impl StepContext {

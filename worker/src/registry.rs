@@ -71,6 +71,7 @@ mod tests {
             step: "s".into(),
             attempt: 1,
             priority: Priority::Normal,
+            trace: None,
         }
     }
 

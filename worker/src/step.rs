@@ -164,8 +164,9 @@ async fn handle(
     if let Err((reason, text)) = check(&shared.config, lane, &env) {
         return set_aside(shared, lane, delivery, queue, Some(&env), reason, &text).await;
     }
+    let trace_id = env.trace().map(|t| t.trace_id_hex()).unwrap_or_default();
     let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
-        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt);
+        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id);
     run_step(shared, lane, queue, env).instrument(span).await
 }
 
@@ -208,6 +209,7 @@ async fn run_step(
         step: env.step.clone(),
         attempt: env.attempt,
         priority: env.priority,
+        trace: env.trace(),
     };
     let (pipeline, step, priority) = (&lane.pipeline.name, &lane.step.name, env.priority.as_str());
     let metrics = &shared.metrics;

@@ -11,7 +11,7 @@ use warren_worker::{handler_fn, StepContext, StepError};
 /// `sleep_ms_at: {step: ms}`; `mark_sleep_end: true` leaves a `slept-` marker after), panics
 /// (`panic_at: step` on attempt 1) or fails (`fail_at: step` retryable until attempt
 /// `fail_times`+1, `fail_permanently_at: step` unless the file named by
-/// `fail_permanently_at_unless_file` exists).
+/// `fail_permanently_at_unless_file` exists). Records each step's trace id in `traces`.
 async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     if let Ok(dir) = std::env::var(warren_tests::ENV_TEST_DIR) {
         let name = format!(
@@ -59,6 +59,11 @@ async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
         None => input["trail"] = json!([ctx.step]),
     }
     input["tenant_seen"] = json!(ctx.tenant);
+    let trace = ctx.trace.map(|t| t.trace_id_hex());
+    match input.get_mut("traces").and_then(Value::as_array_mut) {
+        Some(traces) => traces.push(json!(trace)),
+        None => input["traces"] = json!([trace]),
+    }
     Ok(input)
 }
 
