@@ -79,6 +79,21 @@ _unblock_service_starts() {
     fi
 }
 
+# The dashboard test runs a real Prometheus against a live local cluster. Its package would start
+# a daemon on :9090 that nothing here needs, hence the blocked service start.
+ensure_prometheus() {
+    command -v prometheus >/dev/null 2>&1 && return 0
+    log "prometheus not found; installing it from the OS packages (for the dashboard test)"
+    _block_service_starts
+    trap '_unblock_service_starts; exit 130' INT TERM
+    local rc=0
+    apt_install prometheus || rc=$?
+    _unblock_service_starts
+    trap - INT TERM
+    [ "$rc" -eq 0 ] || die "installing prometheus failed (exit $rc)"
+    command -v prometheus >/dev/null 2>&1 || die "prometheus still missing after install"
+}
+
 install_rabbitmq() {
     log "rabbitmq-server not found; installing it from the OS packages"
     _block_service_starts
