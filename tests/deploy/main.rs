@@ -201,7 +201,7 @@ fn parse_config(origin: &Path, text: &str) -> Config {
         .unwrap_or_else(|e| panic!("the worker config does not load: {e}"))
 }
 
-fn container<'a>(deployment: &'a Object) -> &'a Value {
+fn container(deployment: &Object) -> &Value {
     let containers = deployment
         .value
         .pointer("/spec/template/spec/containers")
@@ -1019,11 +1019,8 @@ fn dashboard_problems(
 ) -> Vec<String> {
     let at = rel(path);
     let mut problems = Vec::new();
-    if !dashboard
-        .pointer("/schemaVersion")
-        .and_then(Value::as_u64)
-        .is_some_and(|v| v >= 36)
-    {
+    let schema = dashboard.pointer("/schemaVersion").and_then(Value::as_u64);
+    if schema.is_none_or(|v| v < 36) {
         problems.push(format!("{at}: schemaVersion must be 36 or more"));
     }
     for key in ["/uid", "/title"] {
