@@ -294,7 +294,7 @@ const TARGET_LABELS: &[&str] = &[
     "endpoint",
 ];
 
-/// Checks one selector against the docs; `None` when it is fine.
+/// Checks one selector (metric name, and the labels it matches on) against the docs.
 fn check_selector(sel: &promql::Selector, docs: &BTreeMap<String, Metric>) -> Result<(), String> {
     let (base, is_bucket) = match ["_bucket", "_sum", "_count"]
         .iter()
@@ -534,7 +534,8 @@ fn configmap_config_loads_with_quorum_queues_and_command_paths_in_the_image() {
     }
 }
 
-/// The KEDA triggers of `scaled`: (queue regex, pipeline of the Deployment it scales).
+/// The queue regex of every KEDA trigger, checked on the way: (where, regex, pipeline of the
+/// Deployment it scales).
 fn keda_queue_regexes(objects: &[Object]) -> Vec<(String, Regex, String)> {
     let mut out = Vec::new();
     for scaled in objects.iter().filter(|o| o.kind() == "ScaledObject") {
@@ -709,7 +710,7 @@ fn keda_regex_matches_every_step_queue_of_its_pipeline_and_nothing_else() {
                 problems.push(format!("misses step queue `{}`", queue.name));
             }
         }
-        // Sanity: the topology has the other kinds of queue the regex must leave out.
+        // The topology really has the other kinds of queue, or "matches nothing else" proves little.
         for other in [names.dlq(), names.results_stream()] {
             assert!(
                 topology.queues.iter().any(|q| q.name == other),
