@@ -375,7 +375,9 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(rows.len(), 3 * 2, "one line per priority x shard");
-    assert!(rows.iter().all(|r| r["exists"] == json!(false) && r["ready"].is_null()));
+    assert!(rows
+        .iter()
+        .all(|r| r["exists"] == json!(false) && r["ready"].is_null()));
     assert!(text(&out.stderr).contains("topology apply"), "{out:?}");
 
     // Given the topology, and 5 normal jobs of acme and 2 high ones of globex, with no worker
@@ -386,9 +388,13 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         bulk += "{\"tenant\": \"acme\", \"payload\": {\"name\": \"a\"}}\n";
     }
     for _ in 0..2 {
-        bulk += "{\"tenant\": \"globex\", \"priority\": \"high\", \"payload\": {\"name\": \"g\"}}\n";
+        bulk +=
+            "{\"tenant\": \"globex\", \"priority\": \"high\", \"payload\": {\"name\": \"g\"}}\n";
     }
-    let out = ns.warren(&["submit", "--bulk", "-", "--pipeline", "greet"], Some(&bulk));
+    let out = ns.warren(
+        &["submit", "--bulk", "-", "--pipeline", "greet"],
+        Some(&bulk),
+    );
     assert!(out.status.success(), "{out:?}");
 
     // When `warren queues --json` runs, then each job is counted in its tenant's shard
@@ -412,7 +418,9 @@ fn queues_reports_ready_messages_per_queue_and_step() {
     assert_eq!(ready("high", greet.shard_of("globex")), 2, "{rows:?}");
     let total: u64 = rows.iter().map(|r| r["ready"].as_u64().unwrap()).sum();
     assert_eq!(total, 7);
-    assert!(rows.iter().all(|r| r["consumers"] == json!(0) && r["step"] == json!("hello")));
+    assert!(rows
+        .iter()
+        .all(|r| r["consumers"] == json!(0) && r["step"] == json!("hello")));
 
     // And the table lists only the non-empty queues, then the step's totals by priority
     let out = ns.warren(&["queues"], None);
@@ -426,10 +434,17 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .unwrap()
         .split_whitespace()
         .collect();
-    assert_eq!(totals, ["greet", "hello", "7", "2", "5", "0", "0"], "{table}");
+    assert_eq!(
+        totals,
+        ["greet", "hello", "7", "2", "5", "0", "0"],
+        "{table}"
+    );
     let out = ns.warren(&["queues", "--all"], None);
     assert_eq!(
-        text(&out.stdout).lines().filter(|l| l.contains(".q.greet.")).count(),
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(".q.greet."))
+            .count(),
         6
     );
 

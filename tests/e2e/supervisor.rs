@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::kill;
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_common::JobStatus;
 use warren_producer::Job;
 use warren_tests::{collect_results, eventually, TestNamespace};
@@ -33,7 +34,10 @@ type Sample = (f64, i64, i64, i64);
 
 fn read_sample(text: &str, t0: Instant) -> Option<Sample> {
     let m = samples(text);
-    let pool = |name: &str| m.get(&format!("{name}{{pool=\"slow\"}}")).map(|v| *v as i64);
+    let pool = |name: &str| {
+        m.get(&format!("{name}{{pool=\"slow\"}}"))
+            .map(|v| *v as i64)
+    };
     let backlog = m
         .iter()
         .filter(|(k, _)| k.starts_with("warren_queue_messages{"))
@@ -45,6 +49,23 @@ fn read_sample(text: &str, t0: Instant) -> Option<Sample> {
         pool("warren_supervisor_workers_desired")?,
         pool("warren_supervisor_workers_running")?,
     ))
+}
+
+/// The /metrics text, or `None` while nothing answers (the supervisor is starting).
+async fn try_metrics(port: u16) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut text))
+        .await
+        .ok()?
+        .ok()?;
+    text.starts_with("HTTP/1.1 200")
+        .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
+        .flatten()
 }
 
 /// Seconds of the day of a tracing JSON timestamp (`2025-01-01T12:34:56.789012Z`).
@@ -90,13 +111,7 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
         let (history, stop) = (history.clone(), stop.clone());
         async move {
             while !stop.load(Ordering::Relaxed) {
-                if let Ok(Ok((200, text))) = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    tokio::spawn(async move { get(port, "/metrics").await }),
-                )
-                .await
-                .map(|r| r.map_err(|_| ()))
-                {
+                if let Some(text) = try_metrics(port).await {
                     if let Some(s) = read_sample(&text, t0) {
                         history.lock().unwrap().push(s);
                     }
@@ -107,23 +122,32 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
     });
     let running_now = || history.lock().unwrap().last().map_or(-1, |s| s.3);
     let ready = eventually(Duration::from_secs(20), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        try_metrics(port).await.is_some()
             && get(port, "/readyz").await.0 == 200
             && running_now() == 1
     })
     .await;
-    assert!(ready, "supervisor not ready with 1 worker:\n{}", sup.log_text());
+    assert!(
+        ready,
+        "supervisor not ready with 1 worker:\n{}",
+        sup.log_text()
+    );
 
     // When a backlog of slow jobs arrives (120 x 200 ms, 2 at a time per worker)
     let client = ns.client().await;
-    let jobs = (0..JOBS)
-        .map(|i| Job::new("slow", &format!("t{}", i % 6), json!({"sleep_ms": 200})))
+    let jobs: Vec<Job> = (0..JOBS)
+        .map(|i| Job::new("slow", format!("t{}", i % 6), json!({"sleep_ms": 200})))
         .collect();
     let ids = client.submit_many(jobs).await.unwrap();
 
     // Then the pool grows to 3 workers
     let grew = eventually(Duration::from_secs(15), || async { running_now() == 3 }).await;
-    assert!(grew, "never 3 workers: {:?}\n{}", history.lock().unwrap(), sup.log_text());
+    assert!(
+        grew,
+        "never 3 workers: {:?}\n{}",
+        history.lock().unwrap(),
+        sup.log_text()
+    );
 
     // And every job completes
     let results = collect_results(&client, &ids, Duration::from_secs(60)).await;
@@ -134,7 +158,12 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
 
     // And once the queue is empty and the window has passed, it is back to 1
     let shrank = eventually(Duration::from_secs(15), || async { running_now() == 1 }).await;
-    assert!(shrank, "never back to 1: {:?}\n{}", history.lock().unwrap(), sup.log_text());
+    assert!(
+        shrank,
+        "never back to 1: {:?}\n{}",
+        history.lock().unwrap(),
+        sup.log_text()
+    );
     stop.store(true, Ordering::Relaxed);
     poller.await.unwrap();
 
@@ -158,23 +187,42 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
         .and_then(|d| seconds_of_day(d["timestamp"].as_str()?))
         .unwrap_or(0.0);
     println!("supervisor decisions (min 1, max 3, target-backlog 20, interval 500ms, scale-down-after 2s, {JOBS} jobs x 200 ms, concurrency 2):");
-    println!("{:>7} {:>8} {:>8} {:>8} {:>9}  action", "t (s)", "backlog", "desired", "running", "scale_to");
+    println!(
+        "{:>7} {:>8} {:>8} {:>8} {:>9}  action",
+        "t (s)", "backlog", "desired", "running", "scale_to"
+    );
     for d in &decisions {
-        let t = d["timestamp"].as_str().and_then(seconds_of_day).unwrap_or(start) - start;
+        let t = d["timestamp"]
+            .as_str()
+            .and_then(seconds_of_day)
+            .unwrap_or(start)
+            - start;
         println!(
             "{t:>7.2} {:>8} {:>8} {:>8} {:>9}  {}",
-            d["backlog"], d["desired"], d["running"], d["scale_to"], d["action"].as_str().unwrap_or("?")
+            d["backlog"].as_i64().unwrap_or(-1),
+            d["desired"].as_i64().unwrap_or(-1),
+            d["running"].as_i64().unwrap_or(-1),
+            d["scale_to"].as_i64().unwrap_or(-1),
+            d["action"].as_str().unwrap_or("?")
         );
     }
     let actions: Vec<(&str, i64)> = decisions
         .iter()
-        .map(|d| (d["action"].as_str().unwrap_or(""), d["scale_to"].as_i64().unwrap_or(-1)))
+        .map(|d| {
+            (
+                d["action"].as_str().unwrap_or(""),
+                d["scale_to"].as_i64().unwrap_or(-1),
+            )
+        })
         .collect();
     assert!(actions.contains(&("scale_up", 3)), "{actions:?}");
     assert!(actions.contains(&("scale_down", 1)), "{actions:?}");
     let first_down = actions.iter().position(|a| a.0 == "scale_down");
     let up_to_3 = actions.iter().position(|a| *a == ("scale_up", 3));
-    assert!(first_down > up_to_3, "no scale-down before the scale-up: {actions:?}");
+    assert!(
+        first_down > up_to_3,
+        "no scale-down before the scale-up: {actions:?}"
+    );
 
     // The metrics agree: 1, then 3 at the peak, then 1 again
     let history = history.lock().unwrap().clone();
@@ -195,14 +243,24 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
         .collect();
     assert!(pids.len() >= 3, "{pids:?}");
     for pid in &pids {
-        assert!(kill(Pid::from_raw(*pid), None).is_err(), "worker {pid} still runs");
+        assert!(
+            kill(Pid::from_raw(*pid), None).is_err(),
+            "worker {pid} still runs"
+        );
     }
     let drained = lines
         .iter()
         .filter(|l| l["message"] == "Worker drained and exited.")
         .collect::<Vec<_>>();
-    assert_eq!(drained.len(), pids.len(), "each worker drained, none crashed:\n{log}");
-    assert!(drained.iter().all(|l| l["status"] == "exit status: 0"), "{drained:?}");
+    assert_eq!(
+        drained.len(),
+        pids.len(),
+        "each worker drained, none crashed:\n{log}"
+    );
+    assert!(
+        drained.iter().all(|l| l["status"] == "exit status: 0"),
+        "{drained:?}"
+    );
     assert!(!lines.iter().any(|l| l["message"]
         .as_str()
         .is_some_and(|m| m.contains("unexpectedly"))));

@@ -94,7 +94,11 @@ impl TestNamespace {
 
     fn spawn_test_worker(&self, subcommand: &str, config: &Path, extra: &[&str]) -> WorkerProcess {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let stem = if subcommand == "run" { "worker" } else { subcommand };
+        let stem = if subcommand == "run" {
+            "worker"
+        } else {
+            subcommand
+        };
         let log = self.dir.join(format!("{stem}-{n}.log"));
         let child = Command::new(test_worker_bin())
             .arg(subcommand)

@@ -352,7 +352,10 @@ struct Pool {
 
 impl Pool {
     fn running(&self) -> u32 {
-        self.children.iter().filter(|c| c.draining.is_none()).count() as u32
+        self.children
+            .iter()
+            .filter(|c| c.draining.is_none())
+            .count() as u32
     }
 }
 
@@ -393,8 +396,8 @@ pub async fn run(
             "--target-backlog and --interval must be above zero".into(),
         ));
     }
-    let specs = plan_pools(&config, &options.pipelines, &options.steps)
-        .map_err(SupervisorError::Setup)?;
+    let specs =
+        plan_pools(&config, &options.pipelines, &options.steps).map_err(SupervisorError::Setup)?;
     let queues: Vec<StepQueue> = step_queues(&config)
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
@@ -526,7 +529,10 @@ impl Supervisor {
 
     fn broker_unreadable(&mut self, error: &str) {
         if !self.broker_down_logged {
-            warn!(error, "Cannot read queue depths; keeping the pools as they are.");
+            warn!(
+                error,
+                "Cannot read queue depths; keeping the pools as they are."
+            );
             self.broker_down_logged = true;
         }
     }
@@ -543,7 +549,9 @@ impl Supervisor {
             let status = match c.child.try_wait() {
                 Ok(Some(status)) => status,
                 Ok(None) => {
-                    if c.draining.is_some_and(|since| now - since > grace + DRAIN_MARGIN) {
+                    if c.draining
+                        .is_some_and(|since| now - since > grace + DRAIN_MARGIN)
+                    {
                         warn!(pool = %pool.spec.name, pid = c.pid, "Worker still draining past its grace; killing it.");
                         let _ = c.child.start_kill();
                     }
@@ -806,9 +814,21 @@ mod tests {
     #[test]
     fn up_at_once_down_after_the_window() {
         let p = policy(1, 3, 20);
-        assert_eq!(decide(100, 1, &p, Duration::ZERO), Decision { desired: 3, target: 3 });
+        assert_eq!(
+            decide(100, 1, &p, Duration::ZERO),
+            Decision {
+                desired: 3,
+                target: 3
+            }
+        );
         let lull = decide(0, 3, &p, Duration::from_secs(29));
-        assert_eq!(lull, Decision { desired: 1, target: 3 });
+        assert_eq!(
+            lull,
+            Decision {
+                desired: 1,
+                target: 3
+            }
+        );
         assert_eq!(decide(0, 3, &p, Duration::from_secs(30)).target, 1);
         assert_eq!(decide(30, 3, &p, Duration::from_secs(30)).target, 2);
     }
@@ -847,8 +867,12 @@ handler = "h"
             names(plan_pools(&config, &s(&["p"]), &s(&["b", "a"])).unwrap()),
             ["p/a", "p/b"]
         );
-        assert!(plan_pools(&config, &s(&["x"]), &[]).unwrap_err().contains("\"x\""));
-        assert!(plan_pools(&config, &s(&["q"]), &s(&["b"])).unwrap_err().contains("\"b\""));
+        assert!(plan_pools(&config, &s(&["x"]), &[])
+            .unwrap_err()
+            .contains("\"x\""));
+        assert!(plan_pools(&config, &s(&["q"]), &s(&["b"]))
+            .unwrap_err()
+            .contains("\"b\""));
     }
 
     #[test]
@@ -864,15 +888,23 @@ handler = "h"
     #[test]
     fn every_name_is_exported_and_documented() {
         let m = SupervisorMetrics::new();
-        m.queue_messages.with_label_values(&["p", "s", "normal", "0"]).set(3);
+        m.queue_messages
+            .with_label_values(&["p", "s", "normal", "0"])
+            .set(3);
         m.desired.with_label_values(&["p"]).set(2);
         m.running.with_label_values(&["p"]).set(1);
         m.restarts.with_label_values(&["p"]).inc();
         let text = m.render();
         let docs = include_str!("../../docs/metrics.md");
         for name in NAMES {
-            assert!(text.contains(&format!("# TYPE {name} ")), "{name} not exported");
-            assert!(docs.contains(&format!("`{name}`")), "{name} not in docs/metrics.md");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} not exported"
+            );
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} not in docs/metrics.md"
+            );
         }
         assert!(text.contains(
             "warren_queue_messages{pipeline=\"p\",priority=\"normal\",shard=\"0\",step=\"s\"} 3"

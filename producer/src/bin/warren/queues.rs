@@ -1,7 +1,5 @@
 //! `warren queues`: the depth of every step queue, from passive declares (no management plugin).
 
-use std::collections::BTreeMap;
-
 use anyhow::bail;
 use clap::Args;
 use serde_json::json;
@@ -62,12 +60,16 @@ fn queue_json(d: &QueueDepth) -> serde_json::Value {
     })
 }
 
+struct StepTotal<'a> {
+    pipeline: &'a str,
+    step: &'a str,
+    ready: [u64; 3],
+    consumers: u32,
+}
+
 /// One line per queue (those with ready messages, or all), then the totals per step.
 fn table(depths: &[QueueDepth], all: bool) -> String {
-    let mut out = format!(
-        "{:<48} {:>8} {:>9}\n",
-        "queue", "ready", "consumers"
-    );
+    let mut out = format!("{:<48} {:>8} {:>9}\n", "queue", "ready", "consumers");
     let show = |n: Option<u32>| n.map_or("missing".to_string(), |n| n.to_string());
     for d in depths.iter().filter(|d| all || d.ready != Some(0)) {
         out += &format!(
@@ -77,35 +79,42 @@ fn table(depths: &[QueueDepth], all: bool) -> String {
             show(d.consumers)
         );
     }
-    // (pipeline, step) in config order; ready by priority. Consumers: the fewest on any one
-    // queue of the step, since a worker consumes all of them (0 means a queue nobody serves).
-    let mut order = Vec::new();
-    let mut totals: BTreeMap<(&str, &str), ([u64; 3], Option<u32>)> = BTreeMap::new();
+    // Per (pipeline, step), in config order (queues of a step are adjacent): ready by
+    // priority, and the fewest consumers on any one queue of the step, since a worker consumes
+    // all of them (0 means some queue has nobody serving it).
+    let mut totals: Vec<StepTotal> = Vec::new();
     for d in depths {
-        let key = (d.queue.pipeline.as_str(), d.queue.step.as_str());
-        if !totals.contains_key(&key) {
-            order.push(key);
-        }
-        let entry = totals.entry(key).or_insert(([0; 3], None));
-        entry.0[d.queue.priority.index()] += u64::from(d.ready.unwrap_or(0));
+        let q = &d.queue;
         let consumers = d.consumers.unwrap_or(0);
-        entry.1 = Some(entry.1.map_or(consumers, |c| c.min(consumers)));
+        match totals.last_mut() {
+            Some(t) if t.pipeline == q.pipeline && t.step == q.step => {
+                t.consumers = t.consumers.min(consumers)
+            }
+            _ => totals.push(StepTotal {
+                pipeline: &q.pipeline,
+                step: &q.step,
+                ready: [0; 3],
+                consumers,
+            }),
+        }
+        let t = totals.last_mut().expect("just pushed");
+        t.ready[q.priority.index()] += u64::from(d.ready.unwrap_or(0));
     }
     out += &format!(
         "\n{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
         "pipeline", "step", "ready", "high", "normal", "low", "consumers"
     );
-    for key in order {
-        let ([high, normal, low], consumers) = totals[&key];
+    for t in totals {
+        let [high, normal, low] = t.ready;
         out += &format!(
             "{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
-            key.0,
-            key.1,
+            t.pipeline,
+            t.step,
             high + normal + low,
             high,
             normal,
             low,
-            consumers.unwrap_or(0)
+            t.consumers
         );
     }
     out
@@ -142,8 +151,14 @@ mod tests {
         let text = table(&depths, false);
         assert!(text.contains("ns.q.p.a.high.0"), "{text}");
         assert!(!text.contains("ns.q.p.a.normal.1"), "{text}");
-        assert!(text.contains("ns.q.p.b.normal.0"), "a missing queue is shown: {text}");
-        let a_total = text.lines().find(|l| l.starts_with("p ") && l.contains(" a ")).unwrap();
+        assert!(
+            text.contains("ns.q.p.b.normal.0"),
+            "a missing queue is shown: {text}"
+        );
+        let a_total = text
+            .lines()
+            .find(|l| l.starts_with("p ") && l.contains(" a "))
+            .unwrap();
         let fields: Vec<_> = a_total.split_whitespace().collect();
         assert_eq!(fields, ["p", "a", "7", "3", "0", "4", "2"], "{text}");
         assert!(table(&depths, true).contains("ns.q.p.a.normal.1"));
