@@ -62,9 +62,9 @@ log "namespace $WARREN_NAMESPACE"
 TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
-# One pool for the pipeline: 1 to 3 workers, one more per 20 ready messages; a worker is drained
+# One pool for the pipeline: 1 to 3 workers, one per 10 ready messages; a worker is drained
 # once the queues have been quieter for 10 s. Workers log into the same file, prefixed `reports#N`.
-"$BIN/warren-worker" supervise --config "$CONFIG" --min 1 --max 3 --target-backlog 20 \
+"$BIN/warren-worker" supervise --config "$CONFIG" --min 1 --max 3 --target-backlog 10 \
     --interval 1s --scale-down-after 10s >"$LOG_DIR/supervisor.log" 2>&1 &
 SUPERVISOR_PID=$!
 log "started the supervisor (1 to 3 workers); log in $LOG_DIR/supervisor.log"
