@@ -1,12 +1,12 @@
 //! `warren-worker supervise` against the real broker: a backlog scales the pool from 1 to 3
-//! workers, the drained queues bring it back to 1 after the window, every job completes, and
-//! SIGTERM drains every worker before the supervisor exits 0.
+//! workers, the drained queues bring it back to 1 after the window, every job completes, a
+//! killed worker is replaced, and SIGTERM drains every worker before the supervisor exits 0.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::kill;
+use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,6 +66,14 @@ async fn try_metrics(port: u16) -> Option<String> {
     text.starts_with("HTTP/1.1 200")
         .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
         .flatten()
+}
+
+/// The supervisor's own log lines (its workers' lines are prefixed, so not JSON).
+fn json_lines(log: &str) -> Vec<Value> {
+    log.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// Seconds of the day of a tracing JSON timestamp (`2025-01-01T12:34:56.789012Z`).
@@ -164,6 +172,55 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
         history.lock().unwrap(),
         sup.log_text()
     );
+
+    // When its worker is killed, then another one is started, and the restart is counted
+    let started = |log: &str| -> Vec<i32> {
+        json_lines(log)
+            .iter()
+            .filter(|l| l["message"] == "Started a worker.")
+            .filter_map(|l| l["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    };
+    let before = started(&sup.log_text());
+    let drained_pids = || -> Vec<i64> {
+        json_lines(&sup.log_text())
+            .iter()
+            .filter(|l| l["message"] == "Worker drained and exited.")
+            .filter_map(|l| l["pid"].as_i64())
+            .collect()
+    };
+    // The drained ones exit (and are reaped) a moment after the scale-down.
+    let gone = eventually(Duration::from_secs(15), || async {
+        drained_pids().len() + 1 == before.len()
+    })
+    .await;
+    assert!(gone, "drains never finished:\n{}", sup.log_text());
+    let drained_pids = drained_pids();
+    let live: Vec<i32> = before
+        .iter()
+        .copied()
+        .filter(|p| !drained_pids.contains(&i64::from(*p)))
+        .collect();
+    assert_eq!(
+        live.len(),
+        1,
+        "one worker left: {before:?} {drained_pids:?}"
+    );
+    kill(Pid::from_raw(live[0]), Signal::SIGKILL).unwrap();
+    let restarted = eventually(Duration::from_secs(10), || async {
+        let m = samples(&try_metrics(port).await.unwrap_or_default());
+        m.get("warren_supervisor_restarts_total{pool=\"slow\"}") == Some(&1.0)
+            && running_now() == 1
+            && started(&sup.log_text()).len() == before.len() + 1
+    })
+    .await;
+    assert!(
+        restarted,
+        "no restart: {:?}\n{}",
+        history.lock().unwrap(),
+        sup.log_text()
+    );
     stop.store(true, Ordering::Relaxed);
     poller.await.unwrap();
 
@@ -173,11 +230,7 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
     assert_eq!(code, Some(0), "{log}");
 
     // The decisions, for the record (and the issue note)
-    let lines: Vec<Value> = log
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let lines = json_lines(&log);
     let decisions: Vec<&Value> = lines
         .iter()
         .filter(|l| l["message"] == "Scaling decision.")
@@ -252,16 +305,18 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
         .iter()
         .filter(|l| l["message"] == "Worker drained and exited.")
         .collect::<Vec<_>>();
+    let crashed = lines
+        .iter()
+        .filter(|l| l["message"] == "Worker exited unexpectedly; starting another.")
+        .count();
+    assert_eq!(crashed, 1, "only the worker we killed:\n{log}");
     assert_eq!(
         drained.len(),
-        pids.len(),
-        "each worker drained, none crashed:\n{log}"
+        pids.len() - 1,
+        "every other worker drained:\n{log}"
     );
     assert!(
         drained.iter().all(|l| l["status"] == "exit status: 0"),
         "{drained:?}"
     );
-    assert!(!lines.iter().any(|l| l["message"]
-        .as_str()
-        .is_some_and(|m| m.contains("unexpectedly"))));
 }

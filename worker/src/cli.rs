@@ -193,6 +193,10 @@ fn supervise(args: SuperviseArgs) -> ExitCode {
         log_format: args.log_format,
         exe,
     };
+    if let Err(e) = supervisor::check(&config, &options) {
+        eprintln!("warren-worker: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         let signals = supervisor::Signals::install();

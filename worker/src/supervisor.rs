@@ -377,13 +377,8 @@ pub enum SupervisorError {
     Setup(String),
 }
 
-/// Supervises until SIGTERM/SIGINT, then drains every worker and returns.
-pub async fn run(
-    config: Config,
-    options: Options,
-    metrics: Arc<SupervisorMetrics>,
-    mut signals: Signals,
-) -> Result<(), SupervisorError> {
+/// The pools these options ask for, or why they cannot run (checked before anything starts).
+pub fn check(config: &Config, options: &Options) -> Result<Vec<PoolSpec>, SupervisorError> {
     let p = options.policy;
     if p.max == 0 || p.min > p.max {
         return Err(SupervisorError::Setup(format!(
@@ -396,8 +391,18 @@ pub async fn run(
             "--target-backlog and --interval must be above zero".into(),
         ));
     }
-    let specs =
-        plan_pools(&config, &options.pipelines, &options.steps).map_err(SupervisorError::Setup)?;
+    plan_pools(config, &options.pipelines, &options.steps).map_err(SupervisorError::Setup)
+}
+
+/// Supervises until SIGTERM/SIGINT, then drains every worker and returns.
+pub async fn run(
+    config: Config,
+    options: Options,
+    metrics: Arc<SupervisorMetrics>,
+    mut signals: Signals,
+) -> Result<(), SupervisorError> {
+    let p = options.policy;
+    let specs = check(&config, &options)?;
     let queues: Vec<StepQueue> = step_queues(&config)
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
