@@ -1,16 +1,102 @@
 //! Queue depth through passive declares: works on any broker, no management plugin needed.
+//!
+//! A passive declare answers with two numbers: the messages *ready* for delivery and the
+//! *consumers* attached. Messages delivered but not yet acked (a worker's prefetch, the steps it
+//! is running) are in neither; only the management API (`messages_unacknowledged`) has them.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
+use lapin::Channel;
+use warren_common::{Config, Priority};
 
 use crate::connection::Broker;
 use crate::error::BrokerError;
+use crate::names::Names;
 
 /// Ready (not yet delivered) messages in `queue`, or `None` when the queue does not exist.
 pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>, BrokerError> {
-    // A passive declare of a missing queue closes its channel, so each read gets its own.
-    let channel = broker.channel().await?;
-    let result = channel
+    let mut channel = None;
+    Ok(declare_passive(broker, &mut channel, queue)
+        .await?
+        .map(|(ready, _)| ready))
+}
+
+/// One step queue of a config: `{ns}.q.<pipeline>.<step>.<priority>.<shard>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepQueue {
+    pub name: String,
+    pub pipeline: String,
+    pub step: String,
+    pub priority: Priority,
+    pub shard: u16,
+}
+
+/// What a passive declare said about one step queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub queue: StepQueue,
+    /// Ready messages; `None` when the queue does not exist (topology not applied).
+    pub ready: Option<u32>,
+    /// Consumers attached; `None` when the queue does not exist.
+    pub consumers: Option<u32>,
+}
+
+/// Every step queue of `config`, in plan order (pipeline, step, priority, shard).
+pub fn step_queues(config: &Config) -> Vec<StepQueue> {
+    let names = Names::new(&config.broker.namespace);
+    let mut queues = Vec::new();
+    for pipeline in &config.pipelines {
+        for step in &pipeline.steps {
+            for priority in Priority::ALL {
+                for shard in 0..pipeline.shards {
+                    queues.push(StepQueue {
+                        name: names.step_queue(&pipeline.name, &step.name, priority, shard),
+                        pipeline: pipeline.name.clone(),
+                        step: step.name.clone(),
+                        priority,
+                        shard,
+                    });
+                }
+            }
+        }
+    }
+    queues
+}
+
+/// Reads the depth of each queue, on one channel (a fresh one only after a missing queue,
+/// whose passive declare closes the channel). A missing queue is reported, not an error.
+pub async fn read_depths(
+    broker: &Broker,
+    queues: &[StepQueue],
+) -> Result<Vec<QueueDepth>, BrokerError> {
+    let mut channel = None;
+    let mut depths = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let found = declare_passive(broker, &mut channel, &queue.name).await?;
+        depths.push(QueueDepth {
+            queue: queue.clone(),
+            ready: found.map(|(ready, _)| ready),
+            consumers: found.map(|(_, consumers)| consumers),
+        });
+    }
+    if let Some(channel) = channel {
+        let _ = channel.close(200, "done".into()).await;
+    }
+    Ok(depths)
+}
+
+/// (ready, consumers) of `queue`, or `None` if it does not exist. Reuses `channel` while it
+/// is open and leaves it open for the next call.
+async fn declare_passive(
+    broker: &Broker,
+    channel: &mut Option<Channel>,
+    queue: &str,
+) -> Result<Option<(u32, u32)>, BrokerError> {
+    let open = match channel.take() {
+        Some(c) if c.status().connected() => c,
+        _ => broker.channel().await?,
+    };
+    let result = open
         .queue_declare(
             queue.into(),
             QueueDeclareOptions {
@@ -22,9 +108,10 @@ pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>,
         .await;
     match result {
         Ok(q) => {
-            let _ = channel.close(200, "done".into()).await;
-            Ok(Some(q.message_count()))
+            *channel = Some(open);
+            Ok(Some((q.message_count(), q.consumer_count())))
         }
+        // The broker closed the channel with 404; the next read opens another.
         Err(e)
             if crate::error::server_reply(&e)
                 .is_some_and(|(_, text)| text.contains("NOT_FOUND")) =>
@@ -35,5 +122,44 @@ pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>,
             action: format!("read depth of {queue}"),
             cause: e,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    #[test]
+    fn step_queues_match_the_plan() {
+        let toml = r#"
+[broker]
+namespace = "ns"
+[[pipelines]]
+name = "p"
+shards = 2
+[[pipelines.steps]]
+name = "a"
+handler = "h"
+[[pipelines.steps]]
+name = "b"
+handler = "h"
+"#;
+        let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
+        let queues = step_queues(&config);
+        let planned: Vec<_> = crate::Topology::plan(&config)
+            .step_queues()
+            .map(|q| q.name.clone())
+            .collect();
+        let ours: Vec<_> = queues.iter().map(|q| q.name.clone()).collect();
+        assert_eq!(ours, planned);
+        // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
+        let q = &queues[11];
+        assert_eq!(
+            (q.pipeline.as_str(), q.step.as_str(), q.priority, q.shard),
+            ("p", "b", Priority::Low, 1)
+        );
+        assert_eq!(q.name, "ns.q.p.b.low.1");
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo: a local RabbitMQ (installed and started when needed), three workers running the
-# example `reports` pipeline (examples/warren.toml), and a driver that submits a multi-tenant
+# The demo: a local RabbitMQ (installed and started when needed), an autoscaling supervisor
+# running one to three workers of the example `reports` pipeline (examples/warren.toml), and a driver that submits a multi-tenant
 # workload and shows what happened. Everything lives in a fresh namespace that is deleted on exit,
 # so the demo never touches other queues on the broker. Extra arguments go to the driver
 # (`deploy/local/demo.sh --help` lists them).
@@ -18,45 +18,38 @@ cargo build --workspace --quiet
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 CONFIG=examples/warren.toml
-WORKERS=3
 LOG_DIR=.warren-demo
 # A namespace of its own: every exchange and queue name starts with it, so a run never sees an
 # earlier run's leftovers and deleting it afterwards removes exactly what the demo made.
 WARREN_NAMESPACE="demo-$(date +%s)"
 export WARREN_NAMESPACE
 
-WORKER_PIDS=()
+SUPERVISOR_PID=""
 TOPOLOGY_APPLIED=0
-
-any_worker_alive() {
-    local pid
-    for pid in "${WORKER_PIDS[@]}"; do
-        kill -0 "$pid" 2>/dev/null && return 0
-    done
-    return 1
-}
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    if [ "${#WORKER_PIDS[@]}" -gt 0 ]; then
-        log "stopping workers (SIGTERM: they finish the step in hand, then exit)"
-        kill -TERM "${WORKER_PIDS[@]}" 2>/dev/null || true
+    if [ -n "$SUPERVISOR_PID" ]; then
+        log "stopping the supervisor (SIGTERM: its workers finish the step in hand, then exit)"
+        kill -TERM "$SUPERVISOR_PID" 2>/dev/null || true
         # Give them time to drain, but never hang the terminal on a stuck one.
         local waited=0
-        while any_worker_alive && [ "$waited" -lt 30 ]; do
+        while kill -0 "$SUPERVISOR_PID" 2>/dev/null && [ "$waited" -lt 45 ]; do
             sleep 1
             waited=$((waited + 1))
         done
-        kill -KILL "${WORKER_PIDS[@]}" 2>/dev/null || true
-        wait "${WORKER_PIDS[@]}" 2>/dev/null || true
+        kill -KILL "$SUPERVISOR_PID" 2>/dev/null || true
+        wait "$SUPERVISOR_PID" 2>/dev/null || true
+        log "scaling decisions:"
+        grep -F 'Scaling decision.' "$LOG_DIR/supervisor.log" | sed 's/^.*Scaling decision\. /    /' || true
     fi
     if [ "$TOPOLOGY_APPLIED" -eq 1 ]; then
         log "deleting namespace $WARREN_NAMESPACE"
         "$BIN/warren" topology delete --config "$CONFIG" --yes >/dev/null ||
             log "could not delete namespace $WARREN_NAMESPACE; its queues stay on the broker"
     fi
-    log "worker logs: $LOG_DIR/worker-*.log"
+    log "supervisor and worker logs: $LOG_DIR/supervisor.log"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -69,23 +62,21 @@ log "namespace $WARREN_NAMESPACE"
 TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
-for i in $(seq 1 "$WORKERS"); do
-    # Each worker serves its metrics on a port of its own: 9480, 9481, ...
-    "$BIN/warren-worker" run --config "$CONFIG" --metrics-addr "127.0.0.1:$((9479 + i))" \
-        >"$LOG_DIR/worker-$i.log" 2>&1 &
-    WORKER_PIDS+=("$!")
-done
-log "started $WORKERS workers; logs in $LOG_DIR/worker-{1..$WORKERS}.log"
-log "metrics: http://127.0.0.1:9480/metrics (and 9481.. for the other workers)"
+# One pool for the pipeline: 1 to 3 workers, one per 10 ready messages; a worker is drained
+# once the queues have been quieter for 10 s. Workers log into the same file, prefixed `reports#N`.
+"$BIN/warren-worker" supervise --config "$CONFIG" --min 1 --max 3 --target-backlog 10 \
+    --interval 1s --scale-down-after 10s >"$LOG_DIR/supervisor.log" 2>&1 &
+SUPERVISOR_PID=$!
+log "started the supervisor (1 to 3 workers); log in $LOG_DIR/supervisor.log"
+log "metrics: http://127.0.0.1:9478/metrics (queue depths, workers desired and running),"
+log "         http://127.0.0.1:9480/metrics, 9481, 9482 (each worker)"
 
-# A worker that cannot start (bad config, no broker) exits at once; say so now rather than leave
-# the driver waiting for results that never come.
+# A supervisor that cannot start (bad config, port in use) exits at once; say so now rather than
+# leave the driver waiting for results that never come.
 sleep 1
-for i in $(seq 1 "$WORKERS"); do
-    if ! kill -0 "${WORKER_PIDS[$((i - 1))]}" 2>/dev/null; then
-        tail -n 20 "$LOG_DIR/worker-$i.log" >&2 || true
-        die "worker $i exited at start; its log is above ($LOG_DIR/worker-$i.log)"
-    fi
-done
+if ! kill -0 "$SUPERVISOR_PID" 2>/dev/null; then
+    tail -n 20 "$LOG_DIR/supervisor.log" >&2 || true
+    die "the supervisor exited at start; its log is above ($LOG_DIR/supervisor.log)"
+fi
 
 "$BIN/warren-demo" --config "$CONFIG" "$@"

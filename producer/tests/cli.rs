@@ -361,3 +361,94 @@ fn acme_submit(payload: &str, extra: &[&str]) -> Vec<String> {
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
+
+#[test]
+fn queues_reports_ready_messages_per_queue_and_step() {
+    // Given a namespace whose topology is not applied yet
+    let ns = Namespace::new();
+
+    // When `warren queues` runs, then every queue is reported missing, and it says what to do
+    let out = ns.warren(&["queues", "--json"], None);
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3 * 2, "one line per priority x shard");
+    assert!(rows
+        .iter()
+        .all(|r| r["exists"] == json!(false) && r["ready"].is_null()));
+    assert!(text(&out.stderr).contains("topology apply"), "{out:?}");
+
+    // Given the topology, and 5 normal jobs of acme and 2 high ones of globex, with no worker
+    let out = ns.warren(&["topology", "apply"], None);
+    assert!(out.status.success(), "{out:?}");
+    let mut bulk = String::new();
+    for _ in 0..5 {
+        bulk += "{\"tenant\": \"acme\", \"payload\": {\"name\": \"a\"}}\n";
+    }
+    for _ in 0..2 {
+        bulk +=
+            "{\"tenant\": \"globex\", \"priority\": \"high\", \"payload\": {\"name\": \"g\"}}\n";
+    }
+    let out = ns.warren(
+        &["submit", "--bulk", "-", "--pipeline", "greet"],
+        Some(&bulk),
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    // When `warren queues --json` runs, then each job is counted in its tenant's shard
+    let config =
+        warren_common::Config::load(Some(&ns.config), &std::collections::HashMap::new()).unwrap();
+    let greet = &config.pipelines[0];
+    let out = ns.warren(&["queues", "--json", "--pipeline", "greet"], None);
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 6);
+    let ready = |priority: &str, shard: u16| {
+        rows.iter()
+            .find(|r| r["priority"] == json!(priority) && r["shard"] == json!(shard))
+            .map(|r| r["ready"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert_eq!(ready("normal", greet.shard_of("acme")), 5, "{rows:?}");
+    assert_eq!(ready("high", greet.shard_of("globex")), 2, "{rows:?}");
+    let total: u64 = rows.iter().map(|r| r["ready"].as_u64().unwrap()).sum();
+    assert_eq!(total, 7);
+    assert!(rows
+        .iter()
+        .all(|r| r["consumers"] == json!(0) && r["step"] == json!("hello")));
+
+    // And the table lists only the non-empty queues, then the step's totals by priority
+    let out = ns.warren(&["queues"], None);
+    assert!(out.status.success(), "{out:?}");
+    let table = text(&out.stdout);
+    let queue_lines = table.lines().filter(|l| l.contains(".q.greet.")).count();
+    assert_eq!(queue_lines, 2, "{table}");
+    let totals: Vec<_> = table
+        .lines()
+        .find(|l| l.starts_with("greet "))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        totals,
+        ["greet", "hello", "7", "2", "5", "0", "0"],
+        "{table}"
+    );
+    let out = ns.warren(&["queues", "--all"], None);
+    assert_eq!(
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(".q.greet."))
+            .count(),
+        6
+    );
+
+    // And an unknown pipeline is an error
+    let out = ns.warren(&["queues", "--pipeline", "nope"], None);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}

@@ -9,6 +9,7 @@ mod kill;
 mod metrics;
 mod retry;
 mod security;
+mod supervisor;
 mod topology;
 mod wire_format;
 

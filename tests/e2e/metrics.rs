@@ -28,7 +28,7 @@ backoff = ["100ms"]
 "#;
 
 /// A plain HTTP/1.1 GET: (status, body).
-async fn get(port: u16, path: &str) -> (u16, String) {
+pub(crate) async fn get(port: u16, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
@@ -40,7 +40,7 @@ async fn get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// `name{labels} value` lines of the text format, by everything before the value.
-fn samples(text: &str) -> HashMap<String, f64> {
+pub(crate) fn samples(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
@@ -50,7 +50,7 @@ fn samples(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

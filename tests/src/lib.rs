@@ -83,10 +83,25 @@ impl TestNamespace {
     /// Starts the test worker on another config file (one that reaches the broker another
     /// way); its log goes to this namespace's folder all the same.
     pub fn spawn_worker_with_config(&self, config: &Path, extra: &[&str]) -> WorkerProcess {
+        self.spawn_test_worker("run", config, extra)
+    }
+
+    /// Starts `test-worker supervise --config <this namespace's config> <extra>`; the
+    /// supervisor's log (with its workers' lines, prefixed) goes to this namespace's folder.
+    pub fn spawn_supervisor(&self, extra: &[&str]) -> WorkerProcess {
+        self.spawn_test_worker("supervise", &self.config_path, extra)
+    }
+
+    fn spawn_test_worker(&self, subcommand: &str, config: &Path, extra: &[&str]) -> WorkerProcess {
         let n = std::fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0);
-        let log = self.dir.join(format!("worker-{n}.log"));
+        let stem = if subcommand == "run" {
+            "worker"
+        } else {
+            subcommand
+        };
+        let log = self.dir.join(format!("{stem}-{n}.log"));
         let child = Command::new(test_worker_bin())
-            .arg("run")
+            .arg(subcommand)
             .arg("--config")
             .arg(config)
             .args(extra)

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -12,6 +13,7 @@ use warren_common::Config;
 
 use crate::metrics::MetricsAddr;
 use crate::runtime::{Worker, WorkerBuilder, WorkerError};
+use crate::supervisor;
 
 /// Exit code for a bad config or set-up (BSD sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -31,6 +33,51 @@ pub struct Cli {
 enum Command {
     /// Serve steps until SIGTERM/SIGINT, then drain and exit 0.
     Run(RunArgs),
+    /// Run pools of workers (this same executable), sized to their queues' backlog.
+    Supervise(SuperviseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SuperviseArgs {
+    /// Config file [default: $WARREN_CONFIG, else ./warren.toml]; passed on to the workers.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A pool for this pipeline (repeatable) [default: one per pipeline of the config].
+    #[arg(long)]
+    pipeline: Vec<String>,
+    /// One pool per step of this name (repeatable) instead of one per pipeline.
+    #[arg(long)]
+    step: Vec<String>,
+    /// Fewest workers per pool (0 scales an idle pool to zero).
+    #[arg(long)]
+    min: u32,
+    /// Most workers per pool.
+    #[arg(long)]
+    max: u32,
+    /// Ready messages per worker: a pool wants ceil(backlog / this) workers, within min..max.
+    #[arg(long)]
+    target_backlog: u64,
+    /// How often to read the queues and decide.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// How long the wanted count must stay lower before workers are drained.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    scale_down_after: Duration,
+    /// Backlog at which an idle pool (min 0) starts a worker; below it, it wants none.
+    #[arg(long, default_value_t = 1)]
+    activation: u64,
+    /// Serve the supervisor's /metrics, /healthz and /readyz here (HOST:PORT), or `off`.
+    #[arg(long, default_value = crate::supervisor::DEFAULT_METRICS_ADDR)]
+    metrics_addr: MetricsAddr,
+    /// Worker in slot N serves its metrics on 127.0.0.1:(this + N); 0 for any free port; `off`.
+    #[arg(long, default_value = "9480")]
+    worker_metrics_base: crate::supervisor::WorkerMetricsBase,
+    /// The workers' --shutdown-grace; a draining worker is killed 10s after it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Log line format (supervisor and workers): text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,8 +105,13 @@ struct RunArgs {
 
 /// Parses the command line, builds the worker (after `customize` adds handlers) and runs it.
 pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode {
-    let cli = Cli::parse();
-    let Command::Run(args) = cli.command;
+    match Cli::parse().command {
+        Command::Run(args) => run(args, customize),
+        Command::Supervise(args) => supervise(args),
+    }
+}
+
+fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode {
     telemetry::init(args.log_format, &ProcessEnv);
     let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
         Ok(c) => c,
@@ -104,6 +156,68 @@ pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode 
         Err(e) => {
             eprintln!("warren-worker: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn supervise(args: SuperviseArgs) -> ExitCode {
+    telemetry::init(args.log_format, &ProcessEnv);
+    let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren-worker: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("warren-worker: cannot find this executable to start workers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = supervisor::Options {
+        config_path: args.config,
+        pipelines: args.pipeline,
+        steps: args.step,
+        policy: supervisor::Policy {
+            min: args.min,
+            max: args.max,
+            target_backlog: args.target_backlog,
+            activation: args.activation,
+            scale_down_after: args.scale_down_after,
+        },
+        interval: args.interval,
+        worker_metrics: args.worker_metrics_base,
+        shutdown_grace: args.shutdown_grace,
+        log_format: args.log_format,
+        exe,
+    };
+    if let Err(e) = supervisor::check(&config, &options) {
+        eprintln!("warren-worker: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let signals = supervisor::Signals::install();
+        let metrics = Arc::new(supervisor::SupervisorMetrics::new());
+        if let MetricsAddr::On(addr) = args.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                supervisor::SupervisorError::Setup(format!(
+                    "cannot serve metrics on {addr}: {e} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)"
+                ))
+            })?;
+            let bound = listener.local_addr().map_or(addr, |a| a);
+            tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
+            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+        }
+        supervisor::run(config, options, metrics, signals).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-worker: {e}");
+            ExitCode::from(EXIT_USAGE)
         }
     }
 }

@@ -16,7 +16,8 @@
 //! Module map: [`handler`] (the trait users implement), [`registry`] (name -> handler),
 //! [`command`] (command steps), [`dispatch`] (which queue to serve next: pure), `step` (one
 //! delivery from decode to ack), `runtime` (consumers, concurrency, shutdown), [`cli`] (the
-//! `warren-worker` command line, reusable by custom worker binaries).
+//! `warren-worker` command line, reusable by custom worker binaries), [`supervisor`] (the
+//! autoscaling supervisor behind `warren-worker supervise`).
 
 pub mod cli;
 pub mod command;
@@ -27,6 +28,7 @@ pub mod registry;
 mod runtime;
 pub mod shutdown;
 mod step;
+pub mod supervisor;
 
 pub use handler::{handler_fn, StepContext, StepError, StepHandler};
 pub use runtime::{Worker, WorkerBuilder, WorkerError, DEFAULT_SHUTDOWN_GRACE};

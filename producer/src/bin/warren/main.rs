@@ -1,6 +1,7 @@
 //! `warren`: the producer-side CLI. Thin: parse, load config, call the SDK, print.
 
 mod dlq;
+mod queues;
 mod submit;
 mod topology;
 
@@ -48,6 +49,8 @@ enum Command {
     Wait(submit::WaitArgs),
     /// Inspect, replay and purge the dead-letter queue.
     Dlq(dlq::DlqArgs),
+    /// Show the ready messages of every step queue, with totals per step.
+    Queues(queues::QueuesArgs),
 }
 
 /// An error already explained to the user; carries the exit code.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
             Command::Submit(args) => submit::run(args, config, cli.json).await,
             Command::Wait(args) => submit::wait(args, config, cli.json).await,
             Command::Dlq(args) => dlq::run(args, config, cli.json).await,
+            Command::Queues(args) => queues::run(args, &config, cli.json).await,
         }
     });
     match result {

@@ -1,0 +1,166 @@
+//! `warren queues`: the depth of every step queue, from passive declares (no management plugin).
+
+use anyhow::bail;
+use clap::Args;
+use serde_json::json;
+use warren_broker::depth::{read_depths, step_queues, QueueDepth};
+use warren_broker::Broker;
+use warren_common::Config;
+
+#[derive(Debug, Args)]
+pub(crate) struct QueuesArgs {
+    /// Only the queues of this pipeline.
+    #[arg(long)]
+    pipeline: Option<String>,
+    /// Also list queues with no ready messages (the table skips them by default).
+    #[arg(long)]
+    all: bool,
+}
+
+pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow::Result<()> {
+    if let Some(p) = &args.pipeline {
+        if !config.pipelines.iter().any(|c| &c.name == p) {
+            bail!("pipeline {p:?} is not in the config");
+        }
+    }
+    let queues: Vec<_> = step_queues(config)
+        .into_iter()
+        .filter(|q| args.pipeline.as_ref().is_none_or(|p| p == &q.pipeline))
+        .collect();
+    let broker = Broker::connect(&config.broker).await?;
+    let depths = read_depths(&broker, &queues).await;
+    broker.close().await;
+    let depths = depths?;
+    if json {
+        for d in &depths {
+            println!("{}", queue_json(d));
+        }
+    } else {
+        print!("{}", table(&depths, args.all));
+    }
+    let missing = depths.iter().filter(|d| d.ready.is_none()).count();
+    if missing > 0 {
+        eprintln!(
+            "warren: {missing} step queue(s) do not exist; run `warren topology apply` (or start a worker)"
+        );
+    }
+    Ok(())
+}
+
+fn queue_json(d: &QueueDepth) -> serde_json::Value {
+    json!({
+        "queue": d.queue.name,
+        "pipeline": d.queue.pipeline,
+        "step": d.queue.step,
+        "priority": d.queue.priority.as_str(),
+        "shard": d.queue.shard,
+        "exists": d.ready.is_some(),
+        "ready": d.ready,
+        "consumers": d.consumers,
+    })
+}
+
+struct StepTotal<'a> {
+    pipeline: &'a str,
+    step: &'a str,
+    ready: [u64; 3],
+    consumers: u32,
+}
+
+/// One line per queue (those with ready messages, or all), then the totals per step.
+fn table(depths: &[QueueDepth], all: bool) -> String {
+    let mut out = format!("{:<48} {:>8} {:>9}\n", "queue", "ready", "consumers");
+    let show = |n: Option<u32>| n.map_or("missing".to_string(), |n| n.to_string());
+    for d in depths.iter().filter(|d| all || d.ready != Some(0)) {
+        out += &format!(
+            "{:<48} {:>8} {:>9}\n",
+            d.queue.name,
+            show(d.ready),
+            show(d.consumers)
+        );
+    }
+    // Per (pipeline, step), in config order (queues of a step are adjacent): ready by
+    // priority, and the fewest consumers on any one queue of the step, since a worker consumes
+    // all of them (0 means some queue has nobody serving it).
+    let mut totals: Vec<StepTotal> = Vec::new();
+    for d in depths {
+        let q = &d.queue;
+        let consumers = d.consumers.unwrap_or(0);
+        match totals.last_mut() {
+            Some(t) if t.pipeline == q.pipeline && t.step == q.step => {
+                t.consumers = t.consumers.min(consumers)
+            }
+            _ => totals.push(StepTotal {
+                pipeline: &q.pipeline,
+                step: &q.step,
+                ready: [0; 3],
+                consumers,
+            }),
+        }
+        let t = totals.last_mut().expect("just pushed");
+        t.ready[q.priority.index()] += u64::from(d.ready.unwrap_or(0));
+    }
+    out += &format!(
+        "\n{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+        "pipeline", "step", "ready", "high", "normal", "low", "consumers"
+    );
+    for t in totals {
+        let [high, normal, low] = t.ready;
+        out += &format!(
+            "{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            t.pipeline,
+            t.step,
+            high + normal + low,
+            high,
+            normal,
+            low,
+            t.consumers
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_broker::depth::StepQueue;
+    use warren_common::Priority;
+
+    fn depth(step: &str, priority: Priority, shard: u16, ready: Option<u32>) -> QueueDepth {
+        QueueDepth {
+            queue: StepQueue {
+                name: format!("ns.q.p.{step}.{priority}.{shard}"),
+                pipeline: "p".into(),
+                step: step.into(),
+                priority,
+                shard,
+            },
+            ready,
+            consumers: ready.map(|_| 2),
+        }
+    }
+
+    #[test]
+    fn table_skips_empty_queues_and_sums_per_step() {
+        let depths = vec![
+            depth("a", Priority::High, 0, Some(3)),
+            depth("a", Priority::Normal, 1, Some(0)),
+            depth("a", Priority::Low, 0, Some(4)),
+            depth("b", Priority::Normal, 0, None),
+        ];
+        let text = table(&depths, false);
+        assert!(text.contains("ns.q.p.a.high.0"), "{text}");
+        assert!(!text.contains("ns.q.p.a.normal.1"), "{text}");
+        assert!(
+            text.contains("ns.q.p.b.normal.0"),
+            "a missing queue is shown: {text}"
+        );
+        let a_total = text
+            .lines()
+            .find(|l| l.starts_with("p ") && l.contains(" a "))
+            .unwrap();
+        let fields: Vec<_> = a_total.split_whitespace().collect();
+        assert_eq!(fields, ["p", "a", "7", "3", "0", "4", "2"], "{text}");
+        assert!(table(&depths, true).contains("ns.q.p.a.normal.1"));
+    }
+}
