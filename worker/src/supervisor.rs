@@ -407,7 +407,7 @@ pub async fn run(
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
         .collect();
-    let pools = specs
+    let pools: Vec<Pool> = specs
         .into_iter()
         .map(|spec| Pool {
             queues: (0..queues.len())
@@ -422,6 +422,10 @@ pub async fn run(
             last_logged: None,
         })
         .collect();
+    // Every pool's counter exists from the start, so "no restarts" reads as 0, not as no data.
+    for pool in &pools {
+        metrics.restarts.with_label_values(&[&pool.spec.name]);
+    }
     let mut sup = Supervisor {
         options,
         metrics,
