@@ -1,5 +1,7 @@
 //! Logging set-up (text or JSON lines) and the one place that hides secrets in URLs.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::env::{Env, ENV_WARREN_LOG};
@@ -37,8 +39,10 @@ pub fn init(format: LogFormat, env: &dyn Env) {
         .var(ENV_WARREN_LOG)
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(DEFAULT_FILTER));
+    // Colours only for a terminal: logs redirected to a file stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
