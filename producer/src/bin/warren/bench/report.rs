@@ -127,7 +127,7 @@ fn number(v: f64) -> String {
 
 pub(super) fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<4} {:<40} {:>10} {:>10} {:>7}  {:<20} {}\n",
+        "{:<4} {:<52} {:>9} {:>9} {:>7}  {:<18} {}\n",
         "", "metric", "warren", "raw|idle", "ratio", "target", "result"
     );
     for row in rows {
@@ -138,7 +138,7 @@ pub(super) fn table(rows: &[Row]) -> String {
             Some(false) => "FAIL",
         };
         out.push_str(&format!(
-            "{:<4} {:<40} {:>10} {:>10} {:>7}  {:<20} {}\n",
+            "{:<4} {:<52} {:>9} {:>9} {:>7}  {:<18} {}\n",
             row.scenario,
             metric,
             number(row.warren),
