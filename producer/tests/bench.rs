@@ -16,7 +16,16 @@ const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 #[tokio::test]
 async fn bench_reports_every_scenario_and_cleans_up() {
     let out = Command::new(WARREN)
-        .args(["--json", "bench", "--jobs", "200", "--chain-jobs", "100", "--flood", "200"])
+        .args([
+            "--json",
+            "bench",
+            "--jobs",
+            "200",
+            "--chain-jobs",
+            "100",
+            "--flood",
+            "200",
+        ])
         .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
         // Defaults plus WARREN_AMQP_URL, as on a machine without a warren.toml.
         .env_remove("WARREN_CONFIG")
@@ -39,17 +48,29 @@ async fn bench_reports_every_scenario_and_cleans_up() {
             assert!(row["baseline"].as_f64().is_some_and(|v| v > 0.0), "{row}");
             assert!(row["ratio"].as_f64().is_some(), "{row}");
         }
-        assert!(row["target"].is_string() && row["metric"].is_string(), "{row}");
+        assert!(
+            row["target"].is_string() && row["metric"].is_string(),
+            "{row}"
+        );
     }
     // Both throw-away namespaces were deleted.
-    let ns = report["conditions"]["namespace"].as_str().expect("namespace");
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
     let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
     if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
         config.broker.url = url;
     }
     let broker = Broker::connect(&config.broker).await.unwrap();
-    for queue in [format!("{ns}.q.one.noop.normal.0"), format!("{ns}-raw.q.one.noop.normal.0")] {
-        assert_eq!(ready_messages(&broker, &queue).await.unwrap(), None, "{queue} is left");
+    for queue in [
+        format!("{ns}.q.one.noop.normal.0"),
+        format!("{ns}-raw.q.one.noop.normal.0"),
+    ] {
+        assert_eq!(
+            ready_messages(&broker, &queue).await.unwrap(),
+            None,
+            "{queue} is left"
+        );
     }
     broker.close().await;
 }

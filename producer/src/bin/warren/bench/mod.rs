@@ -302,7 +302,7 @@ async fn run(
         },
     });
     if json {
-        println!("{}", report::json(&rows, conditions));
+        println!("{}", report::json(&rows, &conditions));
     } else {
         println!(
             "warren bench: {} build, {} CPUs, load {} -> {}, queue type {}, concurrency {}, confirm window {}, {} run(s){}",
@@ -364,7 +364,8 @@ impl Bench {
     async fn start_worker(&self, pipeline: &str, queue: &str) -> anyhow::Result<Instant> {
         let worker = warren_side::worker(self.config.clone(), pipeline)?;
         let running = Running::spawn(&self.workers, worker);
-        if let Some(old) = self.running.lock().expect("lock").replace(running) {
+        let old = self.running.lock().expect("lock").replace(running);
+        if let Some(old) = old {
             old.stop(Duration::from_secs(10)).await?;
         }
         warren_side::consuming(self.client.broker(), queue, Duration::from_secs(60)).await

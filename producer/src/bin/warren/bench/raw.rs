@@ -117,7 +117,7 @@ impl Raw {
                         pending.push(publish_start(&channel, &exchange, &key, &body, &id).await?);
                     }
                     for confirm in pending {
-                        check(confirm.await?, &key)?;
+                        check(&confirm.await?, &key)?;
                     }
                     sent += window;
                 }
@@ -187,7 +187,7 @@ impl Raw {
                                         &id,
                                     )
                                     .await?;
-                                    check(confirm.await?, &key)?;
+                                    check(&confirm.await?, &key)?;
                                     delivery.acker.ack(BasicAckOptions::default()).await?;
                                     Ok::<_, anyhow::Error>(())
                                 }
@@ -267,7 +267,7 @@ impl Raw {
                     let started = Instant::now();
                     let id = format!("rtt-{i:032}");
                     check(
-                        publish_start(&publish, &exchange, &key, &body, &id)
+                        &publish_start(&publish, &exchange, &key, &body, &id)
                             .await?
                             .await?,
                         &key,
@@ -315,7 +315,7 @@ async fn publish_start(
         .await
 }
 
-fn check(confirmation: Confirmation, key: &str) -> anyhow::Result<()> {
+fn check(confirmation: &Confirmation, key: &str) -> anyhow::Result<()> {
     match confirmation {
         Confirmation::Ack(None) => Ok(()),
         Confirmation::Ack(Some(_)) => bail!("raw publish to {key}: unroutable"),

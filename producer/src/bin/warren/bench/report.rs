@@ -151,7 +151,7 @@ pub(super) fn table(rows: &[Row]) -> String {
     out
 }
 
-pub(super) fn json(rows: &[Row], conditions: Value) -> Value {
+pub(super) fn json(rows: &[Row], conditions: &Value) -> Value {
     let rows: Vec<Value> = rows
         .iter()
         .map(|r| {
