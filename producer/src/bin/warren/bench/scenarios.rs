@@ -228,6 +228,17 @@ async fn noisy_neighbour(b: &Bench, rows: &mut Vec<Row>, priority: bool) -> anyh
     b.start_worker(pipeline, &b.queue(pipeline, "work", flood_priority, noisy))
         .await?;
 
+    // A first batch, not counted: the first jobs after a worker starts (and after earlier
+    // scenarios) wait on one-off work (consumers still attaching, the results reader catching
+    // up), which is no part of an idle system's latency.
+    small_batch(
+        b,
+        &mut watcher,
+        &small,
+        small_priority,
+        &format!("{label} warm-up"),
+    )
+    .await?;
     let idle = small_batch(
         b,
         &mut watcher,

@@ -102,13 +102,9 @@ pub(super) async fn consuming(
 pub(super) struct Watcher {
     rx: mpsc::UnboundedReceiver<(JobId, Instant, bool)>,
     seen: HashMap<JobId, (Instant, bool)>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// Dropped with the watcher: the reader then closes its channel, so no stale stream
+    /// consumer keeps taking deliveries on the client's connection.
+    _stop: oneshot::Sender<()>,
 }
 
 impl Watcher {
@@ -117,18 +113,25 @@ impl Watcher {
         // from now on; older results are skipped by id.
         let mut stream = client.results(now_ms().saturating_sub(1_000)).await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Ok(Some(event)) = stream.next().await {
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = stream.next() => event,
+                    _ = &mut stopped => break,
+                };
+                let Ok(Some(event)) = event else { break };
                 let ok = event.status == JobStatus::Succeeded;
                 if tx.send((event.job_id, Instant::now(), ok)).is_err() {
                     break;
                 }
             }
+            stream.close().await;
         });
         Ok(Self {
             rx,
             seen: HashMap::new(),
-            task,
+            _stop: stop,
         })
     }
 
