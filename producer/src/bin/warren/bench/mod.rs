@@ -1,0 +1,456 @@
+//! `warren bench`: runs workload scenarios against the configured broker, each twice: through
+//! warren (the producer SDK and real in-process workers) and through a minimal raw-lapin program
+//! with the same guarantees, and prints both figures and their ratio. Everything happens in a
+//! throw-away namespace (and a second one for the raw side), deleted at the end, on error and on
+//! Ctrl-C. `docs/bench.md` describes the scenarios and how to read the table.
+
+mod raw;
+mod report;
+mod scenarios;
+mod warren_side;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio::runtime::{Handle, Runtime};
+use warren_broker::{Broker, Names, Topology};
+use warren_common::env::{Env, ProcessEnv, ENV_WARREN_LOG};
+use warren_common::telemetry::{self, LogFormat};
+use warren_common::{Config, Priority};
+use warren_producer::Client;
+
+use raw::Raw;
+use warren_side::Running;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub(crate) enum Scenario {
+    S1,
+    S2,
+    S3,
+    S4,
+    S5,
+    S6,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BenchArgs {
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
+    scenarios: Vec<Scenario>,
+    /// S1 (and S6's load): one-step no-op jobs.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// S2: jobs through the 3-step no-op pipeline.
+    #[arg(long, default_value_t = 5_000)]
+    chain_jobs: usize,
+    /// S3, S4: the noisy tenant's jobs.
+    #[arg(long, default_value_t = 20_000)]
+    flood: usize,
+    /// S3, S4: the small tenant's jobs.
+    #[arg(long, default_value_t = 50)]
+    small: usize,
+    /// S3, S4: wall time of one step, in ms.
+    #[arg(long, default_value_t = 1)]
+    work_ms: u64,
+    /// S5: jobs submitted one at a time.
+    #[arg(long, default_value_t = 200)]
+    latency_jobs: usize,
+    /// Step concurrency of the bench's workers; also the raw side's prefetch per consumer.
+    #[arg(long, default_value_t = 50)]
+    concurrency: u16,
+    /// Run everything this many times and report per-row medians.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Longest wait for any one phase.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    patience: Duration,
+    /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
+    #[arg(long, hide = true, value_name = "NS")]
+    serve_worker: Option<String>,
+}
+
+/// `WARREN_LOG` when set, else warnings only: info lines would tear the progress display.
+struct QuietEnv;
+
+impl Env for QuietEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        ProcessEnv
+            .var(key)
+            .or_else(|| (key == ENV_WARREN_LOG).then(|| "warn,lapin=off".to_string()))
+    }
+}
+
+pub(crate) fn main(args: BenchArgs, config_path: Option<PathBuf>, json: bool) -> ExitCode {
+    telemetry::init(LogFormat::Text, &QuietEnv);
+    let base = match load_base(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+    };
+    if let Some(ns) = &args.serve_worker {
+        return serve_worker(&base, ns, args.concurrency);
+    }
+    // Three runtimes, so neither side's message path shares threads with the driver (which
+    // submits, reads results and draws progress): warren's workers get two threads, as a
+    // `warren-worker` on this 2-core class of machine would, and the raw program the same.
+    let side = |name: &str| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(name)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    };
+    let (driver, workers, raw) = (
+        side("bench-driver"),
+        side("bench-warren"),
+        side("bench-raw"),
+    );
+    let handles = (workers.handle().clone(), raw.handle().clone());
+    let result = driver.block_on(run(args, config_path, base, json, handles));
+    workers.shutdown_timeout(Duration::from_secs(2));
+    raw.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--config`, `$WARREN_CONFIG` or `./warren.toml` when there is one; else the defaults (and
+/// `WARREN_AMQP_URL`). Only `[broker]` matters: the bench brings its own pipelines.
+fn load_base(path: Option<&Path>) -> Result<Config, warren_common::config::ConfigError> {
+    let have_file = path.is_some()
+        || ProcessEnv.var("WARREN_CONFIG").is_some()
+        || Path::new(warren_common::config::DEFAULT_CONFIG_PATH).exists();
+    if have_file {
+        Config::load(path, &ProcessEnv)
+    } else {
+        Config::parse("", "(defaults)", Path::new("."), &ProcessEnv)
+    }
+}
+
+/// The bench's pipelines, on the base config's broker, in namespace `ns`.
+fn bench_config(base: &Config, ns: &str, concurrency: u16) -> anyhow::Result<Config> {
+    let step = |name: &str, handler: &str| {
+        format!(
+            "[[pipelines.steps]]\nname = \"{name}\"\nhandler = \"{handler}\"\nconcurrency = {concurrency}\nmax_attempts = 1\n"
+        )
+    };
+    let text = format!(
+        "[[pipelines]]\nname = \"one\"\nshards = 4\n{}\n[[pipelines]]\nname = \"chain\"\nshards = 4\n{}{}{}\n[[pipelines]]\nname = \"work\"\nshards = 4\n{}",
+        step("noop", "noop"),
+        step("a", "noop"),
+        step("b", "noop"),
+        step("c", "noop"),
+        step("work", "work"),
+    );
+    let mut config = Config::parse(&text, "bench", Path::new("."), &HashMap::new())?;
+    config.broker = base.broker.clone();
+    config.broker.namespace = ns.to_string();
+    Ok(config)
+}
+
+/// S6's worker process: a real worker on its own, as `warren-worker run` would be, with the
+/// bench's Rust handlers. Stops on SIGTERM/SIGINT or when its stdin closes (the bench died).
+fn serve_worker(base: &Config, ns: &str, concurrency: u16) -> ExitCode {
+    let worker = bench_config(base, ns, concurrency)
+        .map_err(|e| e.to_string())
+        .and_then(|c| warren_side::worker(c, "one").map_err(|e| e.to_string()));
+    let worker = match worker {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+    };
+    // The same runtime `warren-worker` builds.
+    let runtime = Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        let signals = warren_worker::shutdown::Signals::install();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut sink = [0u8; 64];
+            while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+            let _ = closed_tx.send(());
+        });
+        worker
+            .run(async {
+                tokio::select! {
+                    _ = signals.recv() => {}
+                    _ = closed => {}
+                }
+            })
+            .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(
+    args: BenchArgs,
+    config_path: Option<PathBuf>,
+    base: Config,
+    json: bool,
+    (workers, raw_handle): (Handle, Handle),
+) -> anyhow::Result<()> {
+    // Installed first: from here on Ctrl-C (or SIGTERM) ends the run through the clean-up below.
+    // A second one exits at once.
+    let interrupted = warren_worker::shutdown::Signals::install().recv();
+    tokio::pin!(interrupted);
+    let unique = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id();
+    let ns = format!("wbench-{unique:08x}");
+    let config = bench_config(&base, &ns, args.concurrency)?;
+    let raw_config = bench_config(&base, &format!("{ns}-raw"), args.concurrency)?;
+    let admin = Broker::connect(&config.broker)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let client = Client::connect(config.clone()).await?;
+    // The raw side moves bodies as big as warren's envelopes of the same jobs.
+    let sample = warren_common::Envelope::new_job(
+        warren_common::JobId::new(),
+        warren_common::TenantId::parse("bulk").expect("valid tenant"),
+        "one",
+        "noop",
+        Priority::Normal,
+        json!({"n": 10_000}),
+    );
+    let raw = Raw::connect(
+        raw_handle,
+        raw_config.clone(),
+        warren_common::encode(&sample),
+    )
+    .await?;
+    let bench = Bench {
+        args,
+        config_path,
+        config,
+        client,
+        workers,
+        raw,
+        running: Mutex::new(None),
+        child: Mutex::new(None),
+    };
+    let plans = [Topology::plan(&bench.config), Topology::plan(&raw_config)];
+    let load_before = load_average();
+    eprintln!(
+        "warren bench: namespaces {ns} and {ns}-raw on {}",
+        admin.redacted_url()
+    );
+    let outcome = tokio::select! {
+        runs = async {
+            for plan in &plans {
+                plan.declare(&admin).await?;
+            }
+            let mut runs = Vec::new();
+            for i in 0..bench.args.repeat.max(1) {
+                if bench.args.repeat > 1 {
+                    eprintln!("run {} of {}", i + 1, bench.args.repeat);
+                }
+                runs.push(scenarios::run_once(&bench).await?);
+            }
+            Ok::<_, anyhow::Error>(runs)
+        } => runs,
+        _ = &mut interrupted => Err(anyhow!("interrupted; the bench namespaces are deleted")),
+    };
+    // Workers first: a worker whose queues vanish reconnects and declares them again.
+    bench.stop_everything().await;
+    for plan in &plans {
+        if let Err(e) = plan.delete(&admin).await {
+            eprintln!("warren: could not delete a bench namespace: {e}");
+        }
+    }
+    bench.client.close().await;
+    admin.close().await;
+    let runs = outcome?;
+    let rows = report::medians(&runs);
+    let conditions = json!({
+        "namespace": ns,
+        "broker": admin.redacted_url(),
+        "queue_type": bench.config.broker.queue_type.as_str(),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "runs": runs.len(),
+        "concurrency": bench.args.concurrency,
+        "confirm_window": raw::CONFIRM_WINDOW,
+        "workers": "1 in-process warren_worker::Worker, 2 tokio threads; raw side 1 connection, 2 tokio threads",
+        "sizes": {
+            "jobs": bench.args.jobs, "chain_jobs": bench.args.chain_jobs, "flood": bench.args.flood,
+            "small": bench.args.small, "work_ms": bench.args.work_ms, "latency_jobs": bench.args.latency_jobs,
+        },
+    });
+    if json {
+        println!("{}", report::json(&rows, &conditions));
+    } else {
+        println!(
+            "warren bench: {} build, {} CPUs, load {} -> {}, queue type {}, concurrency {}, confirm window {}, {} run(s){}",
+            conditions["build"].as_str().unwrap_or(""),
+            conditions["cpus"],
+            conditions["load_average_before"].as_str().unwrap_or("?"),
+            conditions["load_average_after"].as_str().unwrap_or("?"),
+            conditions["queue_type"].as_str().unwrap_or(""),
+            bench.args.concurrency,
+            raw::CONFIRM_WINDOW,
+            runs.len(),
+            if runs.len() > 1 { ", medians" } else { "" },
+        );
+        print!("{}", report::table(&rows));
+    }
+    Ok(())
+}
+
+/// The first three fields of /proc/loadavg.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// What every scenario works with.
+pub(super) struct Bench {
+    args: BenchArgs,
+    config_path: Option<PathBuf>,
+    /// The bench config in warren's namespace.
+    config: Config,
+    client: Client,
+    /// The runtime the in-process workers run on.
+    workers: Handle,
+    raw: Raw,
+    running: Mutex<Option<Running>>,
+    child: Mutex<Option<tokio::process::Child>>,
+}
+
+impl Bench {
+    /// The warren step queue a tenant's message for `pipeline`/`step` goes to.
+    fn queue(&self, pipeline: &str, step: &str, priority: Priority, tenant: &str) -> String {
+        let shard = self
+            .config
+            .pipeline(pipeline)
+            .expect("bench pipeline")
+            .shard_of(tenant);
+        Names::new(&self.config.broker.namespace).step_queue(pipeline, step, priority, shard)
+    }
+
+    fn shard(&self, tenant: &str) -> u16 {
+        self.config
+            .pipeline("work")
+            .expect("bench pipeline")
+            .shard_of(tenant)
+    }
+
+    /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.
+    async fn start_worker(&self, pipeline: &str, queue: &str) -> anyhow::Result<Instant> {
+        let worker = warren_side::worker(self.config.clone(), pipeline)?;
+        let running = Running::spawn(&self.workers, worker);
+        let old = self.running.lock().expect("lock").replace(running);
+        if let Some(old) = old {
+            old.stop(Duration::from_secs(10)).await?;
+        }
+        warren_side::consuming(self.client.broker(), queue, Duration::from_secs(60)).await
+    }
+
+    async fn stop_worker(&self) -> anyhow::Result<()> {
+        let running = self.running.lock().expect("lock").take();
+        match running {
+            Some(running) => running.stop(Duration::from_secs(10)).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts S6's worker process: this binary again, as `warren bench --serve-worker NS`.
+    fn spawn_worker_process(&self, log: &Path) -> anyhow::Result<u32> {
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        if let Some(path) = &self.config_path {
+            command.arg("--config").arg(path);
+        }
+        let child = command
+            .args(["bench", "--serve-worker", &self.config.broker.namespace])
+            .arg("--concurrency")
+            .arg(self.args.concurrency.to_string())
+            .env(
+                ENV_WARREN_LOG,
+                QuietEnv.var(ENV_WARREN_LOG).unwrap_or_default(),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the worker process")?;
+        let pid = child.id().context("worker process has no pid")?;
+        *self.child.lock().expect("lock") = Some(child);
+        Ok(pid)
+    }
+
+    /// Closes the worker process's stdin (it drains and exits), then kills it if it lingers.
+    async fn stop_worker_process(&self) {
+        let child = self.child.lock().expect("lock").take();
+        if let Some(mut child) = child {
+            drop(child.stdin.take());
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    async fn stop_everything(&self) {
+        if let Err(e) = self.stop_worker().await {
+            eprintln!("warren: {e:#}");
+        }
+        self.stop_worker_process().await;
+    }
+
+    fn prefetch(&self) -> u16 {
+        self.args.concurrency
+    }
+
+    /// A progress bar on stderr (hidden when stderr is not a terminal).
+    fn bar(&self, len: usize, label: &str) -> ProgressBar {
+        let bar = ProgressBar::new(len as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:<28} {bar:30} {pos:>6}/{len:<6} {per_sec:>14} {elapsed:>4} {msg}",
+            )
+            .expect("template"),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    }
+
+    /// A spinner for a phase that is one call (a bulk submit).
+    fn spinner(&self, label: &str) -> ProgressBar {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:<28} {spinner} {elapsed:>4} {msg}")
+                .expect("template"),
+        );
+        bar.set_prefix(label.to_string());
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    }
+}

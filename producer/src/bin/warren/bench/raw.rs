@@ -1,0 +1,324 @@
+//! The raw-lapin counterpart: the least a program must do for the same guarantees as warren
+//! (persistent messages, publisher confirms with the same window, manual acks after the
+//! successor's confirm), on queues declared exactly like warren's step queues (through the same
+//! `Topology` plan, in a namespace of its own). Nothing of warren is on its message path: no
+//! envelope, no codec, no dispatcher, no `Publisher`; only lapin calls. It runs on a tokio
+//! runtime of its own, sized like the one the warren workers get.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use indicatif::ProgressBar;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use warren_broker::{Broker, Names};
+use warren_common::{now_ms, Config, Priority};
+
+/// Confirms in flight per batch: the same as `Client::submit_many`'s window.
+pub(super) const CONFIRM_WINDOW: usize = 1000;
+
+/// One hop of a relay: consume `queue`; publish each message on to `next` (exchange, routing
+/// key) with confirm before acking it, or just ack when `next` is `None`.
+#[derive(Debug, Clone)]
+pub(super) struct Hop {
+    pub(super) queue: String,
+    pub(super) next: Option<(String, String)>,
+}
+
+pub(super) struct Raw {
+    handle: Handle,
+    broker: Broker,
+    /// One confirm channel for every publish, as a warren worker has one `Publisher`.
+    publish: Channel,
+    config: Config,
+    /// A body as big as a warren step message, so both sides move the same bytes.
+    body: Arc<Vec<u8>>,
+}
+
+impl Raw {
+    /// Connects from inside `handle`'s runtime, so lapin's I/O runs there.
+    pub(super) async fn connect(
+        handle: Handle,
+        config: Config,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Self> {
+        let broker_config = config.broker.clone();
+        let (broker, publish) = handle
+            .spawn(async move {
+                let broker = Broker::connect(&broker_config).await?;
+                let publish = broker.confirm_channel().await?;
+                Ok::<_, warren_broker::BrokerError>((broker, publish))
+            })
+            .await??;
+        Ok(Self {
+            handle,
+            broker,
+            publish,
+            config,
+            body: Arc::new(body),
+        })
+    }
+
+    pub(super) fn names(&self) -> &Names {
+        self.broker.names()
+    }
+
+    /// The step queue and routing key a tenant's message for `pipeline`/`step` uses.
+    pub(super) fn route(
+        &self,
+        pipeline: &str,
+        step: &str,
+        priority: Priority,
+        tenant: &str,
+    ) -> (String, String) {
+        let shard = self
+            .config
+            .pipeline(pipeline)
+            .expect("bench pipeline")
+            .shard_of(tenant);
+        (
+            self.names().step_queue(pipeline, step, priority, shard),
+            Names::step_key(pipeline, step, priority, shard),
+        )
+    }
+
+    pub(super) fn tasks_exchange(&self) -> String {
+        self.names().tasks_exchange()
+    }
+
+    pub(super) fn events_exchange(&self) -> String {
+        self.names().events_exchange()
+    }
+
+    /// Publishes `n` messages to the tasks exchange under `key`, [`CONFIRM_WINDOW`] at a time,
+    /// each window's confirms settled before the next: what `submit_many` does. Returns the
+    /// time it took.
+    pub(super) async fn publish(&self, key: &str, n: usize) -> anyhow::Result<Duration> {
+        let (channel, body, exchange, key) = (
+            self.publish.clone(),
+            Arc::clone(&self.body),
+            self.tasks_exchange(),
+            key.to_string(),
+        );
+        self.handle
+            .spawn(async move {
+                let started = Instant::now();
+                let mut sent = 0;
+                while sent < n {
+                    let window = CONFIRM_WINDOW.min(n - sent);
+                    let mut pending = Vec::with_capacity(window);
+                    for i in sent..sent + window {
+                        let id = format!("raw-{i:032}");
+                        pending.push(publish_start(&channel, &exchange, &key, &body, &id).await?);
+                    }
+                    for confirm in pending {
+                        check(&confirm.await?, &key)?;
+                    }
+                    sent += window;
+                }
+                Ok(started.elapsed())
+            })
+            .await?
+    }
+
+    /// Starts a consumer per hop (prefetch `prefetch`, like a warren lane's per-consumer
+    /// prefetch) and returns when the last hop has acked `n` messages: the time from the first
+    /// `basic.consume` to the `n`th ack.
+    pub(super) async fn drain(
+        &self,
+        hops: Vec<Hop>,
+        n: usize,
+        prefetch: u16,
+        bar: ProgressBar,
+    ) -> anyhow::Result<Duration> {
+        let (broker, publish) = (self.broker.clone(), self.publish.clone());
+        self.handle
+            .spawn(async move {
+                let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(), String>>();
+                let started = Instant::now();
+                let mut channels = Vec::new();
+                let last = hops.len() - 1;
+                for (i, hop) in hops.into_iter().enumerate() {
+                    let channel = broker.channel().await?;
+                    channel
+                        .basic_qos(prefetch, BasicQosOptions::default())
+                        .await?;
+                    let mut consumer = channel
+                        .basic_consume(
+                            hop.queue.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                        .with_context(|| format!("consume {}", hop.queue))?;
+                    let done = (i == last).then(|| done_tx.clone());
+                    let publish = publish.clone();
+                    tokio::spawn(async move {
+                        while let Some(Ok(delivery)) = consumer.next().await {
+                            let Some((exchange, key)) = hop.next.clone() else {
+                                let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+                                if let Some(done) = &done {
+                                    let _ = done.send(acked.map(|_| ()).map_err(|e| e.to_string()));
+                                }
+                                continue;
+                            };
+                            // A task per delivery, as a warren worker runs each step in a task
+                            // of its own; the prefetch bounds how many are in flight.
+                            let (publish, done) = (publish.clone(), done.clone());
+                            tokio::spawn(async move {
+                                let id = delivery
+                                    .properties
+                                    .message_id()
+                                    .as_ref()
+                                    .map(|m| m.to_string())
+                                    .unwrap_or_default();
+                                let result = async {
+                                    let confirm = publish_start(
+                                        &publish,
+                                        &exchange,
+                                        &key,
+                                        &delivery.data,
+                                        &id,
+                                    )
+                                    .await?;
+                                    check(&confirm.await?, &key)?;
+                                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                                    Ok::<_, anyhow::Error>(())
+                                }
+                                .await;
+                                if let Some(done) = done {
+                                    let _ = done.send(result.map_err(|e| e.to_string()));
+                                }
+                            });
+                        }
+                    });
+                    channels.push(channel);
+                }
+                drop(done_tx);
+                let mut count = 0;
+                while count < n {
+                    match done_rx.recv().await {
+                        Some(Ok(())) => {
+                            count += 1;
+                            bar.set_position(count as u64);
+                        }
+                        Some(Err(e)) => bail!("raw relay: {e}"),
+                        None => bail!("raw consumers stopped after {count} of {n} messages"),
+                    }
+                }
+                let took = started.elapsed();
+                // Closing the channels cancels the consumers.
+                for channel in channels {
+                    let _ = channel.close(200, "done".into()).await;
+                }
+                Ok(took)
+            })
+            .await?
+    }
+
+    /// `m` times, one at a time: publish one message with confirm, and time until a consumer of
+    /// its queue has it.
+    pub(super) async fn round_trips(
+        &self,
+        queue: &str,
+        key: &str,
+        m: usize,
+        prefetch: u16,
+        bar: ProgressBar,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let (broker, publish, body) = (
+            self.broker.clone(),
+            self.publish.clone(),
+            Arc::clone(&self.body),
+        );
+        let (queue, key, exchange) = (queue.to_string(), key.to_string(), self.tasks_exchange());
+        self.handle
+            .spawn(async move {
+                let channel = broker.channel().await?;
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await?;
+                let mut consumer = channel
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                tokio::spawn(async move {
+                    while let Some(Ok(delivery)) = consumer.next().await {
+                        let at = Instant::now();
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        if tx.send(at).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let mut times = Vec::with_capacity(m);
+                for i in 0..m {
+                    let started = Instant::now();
+                    let id = format!("rtt-{i:032}");
+                    check(
+                        &publish_start(&publish, &exchange, &key, &body, &id)
+                            .await?
+                            .await?,
+                        &key,
+                    )?;
+                    let Some(at) = rx.recv().await else {
+                        bail!("raw round-trip consumer stopped");
+                    };
+                    times.push(at - started);
+                    bar.inc(1);
+                }
+                let _ = channel.close(200, "done".into()).await;
+                Ok(times)
+            })
+            .await?
+    }
+}
+
+/// The properties warren puts on every message (`Outgoing::persistent`).
+fn properties(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/msgpack".into())
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+        .with_timestamp(now_ms() / 1000)
+}
+
+async fn publish_start(
+    channel: &Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    id: &str,
+) -> Result<lapin::PublisherConfirm, lapin::Error> {
+    channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            body,
+            properties(id),
+        )
+        .await
+}
+
+fn check(confirmation: &Confirmation, key: &str) -> anyhow::Result<()> {
+    match confirmation {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => bail!("raw publish to {key}: unroutable"),
+        _ => bail!("raw publish to {key}: not confirmed"),
+    }
+}

@@ -1,0 +1,451 @@
+//! The scenarios. Each measures warren and its baseline in the same invocation, close together
+//! in time, so both see the same broker and the same machine load.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use warren_common::{JobId, Priority};
+use warren_producer::Job;
+
+use super::raw::Hop;
+use super::report::{Row, Target};
+use super::warren_side::{memory_mib, Watcher};
+use super::{Bench, Scenario};
+
+pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
+    let mut scenarios = b.args.scenarios.clone();
+    scenarios.sort();
+    scenarios.dedup();
+    let mut rows = Vec::new();
+    for scenario in scenarios {
+        match scenario {
+            Scenario::S1 => s1(b, &mut rows).await,
+            Scenario::S2 => s2(b, &mut rows).await,
+            Scenario::S3 => noisy_neighbour(b, &mut rows, false).await,
+            Scenario::S4 => noisy_neighbour(b, &mut rows, true).await,
+            Scenario::S5 => s5(b, &mut rows).await,
+            Scenario::S6 => s6(b, &mut rows).await,
+        }
+        .with_context(|| format!("scenario {scenario:?}"))?;
+    }
+    Ok(rows)
+}
+
+fn rate(n: usize, took: Duration) -> f64 {
+    n as f64 / took.as_secs_f64().max(1e-9)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The `q`-quantile (0..=1) of some durations, in ms (nearest rank).
+fn quantile_ms(times: &[Duration], q: f64) -> f64 {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    ms(sorted[rank - 1])
+}
+
+fn jobs(
+    pipeline: &str,
+    tenant: &str,
+    priority: Priority,
+    n: usize,
+    work_ms: u64,
+) -> (Vec<Job>, Vec<JobId>) {
+    let jobs: Vec<Job> = (0..n)
+        .map(|i| Job::new(pipeline, tenant, json!({"n": i, "work_ms": work_ms})).priority(priority))
+        .collect();
+    let ids = jobs.iter().map(|j| j.id).collect();
+    (jobs, ids)
+}
+
+/// How long after `start` the last of `done` came.
+fn span(start: Instant, done: &[Instant]) -> Duration {
+    done.iter()
+        .max()
+        .map_or(Duration::ZERO, |last| last.saturating_duration_since(start))
+}
+
+/// S1: bulk submit vs raw publish with the same confirm window; drain of a backlog by a worker vs
+/// raw consume+ack and raw relay (consume, publish a result with confirm, ack).
+async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = b.args.jobs;
+    let (pipeline, step, tenant) = ("one", "noop", "bulk");
+    let (raw_queue, raw_key) = b.raw.route(pipeline, step, Priority::Normal, tenant);
+
+    let bar = b.spinner("S1 raw publish");
+    let raw_publish = b.raw.publish(&raw_key, n).await?;
+    bar.finish_with_message(format!("{:.0} msg/s", rate(n, raw_publish)));
+    let only_ack = vec![Hop {
+        queue: raw_queue.clone(),
+        next: None,
+    }];
+    let bar = b.bar(n, "S1 raw consume+ack");
+    let raw_ack = b.raw.drain(only_ack, n, b.prefetch(), bar.clone()).await?;
+    bar.finish();
+
+    let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
+    let mut watcher = Watcher::start(&b.client).await?;
+    let bar = b.spinner("S1 warren submit");
+    let started = Instant::now();
+    b.client.submit_many(batch).await?;
+    let warren_submit = started.elapsed();
+    bar.finish_with_message(format!("{:.0} jobs/s", rate(n, warren_submit)));
+    let start = b
+        .start_worker(pipeline, &b.queue(pipeline, step, Priority::Normal, tenant))
+        .await?;
+    let bar = b.bar(n, "S1 warren drain");
+    let done = watcher.wait_all(&ids, b.args.patience, &bar).await?;
+    bar.finish();
+    let warren_drain = span(start, &done);
+    b.stop_worker().await?;
+
+    // The relay needs the backlog again; this publish is not timed.
+    b.raw.publish(&raw_key, n).await?;
+    let relay = vec![Hop {
+        queue: raw_queue,
+        next: Some((
+            b.raw.events_exchange(),
+            format!("result.succeeded.{pipeline}.{tenant}"),
+        )),
+    }];
+    let bar = b.bar(n, "S1 raw relay");
+    let raw_relay = b.raw.drain(relay, n, b.prefetch(), bar.clone()).await?;
+    bar.finish();
+
+    let drain = rate(n, warren_drain);
+    rows.push(Row::new(
+        "S1",
+        "submit_many vs raw publish",
+        "jobs/s",
+        rate(n, warren_submit),
+        Some(rate(n, raw_publish)),
+        Target::RatioAtLeast(0.8),
+    ));
+    rows.push(Row::new(
+        "S1",
+        "drain vs raw relay",
+        "jobs/s",
+        drain,
+        Some(rate(n, raw_relay)),
+        Target::RatioAtLeast(0.8),
+    ));
+    rows.push(Row::new(
+        "S1",
+        "drain vs raw consume+ack",
+        "jobs/s",
+        drain,
+        Some(rate(n, raw_ack)),
+        Target::Info,
+    ));
+    Ok(())
+}
+
+/// S2: a backlog through three no-op steps vs a raw 3-hop relay.
+async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = b.args.chain_jobs;
+    let (pipeline, tenant) = ("chain", "chain");
+    let route = |step| b.raw.route(pipeline, step, Priority::Normal, tenant);
+    let ((qa, ka), (qb, kb), (qc, kc)) = (route("a"), route("b"), route("c"));
+    b.raw.publish(&ka, n).await?;
+    let tasks = b.raw.tasks_exchange();
+    let hops = vec![
+        Hop {
+            queue: qa,
+            next: Some((tasks.clone(), kb)),
+        },
+        Hop {
+            queue: qb,
+            next: Some((tasks, kc)),
+        },
+        Hop {
+            queue: qc,
+            next: Some((
+                b.raw.events_exchange(),
+                format!("result.succeeded.{pipeline}.{tenant}"),
+            )),
+        },
+    ];
+    let bar = b.bar(n, "S2 raw 3-hop relay");
+    let raw = b.raw.drain(hops, n, b.prefetch(), bar.clone()).await?;
+    bar.finish();
+
+    let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
+    let mut watcher = Watcher::start(&b.client).await?;
+    b.client.submit_many(batch).await?;
+    let start = b
+        .start_worker(pipeline, &b.queue(pipeline, "a", Priority::Normal, tenant))
+        .await?;
+    let bar = b.bar(n, "S2 warren 3-step chain");
+    let done = watcher.wait_all(&ids, b.args.patience, &bar).await?;
+    bar.finish();
+    b.stop_worker().await?;
+    rows.push(Row::new(
+        "S2",
+        "3-step chain vs raw 3-hop relay",
+        "jobs/s",
+        rate(n, span(start, &done)),
+        Some(rate(n, raw)),
+        Target::RatioAtLeast(0.8),
+    ));
+    Ok(())
+}
+
+/// A tenant whose jobs land on shard `shard` of the bench pipelines (`same`) or on another one.
+fn tenant_near(b: &Bench, prefix: &str, shard: u16, same: bool) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|t| (b.shard(t) == shard) == same)
+        .expect("some tenant hashes there")
+}
+
+/// S3 (`priority` false): a small tenant on another shard than a noisy tenant's backlog. S4
+/// (`priority` true): the backlog is `low`, the small tenant's jobs `high` on the same shard.
+/// Each is compared with the small tenant's latency on the idle system, measured just before.
+async fn noisy_neighbour(b: &Bench, rows: &mut Vec<Row>, priority: bool) -> anyhow::Result<()> {
+    let name = if priority { "S4" } else { "S3" };
+    let label = name;
+    let pipeline = "work";
+    let noisy = "noisy";
+    let small = tenant_near(
+        b,
+        if priority { "urgent" } else { "small" },
+        b.shard(noisy),
+        priority,
+    );
+    let (flood_priority, small_priority) = if priority {
+        (Priority::Low, Priority::High)
+    } else {
+        (Priority::Normal, Priority::Normal)
+    };
+    let mut watcher = Watcher::start(&b.client).await?;
+    b.start_worker(pipeline, &b.queue(pipeline, "work", flood_priority, noisy))
+        .await?;
+
+    // A first batch, not counted: the first jobs after a worker starts (and after earlier
+    // scenarios) wait on one-off work (consumers still attaching, the results reader catching
+    // up), which is no part of an idle system's latency.
+    small_batch(
+        b,
+        &mut watcher,
+        &small,
+        small_priority,
+        &format!("{label} warm-up"),
+    )
+    .await?;
+    let idle = small_batch(
+        b,
+        &mut watcher,
+        &small,
+        small_priority,
+        &format!("{label} small tenant idle"),
+    )
+    .await?;
+
+    let (flood, flood_ids) = jobs(
+        pipeline,
+        noisy,
+        flood_priority,
+        b.args.flood,
+        b.args.work_ms,
+    );
+    let bar = b.spinner(&format!("{label} noisy tenant submit"));
+    let flood_started = Instant::now();
+    b.client.submit_many(flood).await?;
+    bar.finish();
+    let busy = small_batch(
+        b,
+        &mut watcher,
+        &small,
+        small_priority,
+        &format!("{label} small tenant in flood"),
+    )
+    .await?;
+    let bar = b.bar(flood_ids.len(), &format!("{label} noisy tenant drain"));
+    let flood_done = watcher.wait_all(&flood_ids, b.args.patience, &bar).await?;
+    bar.finish();
+    b.stop_worker().await?;
+
+    let p95_target = if priority {
+        Target::RatioAtMostAndBelow(5.0, 14.0)
+    } else {
+        Target::RatioAtMost(5.0)
+    };
+    let (p50, p95) = if priority {
+        (
+            "high p50 under low flood vs idle",
+            "high p95 under low flood vs idle",
+        )
+    } else {
+        (
+            "other-shard p50 under flood vs idle",
+            "other-shard p95 under flood vs idle",
+        )
+    };
+    rows.push(Row::new(
+        name,
+        p50,
+        "ms",
+        quantile_ms(&busy, 0.5),
+        Some(quantile_ms(&idle, 0.5)),
+        Target::Info,
+    ));
+    rows.push(Row::new(
+        name,
+        p95,
+        "ms",
+        quantile_ms(&busy, 0.95),
+        Some(quantile_ms(&idle, 0.95)),
+        p95_target,
+    ));
+    rows.push(Row::new(
+        name,
+        "noisy tenant's backlog drained in",
+        "s",
+        span(flood_started, &flood_done).as_secs_f64(),
+        None,
+        Target::Info,
+    ));
+    Ok(())
+}
+
+/// The small tenant's batch: latency of each job from the submit to its result.
+async fn small_batch(
+    b: &Bench,
+    watcher: &mut Watcher,
+    tenant: &str,
+    priority: Priority,
+    label: &str,
+) -> anyhow::Result<Vec<Duration>> {
+    let (batch, ids) = jobs("work", tenant, priority, b.args.small, b.args.work_ms);
+    let bar = b.bar(ids.len(), label);
+    let started = Instant::now();
+    b.client.submit_many(batch).await?;
+    let done = watcher.wait_all(&ids, b.args.patience, &bar).await?;
+    bar.finish();
+    Ok(done
+        .iter()
+        .map(|at| at.saturating_duration_since(started))
+        .collect())
+}
+
+/// S5: one job at a time on an idle worker, submit to result, vs a raw publish (with confirm)
+/// to consume round trip.
+async fn s5(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let m = b.args.latency_jobs;
+    let (pipeline, step, tenant) = ("one", "noop", "latency");
+    let mut watcher = Watcher::start(&b.client).await?;
+    b.start_worker(pipeline, &b.queue(pipeline, step, Priority::Normal, tenant))
+        .await?;
+    let bar = b.bar(m, "S5 warren one at a time");
+    let mut warren = Vec::with_capacity(m);
+    for i in 0..m {
+        let job = Job::new(pipeline, tenant, json!({"n": i}));
+        let started = Instant::now();
+        let id = b.client.submit(job).await?;
+        let done = watcher.wait_all(&[id], b.args.patience, &bar).await?;
+        warren.push(span(started, &done));
+    }
+    bar.finish();
+    b.stop_worker().await?;
+
+    let (queue, key) = b.raw.route(pipeline, step, Priority::Normal, tenant);
+    let bar = b.bar(m, "S5 raw round trips");
+    let raw = b
+        .raw
+        .round_trips(&queue, &key, m, b.prefetch(), bar.clone())
+        .await?;
+    bar.finish();
+    rows.push(Row::new(
+        "S5",
+        "submit to result p50 vs raw round trip",
+        "ms",
+        quantile_ms(&warren, 0.5),
+        Some(quantile_ms(&raw, 0.5)),
+        Target::RatioAtMost(2.0),
+    ));
+    rows.push(Row::new(
+        "S5",
+        "submit to result p99 vs raw round trip",
+        "ms",
+        quantile_ms(&warren, 0.99),
+        Some(quantile_ms(&raw, 0.99)),
+        Target::Info,
+    ));
+    Ok(())
+}
+
+/// S6: a worker process (this binary, `--serve-worker`): VmRSS when idle, and VmHWM (peak
+/// RSS) after it drained S1's load.
+async fn s6(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = b.args.jobs;
+    let (pipeline, step, tenant) = ("one", "noop", "memory");
+    let log = std::env::temp_dir().join(format!("{}-worker.log", b.config.broker.namespace));
+    let pid = b.spawn_worker_process(&log)?;
+    let measured = async {
+        super::warren_side::consuming(
+            b.client.broker(),
+            &b.queue(pipeline, step, Priority::Normal, tenant),
+            Duration::from_secs(60),
+        )
+        .await?;
+        // Let start-up allocations settle before calling it idle.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (idle, _) = memory_mib(pid)?;
+        let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
+        let mut watcher = Watcher::start(&b.client).await?;
+        let bar = b.bar(n, "S6 worker process load");
+        let started = Instant::now();
+        b.client.submit_many(batch).await?;
+        let done = watcher.wait_all(&ids, b.args.patience, &bar).await?;
+        bar.finish();
+        let (_, peak) = memory_mib(pid)?;
+        Ok::<_, anyhow::Error>((idle, peak, rate(n, span(started, &done))))
+    }
+    .await;
+    b.stop_worker_process().await;
+    let (idle, peak, rate) = match measured {
+        Ok(m) => m,
+        Err(e) => {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(e.context(format!(
+                "worker process log ({}): {}",
+                log.display(),
+                tail.join(" | ")
+            )));
+        }
+    };
+    let _ = std::fs::remove_file(&log);
+    rows.push(Row::new(
+        "S6",
+        "worker process RSS idle",
+        "MiB",
+        idle,
+        None,
+        Target::Below(20.0),
+    ));
+    rows.push(Row::new(
+        "S6",
+        "worker process RSS peak (VmHWM), S1 load",
+        "MiB",
+        peak,
+        None,
+        Target::Below(64.0),
+    ));
+    rows.push(Row::new(
+        "S6",
+        "worker process, submit and drain together",
+        "jobs/s",
+        rate,
+        None,
+        Target::Info,
+    ));
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! warren's side: real `warren_worker::Worker`s with no-op Rust handlers, run in-process on a
+//! tokio runtime of their own; a worker process for the memory figures; and a reader of the
+//! results stream that notes when each job's result arrived.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::ProgressBar;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use warren_broker::Broker;
+use warren_common::{now_ms, Config, JobId, JobStatus};
+use warren_producer::Client;
+use warren_worker::{handler_fn, StepContext, StepError, Worker, WorkerError};
+
+/// The no-op step: its output is its input, so a chain carries the payload along.
+async fn noop(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+    Ok(input)
+}
+
+/// A step that takes `work_ms` (default 1) of wall time without using the CPU.
+async fn work(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+    let ms = input.get("work_ms").and_then(Value::as_u64).unwrap_or(1);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(Value::Null)
+}
+
+/// A worker serving one pipeline of the bench config, with the bench's handlers.
+pub(super) fn worker(config: Config, pipeline: &str) -> Result<Worker, WorkerError> {
+    Worker::builder(config)
+        .pipeline(Some(pipeline.to_string()))
+        .shutdown_grace(Duration::from_secs(5))
+        .handler("noop", handler_fn(noop))
+        .handler("work", handler_fn(work))
+        .build()
+}
+
+/// An in-process worker; `stop` drains it.
+pub(super) struct Running {
+    stop: oneshot::Sender<()>,
+    join: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl Running {
+    pub(super) fn spawn(handle: &tokio::runtime::Handle, worker: Worker) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = handle.spawn(worker.run(async move {
+            let _ = stopped.await;
+        }));
+        Self { stop, join }
+    }
+
+    /// Asks it to drain and waits for it (at most `patience`).
+    pub(super) async fn stop(self, patience: Duration) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        match tokio::time::timeout(patience, self.join).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e).context("bench worker"),
+            Ok(Err(e)) => Err(e).context("bench worker task"),
+            Err(_) => bail!("bench worker did not stop within {patience:?}"),
+        }
+    }
+}
+
+/// Waits until `queue` has a consumer, i.e. a worker started serving it; returns that instant.
+pub(super) async fn consuming(
+    broker: &Broker,
+    queue: &str,
+    patience: Duration,
+) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + patience;
+    let channel = broker.channel().await?;
+    loop {
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("look at {queue}"))?;
+        if q.consumer_count() > 0 {
+            let _ = channel.close(200, "done".into()).await;
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!("no worker consumed {queue} within {patience:?}");
+        }
+        // Short, since the clock of a drain starts here.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Reads the results stream in a task of its own and notes when each result arrived.
+pub(super) struct Watcher {
+    rx: mpsc::UnboundedReceiver<(JobId, Instant, bool)>,
+    seen: HashMap<JobId, (Instant, bool)>,
+    /// Dropped with the watcher: the reader then closes its channel, so no stale stream
+    /// consumer keeps taking deliveries on the client's connection.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Watcher {
+    pub(super) async fn start(client: &Client) -> anyhow::Result<Self> {
+        // The stream starts at the chunk holding this second, so it misses nothing published
+        // from now on; older results are skipped by id.
+        let mut stream = client.results(now_ms().saturating_sub(1_000)).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop, mut stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    event = stream.next() => event,
+                    _ = &mut stopped => break,
+                };
+                let Ok(Some(event)) = event else { break };
+                let ok = event.status == JobStatus::Succeeded;
+                if tx.send((event.job_id, Instant::now(), ok)).is_err() {
+                    break;
+                }
+            }
+            stream.close().await;
+        });
+        Ok(Self {
+            rx,
+            seen: HashMap::new(),
+            _stop: stop,
+        })
+    }
+
+    /// When each of `ids` got its result (in the order of `ids`). Fails on a failed job (a bench
+    /// figure over failed jobs means nothing) or after `patience`.
+    pub(super) async fn wait_all(
+        &mut self,
+        ids: &[JobId],
+        patience: Duration,
+        bar: &ProgressBar,
+    ) -> anyhow::Result<Vec<Instant>> {
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut missing = ids.iter().filter(|id| !self.seen.contains_key(id)).count();
+        let wanted: std::collections::HashSet<&JobId> = ids.iter().collect();
+        bar.set_position((ids.len() - missing) as u64);
+        while missing > 0 {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.rx.recv()).await else {
+                bail!(
+                    "{missing} of {} results missing after {patience:?}",
+                    ids.len()
+                );
+            };
+            let Some((id, at, ok)) = next else {
+                bail!("the results stream closed");
+            };
+            if self.seen.insert(id, (at, ok)).is_none() && wanted.contains(&id) {
+                missing -= 1;
+                bar.inc(1);
+            }
+        }
+        ids.iter()
+            .map(|id| match self.seen[id] {
+                (at, true) => Ok(at),
+                (_, false) => bail!("job {id} failed; see `warren dlq list`"),
+            })
+            .collect()
+    }
+}
+
+/// VmRSS and VmHWM of a process, in MiB, from /proc/<pid>/status.
+pub(super) fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    match (field("VmRSS:"), field("VmHWM:")) {
+        (Some(rss), Some(hwm)) => Ok((rss, hwm)),
+        _ => bail!("no VmRSS/VmHWM in /proc/{pid}/status"),
+    }
+}

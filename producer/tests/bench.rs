@@ -1,0 +1,76 @@
+//! `warren bench` with tiny sizes against the real broker: a smoke test of the harness (every
+//! scenario reports numbers, the namespaces are gone afterwards). It never asserts timings.
+#![cfg(feature = "bench")]
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::Value;
+use warren_broker::depth::ready_messages;
+use warren_broker::Broker;
+use warren_common::Config;
+
+const WARREN: &str = env!("CARGO_BIN_EXE_warren");
+
+#[tokio::test]
+async fn bench_reports_every_scenario_and_cleans_up() {
+    let out = Command::new(WARREN)
+        .args([
+            "--json",
+            "bench",
+            "--jobs",
+            "200",
+            "--chain-jobs",
+            "100",
+            "--flood",
+            "200",
+        ])
+        .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
+        // Defaults plus WARREN_AMQP_URL, as on a machine without a warren.toml.
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    let scenarios: BTreeSet<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
+    assert_eq!(
+        scenarios,
+        ["S1", "S2", "S3", "S4", "S5", "S6"].into(),
+        "{report:#}"
+    );
+    for row in rows {
+        assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        if !row["baseline"].is_null() {
+            assert!(row["baseline"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+            assert!(row["ratio"].as_f64().is_some(), "{row}");
+        }
+        assert!(
+            row["target"].is_string() && row["metric"].is_string(),
+            "{row}"
+        );
+    }
+    // Both throw-away namespaces were deleted.
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
+    if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
+        config.broker.url = url;
+    }
+    let broker = Broker::connect(&config.broker).await.unwrap();
+    for queue in [
+        format!("{ns}.q.one.noop.normal.0"),
+        format!("{ns}-raw.q.one.noop.normal.0"),
+    ] {
+        assert_eq!(
+            ready_messages(&broker, &queue).await.unwrap(),
+            None,
+            "{queue} is left"
+        );
+    }
+    broker.close().await;
+}
