@@ -38,19 +38,44 @@ fn to_vec<T: serde::Serialize>(value: &T) -> Vec<u8> {
     rmp_serde::to_vec_named(value).expect("warren messages always serialise")
 }
 
-fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    // Read the version first, so a future format gets a clear error instead of a confusing
-    // "missing field".
-    #[derive(Deserialize)]
-    struct Version {
-        v: Option<u64>,
-    }
-    if let Ok(Version { v: Some(found) }) = rmp_serde::from_slice::<Version>(bytes) {
-        if found != u64::from(FORMAT_VERSION) {
-            return Err(DecodeError::Version { found });
+fn from_slice<T: DeserializeOwned + Versioned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    match rmp_serde::from_slice::<T>(bytes) {
+        Ok(msg) if msg.version() == FORMAT_VERSION => Ok(msg),
+        Ok(msg) => Err(DecodeError::Version {
+            found: u64::from(msg.version()),
+        }),
+        // Only now look at the version alone, so a future format gets a clear error instead
+        // of a confusing "missing field" (and a good message is parsed once, not twice).
+        Err(e) => {
+            #[derive(Deserialize)]
+            struct Version {
+                v: Option<u64>,
+            }
+            match rmp_serde::from_slice::<Version>(bytes) {
+                Ok(Version { v: Some(found) }) if found != u64::from(FORMAT_VERSION) => {
+                    Err(DecodeError::Version { found })
+                }
+                _ => Err(DecodeError::Malformed(e.to_string())),
+            }
         }
     }
-    rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+}
+
+/// Messages that carry the format version.
+trait Versioned {
+    fn version(&self) -> u32;
+}
+
+impl Versioned for Envelope {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl Versioned for ResultEvent {
+    fn version(&self) -> u32 {
+        self.v
+    }
 }
 
 #[cfg(test)]

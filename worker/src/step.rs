@@ -3,9 +3,11 @@
 //! Whatever happens, the delivery is acked exactly when its successor message is safe, or is
 //! returned to its queue; it is never dropped.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
@@ -69,31 +71,26 @@ impl Runner {
                 crate::command::run(argv, pass_env, &input, &ctx, timeout).await
             }
             Runner::Handler(handler) => {
-                // A task of its own, so a panic is caught as a JoinError and a timeout can abort it.
-                let task = tokio::spawn(handler(input, ctx));
-                let abort = task.abort_handle();
-                match tokio::time::timeout(timeout, task).await {
+                // Run inline (no task per step): a panic is caught here, and a timeout drops
+                // the future, which cancels the handler at its next await.
+                let attempt = AssertUnwindSafe(handler(input, ctx)).catch_unwind();
+                match tokio::time::timeout(timeout, attempt).await {
                     Ok(Ok(result)) => result,
-                    Ok(Err(join)) if join.is_panic() => Err(StepError::retryable(format!(
+                    Ok(Err(panic)) => Err(StepError::retryable(format!(
                         "handler panicked: {}",
-                        panic_text(join)
+                        panic_text(panic.as_ref())
                     ))),
-                    Ok(Err(_)) => Err(StepError::retryable("handler was cancelled")),
-                    Err(_) => {
-                        abort.abort();
-                        Err(StepError::retryable(format!(
-                            "timed out after {}",
-                            humantime::format_duration(timeout)
-                        )))
-                    }
+                    Err(_) => Err(StepError::retryable(format!(
+                        "timed out after {}",
+                        humantime::format_duration(timeout)
+                    ))),
                 }
             }
         }
     }
 }
 
-fn panic_text(join: tokio::task::JoinError) -> String {
-    let payload = join.into_panic();
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -232,18 +229,17 @@ async fn run_step(
     let took = started.elapsed();
     let took_ms = took.as_millis() as u64;
     // The output travels as the next step's input, so it obeys the same size limit.
-    let mut next = None;
+    // The successor, encoded once: for the size check and for the publish.
+    let mut next: Option<(Envelope, Vec<u8>)> = None;
     if let Ok(output) = result {
-        next = lane
-            .pipeline
-            .next_step(&env.step)
-            .map(|step| env.next(&step.name, Value::Null));
         let max = shared.config.broker.max_payload_bytes;
-        result = match &mut next {
-            Some(next) => {
-                next.input = output;
-                let body = encode(next);
-                match next.input_exceeds(body.len(), max) {
+        result = match lane.pipeline.next_step(&env.step) {
+            Some(step) => {
+                let successor = env.next(&step.name, output);
+                let body = encode(&successor);
+                let oversized = successor.input_exceeds(body.len(), max);
+                next = Some((successor, body));
+                match oversized {
                     Some(size) => Err(StepError::permanent(format!(
                         "output is {size} bytes, more than max_payload_bytes = {max}"
                     ))),
@@ -259,8 +255,11 @@ async fn run_step(
             debug!(took_ms, queue_wait_ms, "Step finished.");
             metrics.execution(pipeline, step, priority, Outcome::Succeeded, Some(took));
             match next {
-                Some(next) => {
-                    hand_off(shared, || publish_step(shared, &lane.pipeline, &next)).await
+                Some((next, body)) => {
+                    hand_off(shared, || {
+                        publish_step(shared, &lane.pipeline, &next, &body)
+                    })
+                    .await
                 }
                 None => {
                     metrics.job_finished(pipeline, priority, true, job_took());
@@ -335,15 +334,16 @@ where
     }
 }
 
+/// Publishes `env`, already encoded as `body`, to its step queue.
 async fn publish_step(
     shared: &Shared,
     pipeline: &PipelineConfig,
     env: &Envelope,
+    body: &[u8],
 ) -> Result<(), PublishError> {
     let shard = pipeline.shard_of(env.tenant.as_str());
     let key = Names::step_key(&pipeline.name, &env.step, env.priority, shard);
-    let body = encode(env);
-    let msg = Outgoing::persistent(&shared.tasks_exchange, &key, &body, &env.job_id.to_string());
+    let msg = Outgoing::persistent(&shared.tasks_exchange, &key, body, &env.job_id.to_string());
     timed_publish(shared, PublishKind::NextStep, msg).await
 }
 
@@ -372,7 +372,7 @@ async fn publish_retry(
 ) -> Result<(), PublishError> {
     let nominal_ms = nominal.as_millis() as u64;
     if nominal_ms == 0 {
-        return publish_step(shared, &lane.pipeline, env).await;
+        return publish_step(shared, &lane.pipeline, env, &encode(env)).await;
     }
     let shard = lane.pipeline.shard_of(env.tenant.as_str());
     let key = Names::step_key(&lane.pipeline.name, &env.step, env.priority, shard);
