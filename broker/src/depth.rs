@@ -2,7 +2,8 @@
 //!
 //! A passive declare answers with two numbers: the messages *ready* for delivery and the
 //! *consumers* attached. Messages delivered but not yet acked (a worker's prefetch, the steps it
-//! is running) are in neither; only the management API (`messages_unacknowledged`) has them.
+//! is running) are in neither; only the management API (`messages_unacknowledged`) has them:
+//! [`add_unacked`] fills them in when `[broker] management_url` is set.
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -11,6 +12,7 @@ use warren_common::{Config, Priority};
 
 use crate::connection::Broker;
 use crate::error::BrokerError;
+use crate::management::Management;
 use crate::names::Names;
 
 /// Ready (not yet delivered) messages in `queue`, or `None` when the queue does not exist.
@@ -39,6 +41,16 @@ pub struct QueueDepth {
     pub ready: Option<u32>,
     /// Consumers attached; `None` when the queue does not exist.
     pub consumers: Option<u32>,
+    /// Delivered but not yet acked; `None` unless read from the management API.
+    pub unacked: Option<u64>,
+}
+
+impl QueueDepth {
+    /// The work waiting in the queue or in a consumer's hands: ready plus unacked (as far as
+    /// it is known).
+    pub fn backlog(&self) -> u64 {
+        u64::from(self.ready.unwrap_or(0)) + self.unacked.unwrap_or(0)
+    }
 }
 
 /// Every step queue of `config`, in plan order (pipeline, step, priority, shard).
@@ -77,12 +89,27 @@ pub async fn read_depths(
             queue: queue.clone(),
             ready: found.map(|(ready, _)| ready),
             consumers: found.map(|(_, consumers)| consumers),
+            unacked: None,
         });
     }
     if let Some(channel) = channel {
         let _ = channel.close(200, "done".into()).await;
     }
     Ok(depths)
+}
+
+/// Fills in the unacked count of every queue that exists, from the management API. A queue
+/// the API does not list yet (just declared) counts 0.
+pub async fn add_unacked(
+    management: &Management,
+    namespace_prefix: &str,
+    depths: &mut [QueueDepth],
+) -> Result<(), BrokerError> {
+    let unacked = management.unacked(namespace_prefix).await?;
+    for d in depths.iter_mut().filter(|d| d.ready.is_some()) {
+        d.unacked = Some(unacked.get(&d.queue.name).copied().unwrap_or(0));
+    }
+    Ok(())
 }
 
 /// (ready, consumers) of `queue`, or `None` if it does not exist. Reuses `channel` while it
@@ -130,6 +157,26 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::path::Path;
+
+    #[test]
+    fn backlog_is_ready_plus_what_is_known_unacked() {
+        let queue = StepQueue {
+            name: "ns.q.p.a.normal.0".into(),
+            pipeline: "p".into(),
+            step: "a".into(),
+            priority: Priority::Normal,
+            shard: 0,
+        };
+        let depth = |ready, unacked| QueueDepth {
+            queue: queue.clone(),
+            ready,
+            consumers: ready.map(|_| 1),
+            unacked,
+        };
+        assert_eq!(depth(Some(7), None).backlog(), 7);
+        assert_eq!(depth(Some(7), Some(5)).backlog(), 12);
+        assert_eq!(depth(None, None).backlog(), 0);
+    }
 
     #[test]
     fn step_queues_match_the_plan() {

@@ -11,6 +11,8 @@ pub enum BrokerError {
     // print it twice.
     #[error("{action}: {cause}")]
     Amqp { action: String, cause: lapin::Error },
+    #[error("RabbitMQ management API at {url}: {reason}")]
+    Management { url: String, reason: String },
 }
 
 impl BrokerError {
@@ -24,6 +26,7 @@ impl BrokerError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             BrokerError::Connect { .. } => true,
+            BrokerError::Management { .. } => false,
             BrokerError::Amqp { cause, .. } => {
                 cause.is_io_error() || cause.is_amqp_hard_error() || !cause.can_be_recovered()
             }

@@ -1,12 +1,14 @@
 //! RabbitMQ for warren: every exchange and queue name ([`names`]), the topology a config implies
 //! and its declaration ([`topology`]), pooled connections ([`Broker`]), publishing that waits for
-//! the broker's confirm ([`publish`]), and queue-depth reads ([`depth`]).
+//! the broker's confirm ([`publish`]), queue-depth reads ([`depth`]), and the unacked counts
+//! only the management API has ([`management`]).
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
 pub mod connection;
 pub mod depth;
 pub mod error;
+pub mod management;
 pub mod names;
 pub mod publish;
 pub mod topology;
@@ -14,6 +16,7 @@ pub mod topology;
 pub use connection::Broker;
 pub use error::{BrokerError, PublishError, TopologyError};
 pub use lapin;
+pub use management::Management;
 pub use names::Names;
 pub use publish::{Outgoing, PendingConfirm, Publisher};
 pub use topology::Topology;

@@ -60,10 +60,15 @@ impl Names {
     /// `<ns>.q.<pipeline>.<step>.<priority>.<shard>`.
     pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
         format!(
-            "{}.q.{}",
-            self.ns,
+            "{}{}",
+            self.step_queue_prefix(),
             Self::step_key(pipeline, step, priority, shard)
         )
+    }
+
+    /// What every step queue's name starts with: `<ns>.q.`.
+    pub fn step_queue_prefix(&self) -> String {
+        format!("{}.q.", self.ns)
     }
 
     /// `result.<status>.<pipeline>.<tenant>` on the events exchange.

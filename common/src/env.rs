@@ -9,6 +9,8 @@ pub const ENV_WARREN_CONFIG: &str = "WARREN_CONFIG";
 pub const ENV_WARREN_AMQP_URL: &str = "WARREN_AMQP_URL";
 /// Overrides `[broker] namespace`.
 pub const ENV_WARREN_NAMESPACE: &str = "WARREN_NAMESPACE";
+/// Overrides `[broker] management_url`.
+pub const ENV_WARREN_MANAGEMENT_URL: &str = "WARREN_MANAGEMENT_URL";
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const ENV_WARREN_LOG: &str = "WARREN_LOG";
 

@@ -43,6 +43,9 @@ pub fn init(format: LogFormat, env: &dyn Env) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
+        // A closed stderr (the supervisor that read it died) must not turn a log line into a
+        // panic: the default reports the failed write with `eprintln!`, which panics then.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

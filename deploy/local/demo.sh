@@ -11,7 +11,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WARREN_ROOT"
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 ensure_broker
-ensure_python3 # the example steps are Python programs
+ensure_management # unacked counts for the supervisor's backlog
+ensure_python3    # the example steps are Python programs
 
 log "building (cargo build --workspace)"
 cargo build --workspace --quiet
@@ -62,7 +63,11 @@ log "namespace $WARREN_NAMESPACE"
 TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
-# One pool for the pipeline: 1 to 3 workers, one per 10 ready messages; a worker is drained
+# The supervisor counts messages its workers hold unacked as backlog too, when it can read them.
+if [ -z "${WARREN_MANAGEMENT_URL:-}" ] && port_answers "$WARREN_BROKER_HOST" "$WARREN_MANAGEMENT_PORT"; then
+    export WARREN_MANAGEMENT_URL="http://$WARREN_BROKER_HOST:$WARREN_MANAGEMENT_PORT"
+fi
+# One pool for the pipeline: 1 to 3 workers, one per 10 queued messages; a worker is drained
 # once the queues have been quieter for 10 s. Workers log into the same file, prefixed `reports#N`.
 "$BIN/warren-worker" supervise --config "$CONFIG" --min 1 --max 3 --target-backlog 10 \
     --interval 1s --scale-down-after 10s >"$LOG_DIR/supervisor.log" 2>&1 &

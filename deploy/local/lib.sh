@@ -7,6 +7,8 @@
 
 WARREN_BROKER_HOST=127.0.0.1
 WARREN_BROKER_PORT=5672
+# RabbitMQ's management API (plugin rabbitmq_management), for unacked counts.
+WARREN_MANAGEMENT_PORT=15672
 # How long to wait for a broker we started before giving up.
 WARREN_BROKER_WAIT_SECS=${WARREN_BROKER_WAIT_SECS:-60}
 
@@ -94,6 +96,37 @@ ensure_prometheus() {
     command -v prometheus >/dev/null 2>&1 || die "prometheus still missing after install"
 }
 
+# RabbitMQ's management API on 127.0.0.1:15672: the only source of unacked counts (`warren queues`,
+# the supervisor; docs/config.md `management_url`). Enabling the plugin on a running node needs no
+# restart. Skipped for a broker elsewhere (WARREN_AMQP_URL): set WARREN_MANAGEMENT_URL for it.
+ensure_management() {
+    if [ -n "${WARREN_MANAGEMENT_URL:-}" ]; then
+        log "management API: $WARREN_MANAGEMENT_URL (from WARREN_MANAGEMENT_URL)"
+        return 0
+    fi
+    if ! _broker_is_local; then
+        log "WARREN_AMQP_URL points elsewhere; set WARREN_MANAGEMENT_URL for its management API"
+        return 0
+    fi
+    if port_answers "$WARREN_BROKER_HOST" "$WARREN_MANAGEMENT_PORT"; then
+        return 0
+    fi
+    if ! _rabbitmq_booted; then
+        log "no local RabbitMQ node to enable the management plugin on; set WARREN_MANAGEMENT_URL"
+        return 0
+    fi
+    log "enabling the rabbitmq_management plugin (for unacked queue counts)"
+    as_root rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null ||
+        die "rabbitmq-plugins enable rabbitmq_management failed"
+    local deadline=$((SECONDS + WARREN_BROKER_WAIT_SECS))
+    until port_answers "$WARREN_BROKER_HOST" "$WARREN_MANAGEMENT_PORT"; do
+        [ "$SECONDS" -ge "$deadline" ] &&
+            die "the management API did not answer on $WARREN_BROKER_HOST:$WARREN_MANAGEMENT_PORT within ${WARREN_BROKER_WAIT_SECS}s"
+        sleep 1
+    done
+    log "management API answers on $WARREN_BROKER_HOST:$WARREN_MANAGEMENT_PORT"
+}
+
 install_rabbitmq() {
     log "rabbitmq-server not found; installing it from the OS packages"
     _block_service_starts
@@ -172,22 +205,25 @@ wait_for_rabbitmq() {
     log "RabbitMQ is up"
 }
 
+# False when WARREN_AMQP_URL (which warren itself reads too) names a broker of your own elsewhere:
+# then there is nothing to install, start or configure here.
+_broker_is_local() {
+    [ -z "${WARREN_AMQP_URL:-}" ] && return 0
+    local rest=${WARREN_AMQP_URL#*://}
+    rest=${rest%%/*} # host part only: user:pass@host:port
+    rest=${rest##*@} # drop the credentials
+    case "$rest" in
+    127.0.0.1 | localhost | 127.0.0.1:5672 | localhost:5672) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
 # Makes sure a RabbitMQ answers on 127.0.0.1:5672: nothing to do when one does (the fast path),
 # else install it if missing, start it and wait for it.
 ensure_broker() {
-    # A broker of your own elsewhere (WARREN_AMQP_URL, which warren itself reads too): nothing to
-    # install or start here.
-    if [ -n "${WARREN_AMQP_URL:-}" ]; then
-        local rest=${WARREN_AMQP_URL#*://}
-        rest=${rest%%/*}     # host part only: user:pass@host:port
-        rest=${rest##*@}     # drop the credentials
-        case "$rest" in
-        127.0.0.1 | localhost | 127.0.0.1:5672 | localhost:5672) ;;
-        *)
-            log "WARREN_AMQP_URL points at $rest; not managing a local broker"
-            return 0
-            ;;
-        esac
+    if ! _broker_is_local; then
+        log "WARREN_AMQP_URL points elsewhere; not managing a local broker"
+        return 0
     fi
     if port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; then
         log "RabbitMQ answers on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: makes sure the local RabbitMQ the integration tests talk to answers
-# (installing and starting it when needed) and that Prometheus is installed (the dashboard test
-# runs one), then `cargo test --workspace`. Extra arguments go to
+# (installing and starting it when needed, with its management plugin for the unacked-count
+# tests) and that Prometheus is installed (the dashboard test runs one), then
+# `cargo test --workspace`. Extra arguments go to
 # cargo test, e.g. `deploy/local/test.sh -p warren-common` or `deploy/local/test.sh -- --nocapture`.
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -10,6 +11,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WARREN_ROOT"
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 ensure_broker
+ensure_management
 ensure_prometheus
 
 exec cargo test --workspace "$@"

@@ -47,14 +47,36 @@ handler = "hello"
     fn warren(&self, args: &[&str], stdin: Option<&str>) -> Output {
         run_warren(&self.config, args, stdin)
     }
+
+    /// The namespace's config as warren reads it (for shards and queue names).
+    fn load_config(&self) -> warren_common::Config {
+        warren_common::Config::load(Some(&self.config), &std::collections::HashMap::new()).unwrap()
+    }
+
+    /// `warren` with the management API at `url` (`WARREN_MANAGEMENT_URL`).
+    fn warren_with_management(&self, args: &[&str], url: &str) -> Output {
+        warren_command(&self.config, args)
+            .env("WARREN_MANAGEMENT_URL", url)
+            .output()
+            .unwrap()
+    }
+}
+
+/// `warren --config <config> <args>`, without a management URL from the caller's environment
+/// (tests that want one set it).
+fn warren_command(config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(WARREN);
+    command
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("WARREN_MANAGEMENT_URL");
+    command
 }
 
 /// Runs `warren --config <config> <args>`, feeding `stdin`.
 fn run_warren(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(WARREN)
-        .arg("--config")
-        .arg(config)
-        .args(args)
+    let mut child = warren_command(config, args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -100,8 +122,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         "{}",
         text(&out.stdout)
     );
-    let config =
-        warren_common::Config::load(Some(&ns.config), &std::collections::HashMap::new()).unwrap();
+    let config = ns.load_config();
     let worker = Worker::builder(config)
         .handler("hello", handler_fn(hello))
         .shutdown_grace(Duration::from_millis(100))
@@ -398,8 +419,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
     assert!(out.status.success(), "{out:?}");
 
     // When `warren queues --json` runs, then each job is counted in its tenant's shard
-    let config =
-        warren_common::Config::load(Some(&ns.config), &std::collections::HashMap::new()).unwrap();
+    let config = ns.load_config();
     let greet = &config.pipelines[0];
     let out = ns.warren(&["queues", "--json", "--pipeline", "greet"], None);
     assert!(out.status.success(), "{out:?}");
@@ -436,7 +456,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .collect();
     assert_eq!(
         totals,
-        ["greet", "hello", "7", "2", "5", "0", "0"],
+        ["greet", "hello", "7", "2", "5", "0", "-", "0"],
         "{table}"
     );
     let out = ns.warren(&["queues", "--all"], None);
@@ -451,4 +471,109 @@ fn queues_reports_ready_messages_per_queue_and_step() {
     // And an unknown pipeline is an error
     let out = ns.warren(&["queues", "--pipeline", "nope"], None);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// The management API of the test broker: `WARREN_MANAGEMENT_URL`, else the local one that
+/// `deploy/local/test.sh` enables.
+fn management_url() -> String {
+    std::env::var("WARREN_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queues_reports_unacked_messages_from_the_management_api() {
+    use warren_broker::lapin::options::{BasicConsumeOptions, BasicQosOptions};
+    use warren_broker::lapin::types::FieldTable;
+
+    // Given 3 jobs of one tenant, held unacked by a consumer that never acks
+    let ns = Namespace::new();
+    let out = ns.warren(&["topology", "apply"], None);
+    assert!(out.status.success(), "{out:?}");
+    let bulk = "{\"tenant\": \"acme\", \"payload\": {\"name\": \"a\"}}\n".repeat(3);
+    let out = ns.warren(
+        &["submit", "--bulk", "-", "--pipeline", "greet"],
+        Some(&bulk),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let config = ns.load_config();
+    let shard = config.pipelines[0].shard_of("acme");
+    let queue = warren_broker::Names::new(&config.broker.namespace).step_queue(
+        "greet",
+        "hello",
+        warren_common::Priority::Normal,
+        shard,
+    );
+    let broker = warren_broker::Broker::connect(&config.broker)
+        .await
+        .unwrap();
+    let channel = broker.channel().await.unwrap();
+    channel
+        .basic_qos(10, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let _holder = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    // When `warren queues --json` runs with the management API, then the 3 show as unacked (the
+    // broker refreshes these counts every 5 s, hence the patience), not ready
+    let url = management_url();
+    let mut row = Value::Null;
+    for _ in 0..40 {
+        let out = ns.warren_with_management(&["queues", "--json"], &url);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "is the management plugin on? {}",
+            text(&out.stderr)
+        );
+        row = text(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["queue"] == json!(queue))
+            .unwrap();
+        if row["unacked"] == json!(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(row["unacked"], json!(3), "{row}");
+    assert_eq!(row["ready"], json!(0), "{row}");
+    assert_eq!(row["consumers"], json!(1), "{row}");
+
+    // And the table shows the queue (it holds work, though none is ready) and the step's total
+    let out = ns.warren_with_management(&["queues"], &url);
+    let table = text(&out.stdout);
+    let line: Vec<_> = table
+        .lines()
+        .find(|l| l.starts_with(&queue))
+        .expect("the queue with unacked messages is listed")
+        .split_whitespace()
+        .collect();
+    assert_eq!(line, [queue.as_str(), "0", "3", "1"], "{table}");
+
+    // And with wrong credentials the ready counts still come, unacked is null, and stderr says why
+    let wrong = url.replacen("://", "://nobody:wrong@", 1);
+    let out = ns.warren_with_management(&["queues", "--json"], &wrong);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text(&out.stderr).contains("401"), "{out:?}");
+    assert!(
+        !text(&out.stderr).contains("wrong@"),
+        "password shown: {out:?}"
+    );
+    let rows: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(rows
+        .iter()
+        .all(|r| r["unacked"].is_null() && r["ready"] == json!(0)));
+
+    channel.close(200, "done".into()).await.unwrap();
+    broker.close().await;
 }

@@ -12,11 +12,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use warren_common::Priority;
 use warren_producer::{Client, Job};
-use warren_tests::{eventually, test_worker_bin, TestNamespace};
+use warren_tests::{eventually, http_get as get, management_url, test_worker_bin, TestNamespace};
 
 const PIPELINE: &str = r#"
 [[pipelines]]
@@ -73,18 +71,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A plain HTTP/1.1 GET of `path` (already encoded): (status, body).
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.ok()?;
-    let status = text.get(9..12)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((status, body.to_string()))
 }
 
 /// Every `expr` of every panel (nested rows included) of a dashboard, with the panel's title.
@@ -177,6 +163,8 @@ async fn every_dashboard_query_returns_data_from_a_live_prometheus() {
             .args(["--metrics-addr", &format!("127.0.0.1:{sup_port}")])
             .args(["--worker-metrics-base", &worker_base.to_string()])
             .env_remove("WARREN_AMQP_URL")
+            // For warren_queue_messages_unacked.
+            .env("WARREN_MANAGEMENT_URL", management_url())
             .env(warren_tests::ENV_TEST_DIR, ns.markers())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(ns.dir.join("supervisor.log")).unwrap())
@@ -229,20 +217,22 @@ async fn every_dashboard_query_returns_data_from_a_live_prometheus() {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         for (title, expr) in panel_queries(&dashboard) {
             let query = substitute(&expr);
-            let encoded: String = url::form_urlencoded::byte_serialize(query.as_bytes()).collect();
+            let encoded = reqwest::Url::parse_with_params("http://x/", [("query", &query)])
+                .expect("a valid query string");
+            let encoded = encoded.query().expect("just set");
             // A series that needs one more scrape (a rate over a fresh counter) gets a moment.
             let deadline = Instant::now() + Duration::from_secs(10);
             let (ok, outcome) = loop {
-                let (ok, outcome) =
-                    match get(prom_port, &format!("/api/v1/query?query={encoded}")).await {
-                        Some((200, body)) => {
-                            let answer: Value = serde_json::from_str(&body).unwrap_or_default();
-                            let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
-                            (series > 0, format!("{series} series"))
-                        }
-                        Some((status, body)) => (false, format!("HTTP {status}: {body}")),
-                        None => (false, "no answer".to_string()),
-                    };
+                let (ok, outcome) = match get(prom_port, &format!("/api/v1/query?{encoded}")).await
+                {
+                    Some((200, body)) => {
+                        let answer: Value = serde_json::from_str(&body).unwrap_or_default();
+                        let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
+                        (series > 0, format!("{series} series"))
+                    }
+                    Some((status, body)) => (false, format!("HTTP {status}: {body}")),
+                    None => (false, "no answer".to_string()),
+                };
                 if ok || Instant::now() > deadline {
                     break (ok, outcome);
                 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use warren_common::{JobStatus, Priority};
 use warren_producer::Job;
@@ -27,16 +26,11 @@ handler = "work"
 backoff = ["100ms"]
 "#;
 
-/// A plain HTTP/1.1 GET: (status, body).
+/// GET from a port that must answer: (status, body).
 pub(crate) async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, body.to_string())
+    warren_tests::http_get(port, path)
+        .await
+        .unwrap_or_else(|| panic!("nothing answers on port {port}"))
 }
 
 /// `name{labels} value` lines of the text format, by everything before the value.
@@ -93,10 +87,15 @@ async fn worker_metrics_count_what_happened() {
         JobStatus::Succeeded,
         JobStatus::Failed,
     ]) {
-        let result = client
-            .wait(*id, Duration::from_secs(30))
-            .await
-            .unwrap_or_else(|e| panic!("job {id}: {e}; worker log:\n{}", worker.log_text()));
+        let result = match client.wait(*id, Duration::from_secs(30)).await {
+            Ok(result) => result,
+            // Where the job is helps tell a lost message from a lost result.
+            Err(e) => panic!(
+                "job {id}: {e}; queues: {:?}; worker log:\n{}",
+                ns.work_queue_depths().await,
+                worker.log_text()
+            ),
+        };
         assert_eq!(result.status, want, "{result:?}");
     }
     let broker = ns.broker().await;

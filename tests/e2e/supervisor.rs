@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_common::JobStatus;
 use warren_producer::Job;
 use warren_tests::{collect_results, eventually, TestNamespace};
@@ -53,19 +52,27 @@ fn read_sample(text: &str, t0: Instant) -> Option<Sample> {
 
 /// The /metrics text, or `None` while nothing answers (the supervisor is starting).
 async fn try_metrics(port: u16) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let request = "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(2), stream.read_to_string(&mut text))
-        .await
-        .ok()?
-        .ok()?;
-    text.starts_with("HTTP/1.1 200")
-        .then(|| text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))
-        .flatten()
+    match warren_tests::http_get(port, "/metrics").await? {
+        (200, body) => Some(body),
+        _ => None,
+    }
+}
+
+/// Whether `pid` runs: it exists and is not a zombie (an orphan's exit is reaped by whatever
+/// init the machine has, maybe late).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let state = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .next()?
+                .to_string();
+            Some(state != "Z" && state != "X")
+        })
+        .unwrap_or(false)
 }
 
 /// The supervisor's own log lines (its workers' lines are prefixed, so not JSON).
@@ -318,5 +325,51 @@ async fn supervisor_scales_with_the_backlog_and_drains_on_sigterm() {
     assert!(
         drained.iter().all(|l| l["status"] == "exit status: 0"),
         "{drained:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_drain_when_their_supervisor_is_killed() {
+    // Given a supervisor that keeps 2 workers
+    let ns = TestNamespace::new(PIPELINE).await;
+    let mut sup = ns.spawn_supervisor(&[
+        "--min",
+        "2",
+        "--max",
+        "2",
+        "--target-backlog",
+        "20",
+        "--interval",
+        "500ms",
+        "--worker-metrics-base",
+        "0",
+        "--log-format",
+        "json",
+    ]);
+    let pids = || -> Vec<i32> {
+        json_lines(&sup.log_text())
+            .iter()
+            .filter(|l| l["message"] == "Started a worker.")
+            .filter_map(|l| l["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
+    };
+    let started = eventually(Duration::from_secs(20), || async { pids().len() == 2 }).await;
+    assert!(started, "never 2 workers:\n{}", sup.log_text());
+    let workers = pids();
+
+    // When the supervisor is SIGKILLed (it cannot drain them itself)
+    sup.kill_hard();
+
+    // Then each worker notices within a few seconds and exits
+    let all_gone = eventually(Duration::from_secs(20), || async {
+        workers.iter().all(|pid| !alive(*pid))
+    })
+    .await;
+    // Not our children: whether they exited cleanly is in their log lines, not a status.
+    assert!(
+        all_gone,
+        "workers {workers:?} outlived their supervisor:\n{}",
+        sup.log_text()
     );
 }

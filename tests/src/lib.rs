@@ -106,6 +106,8 @@ impl TestNamespace {
             .arg(config)
             .args(extra)
             .env_remove("WARREN_AMQP_URL")
+            // Backlogs are the ready messages alone unless a test asks for unacked counts too.
+            .env_remove("WARREN_MANAGEMENT_URL")
             // Any free port: tests run many workers at once. A test that wants to scrape a
             // worker passes --metrics-addr itself.
             .env("WARREN_METRICS_ADDR", "127.0.0.1:0")
@@ -298,6 +300,25 @@ pub async fn collect_results(
     }
     stream.close().await;
     found
+}
+
+/// GET `path` (with its query, already encoded) from `127.0.0.1:port`: (status, body), or
+/// `None` when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let response = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// The management API of the test broker: `WARREN_MANAGEMENT_URL`, else the local one that
+/// `deploy/local/test.sh` enables.
+pub fn management_url() -> String {
+    std::env::var("WARREN_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.

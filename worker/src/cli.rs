@@ -145,7 +145,21 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
             tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
             tokio::spawn(crate::metrics::serve(listener, worker.metrics()));
         }
-        worker.run(signals.recv()).await
+        // Started by a supervisor: also drain when it dies, so no worker outlives it.
+        let supervisor = std::env::var(crate::shutdown::ENV_SUPERVISOR_PID)
+            .ok()
+            .and_then(|pid| pid.parse::<u32>().ok());
+        worker
+            .run(async move {
+                match supervisor {
+                    Some(pid) => tokio::select! {
+                        _ = signals.recv() => {}
+                        _ = crate::shutdown::parent_gone(pid) => {}
+                    },
+                    None => signals.recv().await,
+                }
+            })
+            .await
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,

@@ -40,6 +40,27 @@ impl Signals {
     }
 }
 
+/// Env var through which the supervisor tells its workers its pid.
+pub const ENV_SUPERVISOR_PID: &str = "WARREN_SUPERVISOR_PID";
+
+/// Resolves once this process's parent is no longer `parent` (it died, even by SIGKILL, and the
+/// process was handed to init), so a supervised worker drains instead of running on unwatched.
+/// Polls once a second: Linux's parent-death signal needs `unsafe` in `pre_exec`.
+pub async fn parent_gone(parent: u32) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let now = nix::unistd::getppid().as_raw();
+        if u32::try_from(now).ok() != Some(parent) {
+            tracing::warn!(
+                supervisor_pid = parent,
+                "The supervisor is gone; draining and exiting."
+            );
+            return;
+        }
+    }
+}
+
 /// Installs the handlers and waits for the first signal.
 pub async fn signal() {
     Signals::install().recv().await

@@ -1,7 +1,8 @@
 //! `warren-worker supervise`: keeps pools of local worker processes sized to their backlog.
 //!
-//! A pool is a pipeline, or one step of it. Every `interval` the supervisor reads the ready
-//! messages of the pool's step queues (passive declares, see `warren_broker::depth`) and sizes
+//! A pool is a pipeline, or one step of it. Every `interval` the supervisor reads the backlog of
+//! the pool's step queues: ready messages (passive declares, see `warren_broker::depth`) plus,
+//! when `[broker] management_url` is set, the messages workers hold unacked. It sizes
 //! the pool to `clamp(ceil(backlog / target_backlog), min, max)`: up at once, down only once the
 //! wanted count has stayed lower for `scale_down_after`. Scaling down sends SIGTERM, so the
 //! worker drains (finishes its steps, returns its prefetch) and nothing is lost. Workers are
@@ -26,8 +27,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 use tracing::{debug, info, warn};
-use warren_broker::depth::{read_depths, step_queues, StepQueue};
-use warren_broker::Broker;
+use warren_broker::depth::{add_unacked, read_depths, step_queues, StepQueue};
+use warren_broker::{Broker, Management, Names};
 use warren_common::telemetry::LogFormat;
 use warren_common::Config;
 
@@ -39,6 +40,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9478";
 /// Every metric name the supervisor exports (docs/metrics.md documents each).
 pub const NAMES: &[&str] = &[
     "warren_queue_messages",
+    "warren_queue_messages_unacked",
     "warren_supervisor_workers_desired",
     "warren_supervisor_workers_running",
     "warren_supervisor_restarts_total",
@@ -216,6 +218,7 @@ pub fn plan_pools(
 pub struct SupervisorMetrics {
     registry: Registry,
     queue_messages: IntGaugeVec,
+    queue_unacked: IntGaugeVec,
     desired: IntGaugeVec,
     running: IntGaugeVec,
     restarts: IntCounterVec,
@@ -235,6 +238,11 @@ impl SupervisorMetrics {
         let queue_messages = gauge(
             "warren_queue_messages",
             "Ready messages in each step queue.",
+            &["pipeline", "step", "priority", "shard"],
+        );
+        let queue_unacked = gauge(
+            "warren_queue_messages_unacked",
+            "Messages delivered to workers but not yet acked, in each step queue (management API).",
             &["pipeline", "step", "priority", "shard"],
         );
         let desired = gauge(
@@ -267,6 +275,7 @@ impl SupervisorMetrics {
         Self {
             registry,
             queue_messages,
+            queue_unacked,
             desired,
             running,
             restarts,
@@ -367,6 +376,9 @@ struct Supervisor {
     used_slots: BTreeSet<usize>,
     broker: Option<Broker>,
     broker_down_logged: bool,
+    /// Where unacked counts come from, if configured.
+    management: Option<Management>,
+    management_down_logged: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -403,6 +415,8 @@ pub async fn run(
 ) -> Result<(), SupervisorError> {
     let p = options.policy;
     let specs = check(&config, &options)?;
+    let management = Management::from_config(&config.broker)
+        .map_err(|e| SupervisorError::Setup(e.to_string()))?;
     let queues: Vec<StepQueue> = step_queues(&config)
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
@@ -434,6 +448,8 @@ pub async fn run(
         used_slots: BTreeSet::new(),
         broker: None,
         broker_down_logged: false,
+        management,
+        management_down_logged: false,
     };
     info!(
         pools = %sup.pools.iter().map(|p| p.spec.name.as_str()).collect::<Vec<_>>().join(","),
@@ -492,7 +508,7 @@ impl Supervisor {
             }
         }
         let broker = self.broker.as_ref()?;
-        let depths = match read_depths(broker, &self.queues).await {
+        let mut depths = match read_depths(broker, &self.queues).await {
             Ok(d) => d,
             Err(e) => {
                 if e.is_connection_lost() {
@@ -508,30 +524,44 @@ impl Supervisor {
             info!("Reading queue depths again.");
             self.broker_down_logged = false;
         }
+        if let Some(management) = &self.management {
+            // Without it the backlog is the ready messages alone, as without a management_url.
+            let prefix = Names::new(&config.broker.namespace).step_queue_prefix();
+            match add_unacked(management, &prefix, &mut depths).await {
+                Ok(()) if self.management_down_logged => {
+                    info!("Reading unacked counts again.");
+                    self.management_down_logged = false;
+                }
+                Ok(()) => {}
+                Err(e) if !self.management_down_logged => {
+                    warn!(error = %e, "Cannot read unacked counts; sizing on ready messages alone.");
+                    self.management_down_logged = true;
+                }
+                Err(_) => {}
+            }
+        }
         for d in &depths {
+            let q = &d.queue;
+            let labels = [
+                q.pipeline.as_str(),
+                q.step.as_str(),
+                q.priority.as_str(),
+                &q.shard.to_string(),
+            ];
             if let Some(ready) = d.ready {
-                let q = &d.queue;
-                self.metrics
-                    .queue_messages
-                    .with_label_values(&[
-                        q.pipeline.as_str(),
-                        q.step.as_str(),
-                        q.priority.as_str(),
-                        &q.shard.to_string(),
-                    ])
-                    .set(i64::from(ready));
+                let gauge = self.metrics.queue_messages.with_label_values(&labels);
+                gauge.set(i64::from(ready));
+            }
+            if let Some(unacked) = d.unacked {
+                let gauge = self.metrics.queue_unacked.with_label_values(&labels);
+                gauge.set(i64::try_from(unacked).unwrap_or(i64::MAX));
             }
         }
         self.metrics.ready.store(true, Ordering::Relaxed);
         let backlogs = self
             .pools
             .iter()
-            .map(|p| {
-                p.queues
-                    .iter()
-                    .map(|i| u64::from(depths[*i].ready.unwrap_or(0)))
-                    .sum()
-            })
+            .map(|p| p.queues.iter().map(|i| depths[*i].backlog()).sum())
             .collect();
         Some(backlogs)
     }
@@ -700,6 +730,10 @@ impl Supervisor {
                 LogFormat::Json => "json",
             })
             .env("WARREN_METRICS_ADDR", o.worker_metrics.addr(slot))
+            .env(
+                crate::shutdown::ENV_SUPERVISOR_PID,
+                std::process::id().to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -900,6 +934,9 @@ handler = "h"
         m.queue_messages
             .with_label_values(&["p", "s", "normal", "0"])
             .set(3);
+        m.queue_unacked
+            .with_label_values(&["p", "s", "normal", "0"])
+            .set(1);
         m.desired.with_label_values(&["p"]).set(2);
         m.running.with_label_values(&["p"]).set(1);
         m.restarts.with_label_values(&["p"]).inc();

@@ -9,7 +9,9 @@ pub use model::{
     BrokerConfig, ClientCert, Config, PipelineConfig, QueueType, StepConfig, StepKind, TlsConfig,
 };
 
-use crate::env::{Env, ENV_WARREN_AMQP_URL, ENV_WARREN_CONFIG, ENV_WARREN_NAMESPACE};
+use crate::env::{
+    Env, ENV_WARREN_AMQP_URL, ENV_WARREN_CONFIG, ENV_WARREN_MANAGEMENT_URL, ENV_WARREN_NAMESPACE,
+};
 use crate::ids::validate_name;
 
 /// Default config path, relative to the working directory.
@@ -89,6 +91,13 @@ impl Config {
                 message: e.to_string(),
             })?;
             self.broker.namespace = ns;
+        }
+        if let Some(url) = env.var(ENV_WARREN_MANAGEMENT_URL) {
+            model::check_management_url(&url).map_err(|message| ConfigError::Env {
+                key: ENV_WARREN_MANAGEMENT_URL,
+                message,
+            })?;
+            self.broker.management_url = Some(url);
         }
         Ok(())
     }
@@ -297,6 +306,32 @@ handler = "resize"
             !text.contains("s3cret") && text.contains("guest:***@h"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn management_url_is_checked_and_env_wins() {
+        let c = parse("[broker]\nmanagement_url = \"http://u:pw@h:15672\"\n").unwrap();
+        assert_eq!(
+            c.broker.management_url.as_deref(),
+            Some("http://u:pw@h:15672")
+        );
+        assert!(!format!("{c:?}").contains("pw@"), "{c:?}");
+        let e = err("[broker]\nmanagement_url = \"h:15672\"\n");
+        assert!(e.contains("warren.toml:2") && e.contains("http://"), "{e}");
+        let env = HashMap::from([(
+            ENV_WARREN_MANAGEMENT_URL.to_string(),
+            "https://rabbit:15671".to_string(),
+        )]);
+        let c = Config::parse(EXAMPLE, "x", Path::new("."), &env).unwrap();
+        assert_eq!(
+            c.broker.management_url.as_deref(),
+            Some("https://rabbit:15671")
+        );
+        let bad = HashMap::from([(ENV_WARREN_MANAGEMENT_URL.to_string(), "ftp://x".to_string())]);
+        let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WARREN_MANAGEMENT_URL"), "{e}");
     }
 
     #[test]

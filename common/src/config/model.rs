@@ -40,6 +40,11 @@ pub struct BrokerConfig {
     /// `[broker.tls]`: certificates for an `amqps://` URL.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// RabbitMQ's management API (`http://host:15672`), optional: the only place that counts
+    /// messages delivered but not yet acked. Without it, queue depths are the ready messages
+    /// alone. Credentials default to the AMQP URL's. Env `WARREN_MANAGEMENT_URL` wins.
+    #[serde(default, deserialize_with = "management_url")]
+    pub management_url: Option<String>,
 }
 
 // By hand, so the password in the URL never reaches a log line through `{:?}`.
@@ -51,6 +56,13 @@ impl std::fmt::Debug for BrokerConfig {
             .field("queue_type", &self.queue_type)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("tls", &self.tls)
+            .field(
+                "management_url",
+                &self
+                    .management_url
+                    .as_deref()
+                    .map(crate::telemetry::redact_url),
+            )
             .finish()
     }
 }
@@ -108,6 +120,7 @@ impl Default for BrokerConfig {
             queue_type: QueueType::default(),
             max_payload_bytes: default_max_payload(),
             tls: None,
+            management_url: None,
         }
     }
 }
@@ -413,6 +426,23 @@ pub(crate) fn check_url(url: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "url {:?} must start with amqp:// or amqps://",
+            crate::telemetry::redact_url(url)
+        ))
+    }
+}
+
+fn management_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let value = String::deserialize(d)?;
+    check_management_url(&value).map_err(serde::de::Error::custom)?;
+    Ok(Some(value))
+}
+
+pub(crate) fn check_management_url(url: &str) -> Result<(), String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "management_url {:?} must start with http:// or https://",
             crate::telemetry::redact_url(url)
         ))
     }

@@ -1,10 +1,12 @@
-//! `warren queues`: the depth of every step queue, from passive declares (no management plugin).
+//! `warren queues`: the depth of every step queue. Ready messages and consumers come from passive
+//! declares (no management plugin needed); unacked messages from the management API, when
+//! `[broker] management_url` is set.
 
 use anyhow::bail;
 use clap::Args;
 use serde_json::json;
-use warren_broker::depth::{read_depths, step_queues, QueueDepth};
-use warren_broker::Broker;
+use warren_broker::depth::{add_unacked, read_depths, step_queues, QueueDepth};
+use warren_broker::{Broker, Management, Names};
 use warren_common::Config;
 
 #[derive(Debug, Args)]
@@ -27,10 +29,18 @@ pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow
         .into_iter()
         .filter(|q| args.pipeline.as_ref().is_none_or(|p| p == &q.pipeline))
         .collect();
+    let management = Management::from_config(&config.broker)?;
     let broker = Broker::connect(&config.broker).await?;
     let depths = read_depths(&broker, &queues).await;
     broker.close().await;
-    let depths = depths?;
+    let mut depths = depths?;
+    if let Some(management) = &management {
+        let prefix = Names::new(&config.broker.namespace).step_queue_prefix();
+        if let Err(e) = add_unacked(management, &prefix, &mut depths).await {
+            // The ready counts are still right; say why the unacked ones are missing.
+            eprintln!("warren: no unacked counts: {e}");
+        }
+    }
     if json {
         for d in &depths {
             println!("{}", queue_json(d));
@@ -56,6 +66,7 @@ fn queue_json(d: &QueueDepth) -> serde_json::Value {
         "shard": d.queue.shard,
         "exists": d.ready.is_some(),
         "ready": d.ready,
+        "unacked": d.unacked,
         "consumers": d.consumers,
     })
 }
@@ -64,18 +75,28 @@ struct StepTotal<'a> {
     pipeline: &'a str,
     step: &'a str,
     ready: [u64; 3],
+    unacked: Option<u64>,
     consumers: u32,
 }
 
-/// One line per queue (those with ready messages, or all), then the totals per step.
+/// One line per queue (those with messages, or all), then the totals per step. Unacked counts
+/// show as `-` when unknown (no management API).
 fn table(depths: &[QueueDepth], all: bool) -> String {
-    let mut out = format!("{:<48} {:>8} {:>9}\n", "queue", "ready", "consumers");
+    let mut out = format!(
+        "{:<48} {:>8} {:>8} {:>9}\n",
+        "queue", "ready", "unacked", "consumers"
+    );
     let show = |n: Option<u32>| n.map_or("missing".to_string(), |n| n.to_string());
-    for d in depths.iter().filter(|d| all || d.ready != Some(0)) {
+    let unacked = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
+    for d in depths
+        .iter()
+        .filter(|d| all || d.backlog() > 0 || d.ready.is_none())
+    {
         out += &format!(
-            "{:<48} {:>8} {:>9}\n",
+            "{:<48} {:>8} {:>8} {:>9}\n",
             d.queue.name,
             show(d.ready),
+            unacked(d.unacked),
             show(d.consumers)
         );
     }
@@ -94,26 +115,31 @@ fn table(depths: &[QueueDepth], all: bool) -> String {
                 pipeline: &q.pipeline,
                 step: &q.step,
                 ready: [0; 3],
+                unacked: None,
                 consumers,
             }),
         }
         let t = totals.last_mut().expect("just pushed");
         t.ready[q.priority.index()] += u64::from(d.ready.unwrap_or(0));
+        if let Some(n) = d.unacked {
+            t.unacked = Some(t.unacked.unwrap_or(0) + n);
+        }
     }
     out += &format!(
-        "\n{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
-        "pipeline", "step", "ready", "high", "normal", "low", "consumers"
+        "\n{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+        "pipeline", "step", "ready", "high", "normal", "low", "unacked", "consumers"
     );
     for t in totals {
         let [high, normal, low] = t.ready;
         out += &format!(
-            "{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
+            "{:<20} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
             t.pipeline,
             t.step,
             high + normal + low,
             high,
             normal,
             low,
+            unacked(t.unacked),
             t.consumers
         );
     }
@@ -137,6 +163,7 @@ mod tests {
             },
             ready,
             consumers: ready.map(|_| 2),
+            unacked: None,
         }
     }
 
@@ -160,7 +187,25 @@ mod tests {
             .find(|l| l.starts_with("p ") && l.contains(" a "))
             .unwrap();
         let fields: Vec<_> = a_total.split_whitespace().collect();
-        assert_eq!(fields, ["p", "a", "7", "3", "0", "4", "2"], "{text}");
+        assert_eq!(fields, ["p", "a", "7", "3", "0", "4", "-", "2"], "{text}");
         assert!(table(&depths, true).contains("ns.q.p.a.normal.1"));
+    }
+
+    #[test]
+    fn table_shows_unacked_counts_when_known() {
+        let mut busy = depth("a", Priority::Normal, 1, Some(0));
+        busy.unacked = Some(5);
+        let mut idle = depth("a", Priority::Low, 0, Some(2));
+        idle.unacked = Some(0);
+        let text = table(&[busy, idle], false);
+        let line = text.lines().find(|l| l.starts_with("ns.q.p.a.normal.1"));
+        let fields: Vec<_> = line
+            .expect("a queue with only unacked messages is shown")
+            .split_whitespace()
+            .collect();
+        assert_eq!(fields, ["ns.q.p.a.normal.1", "0", "5", "2"], "{text}");
+        let total = text.lines().find(|l| l.starts_with("p ")).unwrap();
+        let fields: Vec<_> = total.split_whitespace().collect();
+        assert_eq!(fields, ["p", "a", "2", "0", "0", "2", "5", "2"], "{text}");
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use indicatif::ProgressBar;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -21,6 +21,19 @@ use warren_common::{now_ms, Config, Priority};
 
 /// Confirms in flight per batch: the same as `Client::submit_many`'s window.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
+
+/// Credit of the results-stream reader: the same as the SDK's `ResultStream`.
+const RESULTS_PREFETCH: u16 = 500;
+
+/// What counts as one message done at the end of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Done {
+    /// The last hop acked it.
+    Acked,
+    /// Its result arrived on the results stream, read as warren's SDK reads results: the
+    /// moment a user could see it.
+    ResultRead,
+}
 
 /// One hop of a relay: consume `queue`; publish each message on to `next` (exchange, routing
 /// key) with confirm before acking it, or just ack when `next` is `None`.
@@ -95,6 +108,10 @@ impl Raw {
         self.names().events_exchange()
     }
 
+    fn results_stream(&self) -> String {
+        self.names().results_stream()
+    }
+
     /// Publishes `n` messages to the tasks exchange under `key`, [`CONFIRM_WINDOW`] at a time,
     /// each window's confirms settled before the next: what `submit_many` does. Returns the
     /// time it took.
@@ -127,21 +144,56 @@ impl Raw {
     }
 
     /// Starts a consumer per hop (prefetch `prefetch`, like a warren lane's per-consumer
-    /// prefetch) and returns when the last hop has acked `n` messages: the time from the first
-    /// `basic.consume` to the `n`th ack.
+    /// prefetch) and returns when `n` messages are [`Done`]: the time from the first
+    /// `basic.consume` to the `n`th.
     pub(super) async fn drain(
         &self,
         hops: Vec<Hop>,
         n: usize,
         prefetch: u16,
+        count: Done,
         bar: ProgressBar,
     ) -> anyhow::Result<Duration> {
         let (broker, publish) = (self.broker.clone(), self.publish.clone());
+        let stream = self.results_stream();
         self.handle
             .spawn(async move {
                 let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Result<(), String>>();
-                let started = Instant::now();
                 let mut channels = Vec::new();
+                if count == Done::ResultRead {
+                    // Attached before the clock starts, as warren's reader is; only results
+                    // written from now on ("next").
+                    let channel = broker.channel().await?;
+                    channel
+                        .basic_qos(RESULTS_PREFETCH, BasicQosOptions::default())
+                        .await?;
+                    let mut args = FieldTable::default();
+                    args.insert(
+                        "x-stream-offset".into(),
+                        AMQPValue::LongString("next".into()),
+                    );
+                    let mut results = channel
+                        .basic_consume(
+                            stream.as_str().into(),
+                            "".into(),
+                            BasicConsumeOptions::default(),
+                            args,
+                        )
+                        .await
+                        .with_context(|| format!("read {stream}"))?;
+                    let done = done_tx.clone();
+                    tokio::spawn(async move {
+                        while let Some(Ok(delivery)) = results.next().await {
+                            // Acks on a stream only return credit.
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            if done.send(Ok(())).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    channels.push(channel);
+                }
+                let started = Instant::now();
                 let last = hops.len() - 1;
                 for (i, hop) in hops.into_iter().enumerate() {
                     let channel = broker.channel().await?;
@@ -157,13 +209,15 @@ impl Raw {
                         )
                         .await
                         .with_context(|| format!("consume {}", hop.queue))?;
-                    let done = (i == last).then(|| done_tx.clone());
+                    // Every hop reports failures; the last one also its acks, when they count.
+                    let done = done_tx.clone();
+                    let count_acks = i == last && count == Done::Acked;
                     let publish = publish.clone();
                     tokio::spawn(async move {
                         while let Some(Ok(delivery)) = consumer.next().await {
                             let Some((exchange, key)) = hop.next.clone() else {
                                 let acked = delivery.acker.ack(BasicAckOptions::default()).await;
-                                if let Some(done) = &done {
+                                if count_acks || acked.is_err() {
                                     let _ = done.send(acked.map(|_| ()).map_err(|e| e.to_string()));
                                 }
                                 continue;
@@ -192,7 +246,7 @@ impl Raw {
                                     Ok::<_, anyhow::Error>(())
                                 }
                                 .await;
-                                if let Some(done) = done {
+                                if count_acks || result.is_err() {
                                     let _ = done.send(result.map_err(|e| e.to_string()));
                                 }
                             });

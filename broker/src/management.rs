@@ -1,0 +1,142 @@
+//! RabbitMQ's management API, for the one figure AMQP cannot give: messages delivered to a
+//! consumer but not yet acked (a worker's prefetch and the steps it is running).
+//!
+//! Optional (`[broker] management_url`); it needs the `rabbitmq_management` plugin. The
+//! broker refreshes these counts every few seconds (`collect_statistics_interval`, 5 s by
+//! default), so they lag the passive-declare figures by up to that much.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::uri::AMQPUri;
+use serde::Deserialize;
+use warren_common::config::BrokerConfig;
+use warren_common::telemetry::redact_url;
+
+use crate::error::BrokerError;
+
+/// How long one request may take; the supervisor reads every interval and must not hang.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A client of the management API of the broker a config names.
+#[derive(Clone)]
+pub struct Management {
+    http: reqwest::Client,
+    /// `<management_url>/api/queues/<vhost>`
+    queues_url: String,
+    user: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Management {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Management")
+            .field("queues_url", &self.queues_url)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct QueueStats {
+    name: String,
+    /// Absent on a queue the broker has not collected stats for yet.
+    #[serde(default)]
+    messages_unacknowledged: u64,
+}
+
+impl Management {
+    /// `None` when the config has no `management_url`. The vhost, and the credentials unless
+    /// the management URL carries its own, come from the AMQP URL.
+    pub fn from_config(config: &BrokerConfig) -> Result<Option<Self>, BrokerError> {
+        let Some(base) = &config.management_url else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| BrokerError::Management {
+            url: redact_url(base),
+            reason,
+        };
+        let amqp: AMQPUri = config
+            .url
+            .parse()
+            .map_err(|e| invalid(format!("cannot read the AMQP url: {e}")))?;
+        let mut url = reqwest::Url::parse(base).map_err(|e| invalid(e.to_string()))?;
+        let (mut user, mut password) = (
+            amqp.authority.userinfo.username.clone(),
+            amqp.authority.userinfo.password.clone(),
+        );
+        if !url.username().is_empty() {
+            user = percent_decode(url.username());
+            password = percent_decode(url.password().unwrap_or(""));
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+        }
+        url.path_segments_mut()
+            .map_err(|()| invalid("not a base URL".into()))?
+            .pop_if_empty()
+            .extend(["api", "queues", &amqp.vhost]);
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Some(Self {
+            http,
+            queues_url: url.to_string(),
+            user,
+            password,
+        }))
+    }
+
+    /// Unacked messages of every queue of the vhost whose name starts with `prefix`.
+    pub async fn unacked(&self, prefix: &str) -> Result<HashMap<String, u64>, BrokerError> {
+        let failed = |reason: String| BrokerError::Management {
+            url: self.queues_url.clone(),
+            reason,
+        };
+        let response = self
+            .http
+            .get(&self.queues_url)
+            .query(&[("columns", "name,messages_unacknowledged")])
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| failed(error_chain(&e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            let hint = match status.as_u16() {
+                401 => " (wrong user or password)",
+                403 => " (the user needs the `monitoring` tag)",
+                404 => " (no such vhost)",
+                _ => "",
+            };
+            return Err(failed(format!("HTTP {status}{hint}")));
+        }
+        let queues: Vec<QueueStats> = response
+            .json()
+            .await
+            .map_err(|e| failed(format!("unexpected answer: {e}")))?;
+        Ok(queues
+            .into_iter()
+            .filter(|q| q.name.starts_with(prefix))
+            .map(|q| (q.name, q.messages_unacknowledged))
+            .collect())
+    }
+}
+
+/// reqwest's top-level message is terse ("error sending request"); the cause says why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+/// The URL keeps its userinfo percent-encoded; basic auth wants it as typed.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
