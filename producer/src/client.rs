@@ -8,7 +8,9 @@ use warren_broker::depth::ready_messages;
 use warren_broker::{Broker, Names, Outgoing, PublishError, Publisher};
 use warren_common::backoff::Backoff;
 use warren_common::trace::TraceParent;
-use warren_common::{encode, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
+use warren_common::{
+    encode, now_ms, Config, Envelope, JobId, JobStatus, Priority, ResultEvent, TenantId,
+};
 
 use crate::error::{SubmitError, WaitError};
 use crate::results::ResultStream;
@@ -16,6 +18,12 @@ use crate::results::ResultStream;
 /// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
 /// enough to keep the broker busy, small enough that a failure leaves a short list to redo.
 const CONFIRM_WINDOW: usize = 1000;
+
+/// After a failed result is found, how long the stream may stay quiet before the read counts as
+/// caught up (a replay's later result would already have been delivered), and the most time
+/// the catch-up takes on a stream too busy to go quiet.
+const CATCH_UP_IDLE: Duration = Duration::from_millis(250);
+const CATCH_UP_MAX: Duration = Duration::from_secs(2);
 
 /// How far before a job's id-time a wait starts reading results, for clock skew between
 /// machines.
@@ -151,45 +159,81 @@ impl Client {
     }
 
     /// Waits up to `timeout` for the job's result event (success or failure). Works for jobs
-    /// that finished before the call, too: results are read from the results stream. A lost
-    /// connection is reopened with backoff, and reading starts again from the job's time.
+    /// that finished before the call, too: results are read from the results stream. A job
+    /// that failed and was then replayed from the dead-letter queue has a later event; the
+    /// newest one in the stream wins. A lost connection is reopened with backoff, and reading
+    /// starts again from the job's time.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
         let since = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
-        let found = tokio::time::timeout(timeout, async {
-            let mut backoff = Backoff::reconnect();
-            loop {
-                let outcome = async {
-                    let mut stream = self.results(since).await?;
-                    while let Some(event) = stream.next().await? {
-                        if event.job_id == id {
-                            stream.close().await;
-                            return Ok(Some(event));
-                        }
-                    }
-                    Ok::<_, WaitError>(None)
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timed_out = || WaitError::Timeout {
+            job_id: id.to_string(),
+            timeout,
+        };
+        let mut backoff = Backoff::reconnect();
+        loop {
+            match tokio::time::timeout_at(deadline, self.find_result(id, since, deadline)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(Some(event))) => return Ok(event),
+                Ok(Err(WaitError::Broker(e))) if !e.is_connection_lost() => {
+                    return Err(WaitError::Broker(e))
                 }
-                .await;
-                match outcome {
-                    Ok(Some(event)) => return Ok(event),
-                    Err(WaitError::Broker(e)) if !e.is_connection_lost() => {
-                        return Err(WaitError::Broker(e))
-                    }
-                    Err(e @ WaitError::Timeout { .. }) => return Err(e),
-                    // The stream ended or the connection went away: read again.
-                    Ok(None) | Err(WaitError::Broker(_)) => {
-                        tokio::time::sleep(backoff.next_delay()).await
-                    }
+                Ok(Err(e @ WaitError::Timeout { .. })) => return Err(e),
+                // The stream ended or the connection went away: read again.
+                Ok(Ok(None)) | Ok(Err(WaitError::Broker(_))) => {
+                    tokio::time::sleep(backoff.next_delay()).await
                 }
             }
-        })
-        .await;
-        match found {
-            Ok(result) => result,
-            Err(_) => Err(WaitError::Timeout {
-                job_id: id.to_string(),
-                timeout,
-            }),
         }
+    }
+
+    /// Reads the results stream from `since_ms` until the job's result. A success is final;
+    /// after a failure the read goes on until it has caught up with the stream (an event
+    /// newer than the moment the failure was found, [`CATCH_UP_IDLE`] without any event, or
+    /// [`CATCH_UP_MAX`]), and a later event for the job replaces it.
+    async fn find_result(
+        &self,
+        id: JobId,
+        since_ms: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<ResultEvent>, WaitError> {
+        let mut stream = self.results(since_ms).await?;
+        let mut found: Option<(ResultEvent, u64, tokio::time::Instant)> = None;
+        let outcome = loop {
+            let next = match &found {
+                None => stream.next().await,
+                Some((_, _, give_up)) => {
+                    let idle = (tokio::time::Instant::now() + CATCH_UP_IDLE).min(*give_up);
+                    match tokio::time::timeout_at(idle, stream.next()).await {
+                        Ok(next) => next,
+                        Err(_) => break Ok(found.take().map(|f| f.0)),
+                    }
+                }
+            };
+            let event = match next {
+                Ok(Some(event)) => event,
+                // A closed stream or a lost connection after a failure was found: report it.
+                Ok(None) | Err(_) if found.is_some() => break Ok(found.take().map(|f| f.0)),
+                Ok(None) => break Ok(None),
+                Err(e) => break Err(e.into()),
+            };
+            if event.job_id == id {
+                if event.status == JobStatus::Succeeded {
+                    break Ok(Some(event));
+                }
+                let found_at = now_ms();
+                // Leave room before the caller's deadline to report the failure.
+                let give_up = (tokio::time::Instant::now() + CATCH_UP_MAX)
+                    .min(deadline - Duration::from_millis(50));
+                found = Some((event, found_at, give_up));
+            } else if let Some((_, found_at, _)) = &found {
+                if event.finished_at > *found_at {
+                    break Ok(found.take().map(|f| f.0));
+                }
+            }
+        };
+        stream.close().await;
+        outcome
     }
 
     /// Every result event published since `since_ms` (ms since the epoch; results a little

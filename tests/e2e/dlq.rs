@@ -8,7 +8,7 @@ use lapin::BasicProperties;
 use serde_json::json;
 use warren_common::{JobStatus, Priority};
 use warren_producer::{DlqFilter, Job, ReplayOptions};
-use warren_tests::{eventually, TestNamespace};
+use warren_tests::{collect_results, eventually, TestNamespace};
 
 use crate::THREE_STEPS;
 
@@ -129,6 +129,22 @@ async fn list_replay_and_purge_the_dead_letter_queue() {
         let mut b = of("b");
         b.sort();
         assert_eq!(b, vec![1, 2], "job {id}");
+    }
+    // ...and once their success is in the results stream, waiting on them gives that newest
+    // result, not the failure that came before it
+    let succeeded = eventually(Duration::from_secs(20), || async {
+        let results = collect_results(&client, &acme, Duration::from_secs(2)).await;
+        acme.iter().all(|id| {
+            results
+                .get(id)
+                .is_some_and(|events| events.iter().any(|e| e.status == JobStatus::Succeeded))
+        })
+    })
+    .await;
+    assert!(succeeded, "no success event after the replay");
+    for id in &acme {
+        let result = client.wait(*id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     }
 
     // When everything is replayed: the garbage cannot be, and stays; globex's job can
