@@ -29,6 +29,9 @@ use warren_producer::Client;
 use raw::Raw;
 use warren_side::Running;
 
+/// The pause before each timed throughput phase ([`Bench::settle`]).
+const SETTLE: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub(crate) enum Scenario {
     S1,
@@ -358,6 +361,14 @@ impl Bench {
             .pipeline("work")
             .expect("bench pipeline")
             .shard_of(tenant)
+    }
+
+    /// Waits [`SETTLE`] before a timed throughput phase. After a burst, RabbitMQ keeps working
+    /// for a while (quorum queues flush their log to segment files and snapshot after a drain,
+    /// deleted queues are cleaned up); a phase that starts then is slower for it, whichever
+    /// side it measures. Without the pause S1's submit ratio ranged 0.6-1.35 between runs.
+    async fn settle(&self) {
+        tokio::time::sleep(SETTLE).await;
     }
 
     /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.

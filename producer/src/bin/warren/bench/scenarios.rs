@@ -78,21 +78,48 @@ fn span(start: Instant, done: &[Instant]) -> Duration {
         .map_or(Duration::ZERO, |last| last.saturating_duration_since(start))
 }
 
-/// S1: bulk submit vs raw publish with the same confirm window; drain of a backlog by a worker vs
-/// raw consume+ack and raw relay (consume, publish a result with confirm, ack; done when the
+/// Rounds S1's raw publish and warren submit take turns in.
+const PUBLISH_ROUNDS: usize = 4;
+
+/// S1: bulk submit vs raw publish with the same confirm window, in turns; drain of a backlog by
+/// a worker vs raw consume+ack and raw relay (consume, publish a result with confirm, ack; done when the
 /// result is read from the raw results stream, as warren's are).
 async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let n = b.args.jobs;
     let (pipeline, step, tenant) = ("one", "noop", "bulk");
     let (raw_queue, raw_key) = b.raw.route(pipeline, step, Priority::Normal, tenant);
 
-    let bar = b.spinner("S1 raw publish");
-    let raw_publish = b.raw.publish(&raw_key, n).await?;
-    bar.finish_with_message(format!("{:.0} msg/s", rate(n, raw_publish)));
+    // The two sides publish in turns, each round into its own queue and the order swapped
+    // every round (raw, warren, warren, raw, ...), so a slow spell of the broker (a log flush,
+    // a snapshot) falls on both alike; a side's rate is over its rounds.
+    let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
+    let mut watcher = Watcher::start(&b.client).await?;
+    b.settle().await;
+    let bar = b.spinner("S1 raw publish and warren submit, in turns");
+    let (mut raw_publish, mut warren_submit) = (Duration::ZERO, Duration::ZERO);
+    for (i, round) in batch.chunks(n.div_ceil(PUBLISH_ROUNDS).max(1)).enumerate() {
+        if i % 2 == 0 {
+            raw_publish += b.raw.publish(&raw_key, round.len()).await?;
+        }
+        let jobs = round.to_vec();
+        let started = Instant::now();
+        b.client.submit_many(jobs).await?;
+        warren_submit += started.elapsed();
+        if i % 2 == 1 {
+            raw_publish += b.raw.publish(&raw_key, round.len()).await?;
+        }
+    }
+    bar.finish_with_message(format!(
+        "raw {:.0} msg/s, warren {:.0} jobs/s",
+        rate(n, raw_publish),
+        rate(n, warren_submit)
+    ));
+
     let only_ack = vec![Hop {
         queue: raw_queue.clone(),
         next: None,
     }];
+    b.settle().await;
     let bar = b.bar(n, "S1 raw consume+ack");
     let raw_ack = b
         .raw
@@ -100,13 +127,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         .await?;
     bar.finish();
 
-    let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
-    let mut watcher = Watcher::start(&b.client).await?;
-    let bar = b.spinner("S1 warren submit");
-    let started = Instant::now();
-    b.client.submit_many(batch).await?;
-    let warren_submit = started.elapsed();
-    bar.finish_with_message(format!("{:.0} jobs/s", rate(n, warren_submit)));
+    b.settle().await;
     let start = b
         .start_worker(pipeline, &b.queue(pipeline, step, Priority::Normal, tenant))
         .await?;
@@ -125,6 +146,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             format!("result.succeeded.{pipeline}.{tenant}"),
         )),
     }];
+    b.settle().await;
     let bar = b.bar(n, "S1 raw relay");
     let raw_relay = b
         .raw
@@ -185,6 +207,7 @@ async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             )),
         },
     ];
+    b.settle().await;
     let bar = b.bar(n, "S2 raw 3-hop relay");
     let raw = b
         .raw
@@ -195,6 +218,7 @@ async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
     let mut watcher = Watcher::start(&b.client).await?;
     b.client.submit_many(batch).await?;
+    b.settle().await;
     let start = b
         .start_worker(pipeline, &b.queue(pipeline, "a", Priority::Normal, tenant))
         .await?;
