@@ -29,9 +29,6 @@ use warren_producer::Client;
 use raw::Raw;
 use warren_side::Running;
 
-/// The pause before each timed throughput phase ([`Bench::settle`]).
-const SETTLE: Duration = Duration::from_secs(2);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub(crate) enum Scenario {
     S1,
@@ -71,6 +68,10 @@ pub(crate) struct BenchArgs {
     /// Run everything this many times and report per-row medians.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Pause before each timed throughput phase, for the broker's background work after the
+    /// phase before (see docs/bench.md).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    settle: Duration,
     /// Longest wait for any one phase.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     patience: Duration,
@@ -363,12 +364,12 @@ impl Bench {
             .shard_of(tenant)
     }
 
-    /// Waits [`SETTLE`] before a timed throughput phase. After a burst, RabbitMQ keeps working
+    /// Waits `--settle` before a timed throughput phase. After a burst, RabbitMQ keeps working
     /// for a while (quorum queues flush their log to segment files and snapshot after a drain,
     /// deleted queues are cleaned up); a phase that starts then is slower for it, whichever
     /// side it measures. Without the pause S1's submit ratio ranged 0.6-1.35 between runs.
     async fn settle(&self) {
-        tokio::time::sleep(SETTLE).await;
+        tokio::time::sleep(self.args.settle).await;
     }
 
     /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.
