@@ -22,8 +22,10 @@ use warren_common::{now_ms, Config, Priority};
 /// Confirms in flight per batch: the same as `Client::submit_many`'s window.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
 
-/// Credit of the results-stream reader: the same as the SDK's `ResultStream`.
+/// Credit of the results-stream reader, and how many events it acks at once: the same as the
+/// SDK's `ResultStream`.
 const RESULTS_PREFETCH: u16 = 500;
+const RESULTS_ACK_EVERY: u32 = 100;
 
 /// What counts as one message done at the end of a relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,9 +185,16 @@ impl Raw {
                         .with_context(|| format!("read {stream}"))?;
                     let done = done_tx.clone();
                     tokio::spawn(async move {
+                        let mut unacked = 0;
                         while let Some(Ok(delivery)) = results.next().await {
-                            // Acks on a stream only return credit.
-                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                            // Acks on a stream only return credit: one for many, as the SDK's
+                            // reader does.
+                            unacked += 1;
+                            if unacked >= RESULTS_ACK_EVERY {
+                                unacked = 0;
+                                let multiple = BasicAckOptions { multiple: true };
+                                let _ = delivery.acker.ack(multiple).await;
+                            }
                             if done.send(Ok(())).is_err() {
                                 break;
                             }
