@@ -155,8 +155,6 @@ async fn declare_passive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-    use std::path::Path;
 
     #[test]
     fn backlog_is_ready_plus_what_is_known_unacked() {
@@ -180,20 +178,7 @@ mod tests {
 
     #[test]
     fn step_queues_match_the_plan() {
-        let toml = r#"
-[broker]
-namespace = "ns"
-[[pipelines]]
-name = "p"
-shards = 2
-[[pipelines.steps]]
-name = "a"
-handler = "h"
-[[pipelines.steps]]
-name = "b"
-handler = "h"
-"#;
-        let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
+        let config = crate::topology::tests::two_steps_two_shards();
         let queues = step_queues(&config);
         let planned: Vec<_> = crate::Topology::plan(&config)
             .step_queues()

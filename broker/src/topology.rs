@@ -294,13 +294,13 @@ fn conflict_or(kind: &'static str, name: &str, err: lapin::Error) -> TopologyErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::path::Path;
 
-    #[test]
-    fn plan_has_a_queue_per_step_priority_and_shard() {
+    /// Namespace `ns`, pipeline `p` with steps `a` and `b` over 2 shards.
+    pub(crate) fn two_steps_two_shards() -> Config {
         let toml = r#"
 [broker]
 namespace = "ns"
@@ -314,7 +314,12 @@ handler = "h"
 name = "b"
 handler = "h"
 "#;
-        let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
+        Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+    }
+
+    #[test]
+    fn plan_has_a_queue_per_step_priority_and_shard() {
+        let config = two_steps_two_shards();
         let plan = Topology::plan(&config);
         assert_eq!(plan.step_queues().count(), 2 * 3 * 2);
         let q = plan

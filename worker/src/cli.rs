@@ -1,7 +1,7 @@
 //! The `warren-worker` command line, as a library function so a custom worker binary (one that
 //! registers its own Rust handlers) gets the same flags: `warren_worker::cli::main(|b| b.handler(..))`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,14 +111,20 @@ pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode 
     }
 }
 
+/// What both commands do first: set up logging, then load the config (a bad one is a usage
+/// error, exit 64, with the file, line and key in the message).
+fn start(log_format: LogFormat, config: Option<&Path>) -> Result<Config, ExitCode> {
+    telemetry::init(log_format, &ProcessEnv);
+    Config::load(config, &ProcessEnv).map_err(|e| {
+        eprintln!("warren-worker: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
 fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode {
-    telemetry::init(args.log_format, &ProcessEnv);
-    let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("warren-worker: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let config = match start(args.log_format, args.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     let builder = Worker::builder(config)
         .pipeline(args.pipeline)
@@ -175,13 +181,9 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
 }
 
 fn supervise(args: SuperviseArgs) -> ExitCode {
-    telemetry::init(args.log_format, &ProcessEnv);
-    let config = match Config::load(args.config.as_deref(), &ProcessEnv) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("warren-worker: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let config = match start(args.log_format, args.config.as_deref()) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
@@ -117,23 +118,40 @@ fn duration_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.001, 2.5, 16).expect("valid buckets")
 }
 
+/// Registers `metric` and hands it back. The names are fixed in code, so a clash is a bug.
+pub(crate) fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
+/// The `process_*` metrics (memory, CPU, open files), where the platform has them. Several
+/// workers in one process would each register it; the first one wins.
+pub(crate) fn register_process_metrics(registry: &Registry) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register(&registry, c)
         };
         let histogram = |name: &str, help: &str, labels: &[&str], buckets: Vec<f64>| {
             let opts = HistogramOpts::new(name, help).buckets(buckets);
-            let h = HistogramVec::new(opts, labels).expect("valid metric");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric");
-            h
+            register(
+                &registry,
+                HistogramVec::new(opts, labels).expect("valid metric"),
+            )
         };
         let executions = counter(
             "warren_step_executions_total",
@@ -158,14 +176,14 @@ impl Metrics {
             &["pipeline", "priority", "outcome"],
             duration_buckets(),
         );
-        let in_flight = IntGaugeVec::new(
-            Opts::new("warren_steps_in_flight", "Step attempts running now."),
-            &["pipeline", "step"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(in_flight.clone()))
-            .expect("unique metric");
+        let in_flight = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("warren_steps_in_flight", "Step attempts running now."),
+                &["pipeline", "step"],
+            )
+            .expect("valid metric"),
+        );
         let dead_letters = counter(
             "warren_dead_letters_total",
             "Messages sent to the dead-letter queue, by reason.",
@@ -177,29 +195,23 @@ impl Metrics {
             &["kind"],
             prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
         );
-        let reconnects = IntCounter::new(
-            "warren_reconnects_total",
-            "Sessions started again after a lost connection.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(reconnects.clone()))
-            .expect("unique metric");
-        let connected = IntGauge::new(
-            "warren_worker_connected",
-            "1 while connected and consuming, else 0.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(connected.clone()))
-            .expect("unique metric");
-        #[cfg(target_os = "linux")]
-        {
-            // Several workers in one process would register it twice; the first one wins.
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
-        }
+        let reconnects = register(
+            &registry,
+            IntCounter::new(
+                "warren_reconnects_total",
+                "Sessions started again after a lost connection.",
+            )
+            .expect("valid metric"),
+        );
+        let connected = register(
+            &registry,
+            IntGauge::new(
+                "warren_worker_connected",
+                "1 while connected and consuming, else 0.",
+            )
+            .expect("valid metric"),
+        );
+        register_process_metrics(&registry);
         Self {
             registry,
             executions,

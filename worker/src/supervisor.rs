@@ -32,7 +32,7 @@ use warren_broker::{Broker, Management, Names};
 use warren_common::telemetry::LogFormat;
 use warren_common::Config;
 
-use crate::metrics::Exposed;
+use crate::metrics::{register, register_process_metrics, Exposed};
 
 /// Where the supervisor serves its own metrics unless told otherwise.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9478";
@@ -230,10 +230,7 @@ impl SupervisorMetrics {
         let registry = Registry::new();
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            register(&registry, g)
         };
         let queue_messages = gauge(
             "warren_queue_messages",
@@ -255,23 +252,18 @@ impl SupervisorMetrics {
             "Worker processes alive in the pool (not counting those draining).",
             &["pool"],
         );
-        let restarts = IntCounterVec::new(
-            Opts::new(
-                "warren_supervisor_restarts_total",
-                "Workers that died unexpectedly and were started again.",
-            ),
-            &["pool"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(restarts.clone()))
-            .expect("unique metric");
-        #[cfg(target_os = "linux")]
-        {
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
-        }
+        let restarts = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "warren_supervisor_restarts_total",
+                    "Workers that died unexpectedly and were started again.",
+                ),
+                &["pool"],
+            )
+            .expect("valid metric"),
+        );
+        register_process_metrics(&registry);
         Self {
             registry,
             queue_messages,
