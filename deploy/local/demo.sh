@@ -43,7 +43,9 @@ cleanup() {
         kill -KILL "$SUPERVISOR_PID" 2>/dev/null || true
         wait "$SUPERVISOR_PID" 2>/dev/null || true
         log "scaling decisions:"
-        grep -F 'Scaling decision.' "$LOG_DIR/supervisor.log" | sed 's/^.*Scaling decision\. /    /' || true
+        # time (UTC), then the pool's ready + unacked backlog, desired and running workers
+        grep -F 'Scaling decision.' "$LOG_DIR/supervisor.log" |
+            sed -E 's/^[0-9-]+T([0-9:]+)\.[0-9]+Z.*Scaling decision\. /    \1 /' || true
     fi
     if [ "$TOPOLOGY_APPLIED" -eq 1 ]; then
         log "deleting namespace $WARREN_NAMESPACE"
@@ -85,3 +87,16 @@ if ! kill -0 "$SUPERVISOR_PID" 2>/dev/null; then
 fi
 
 "$BIN/warren-demo" --config "$CONFIG" "$@"
+
+# The other half of autoscaling: once the queues are quiet for --scale-down-after, the
+# supervisor drains workers (SIGTERM, so nothing is lost) down to --min.
+case " $* " in
+*" --help "* | *" -h "*) ;; # the driver only printed its help
+*)
+    log "waiting for the supervisor to shrink the pool back to 1 worker (after 10 s of quiet)"
+    for _ in $(seq 60); do
+        grep -qF 'scale_to=1 action="scale_down"' "$LOG_DIR/supervisor.log" && break
+        sleep 1
+    done
+    ;;
+esac

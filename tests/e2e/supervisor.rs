@@ -1,6 +1,7 @@
 //! `warren-worker supervise` against the real broker: a backlog scales the pool from 1 to 3
 //! workers, the drained queues bring it back to 1 after the window, every job completes, a
-//! killed worker is replaced, and SIGTERM drains every worker before the supervisor exits 0.
+//! killed worker is replaced, SIGTERM drains every worker before the supervisor exits 0, and a
+//! pool of min 0 runs no worker until a job arrives, then goes back to none.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -372,4 +373,90 @@ async fn workers_drain_when_their_supervisor_is_killed() {
         "workers {workers:?} outlived their supervisor:\n{}",
         sup.log_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pool_scales_to_zero_and_the_first_job_brings_a_worker_back() {
+    // Given a supervisor that may run 0 to 2 workers, on an empty queue
+    let ns = TestNamespace::new(PIPELINE).await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut sup = ns.spawn_supervisor(&[
+        "--min",
+        "0",
+        "--max",
+        "2",
+        "--target-backlog",
+        "20",
+        "--interval",
+        "300ms",
+        "--scale-down-after",
+        "1s",
+        "--metrics-addr",
+        &addr,
+        "--worker-metrics-base",
+        "0",
+        "--log-format",
+        "json",
+    ]);
+    let pool = |text: &str, name: &str| {
+        samples(text)
+            .get(&format!("{name}{{pool=\"slow\"}}"))
+            .copied()
+    };
+    let running = || async {
+        let text = try_metrics(port).await.unwrap_or_default();
+        pool(&text, "warren_supervisor_workers_running")
+    };
+    let started = || {
+        json_lines(&sup.log_text())
+            .iter()
+            .filter(|l| l["message"] == "Started a worker.")
+            .count()
+    };
+    // Then it runs none: a few ticks pass with no worker started
+    let answering = eventually(Duration::from_secs(20), || async {
+        running().await == Some(0.0)
+    })
+    .await;
+    assert!(answering, "no metrics with 0 running:\n{}", sup.log_text());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(started(), 0, "a worker started on an empty queue");
+
+    // When one job arrives
+    let client = ns.client().await;
+    let id = client
+        .submit(Job::new("slow", "t0", json!({"sleep_ms": 50})))
+        .await
+        .unwrap();
+
+    // Then a worker starts and runs it
+    let results = collect_results(&client, &[id], Duration::from_secs(30)).await;
+    assert!(
+        results
+            .get(&id)
+            .is_some_and(|r| r.iter().any(|e| e.status == JobStatus::Succeeded)),
+        "the job did not complete:\n{}",
+        sup.log_text()
+    );
+    assert_eq!(started(), 1, "{}", sup.log_text());
+
+    // And once the queue has been empty for the window, the pool is back to zero
+    let idle = eventually(Duration::from_secs(15), || async {
+        running().await == Some(0.0)
+    })
+    .await;
+    assert!(idle, "never back to 0 workers:\n{}", sup.log_text());
+    let drained_ok = eventually(Duration::from_secs(15), || async {
+        json_lines(&sup.log_text()).iter().any(|l| {
+            l["message"] == "Worker drained and exited." && l["status"] == "exit status: 0"
+        })
+    })
+    .await;
+    assert!(
+        drained_ok,
+        "the worker was not drained:\n{}",
+        sup.log_text()
+    );
+    assert_eq!(sup.terminate(Duration::from_secs(20)), Some(0));
 }
