@@ -365,6 +365,24 @@ fn bad_config_exits_64_naming_the_line() {
 }
 
 /// `submit --pipeline greet --tenant acme --payload <payload> <extra>`.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // Given a reader that has gone away before warren prints (`warren topology plan | head -0`)
+    let ns = Namespace::new();
+    let mut child = warren_command(&ns.config, &["topology", "plan"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+
+    // Then warren stops at its first line with status 0 and no panic on stderr
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 fn acme_submit(payload: &str, extra: &[&str]) -> Vec<String> {
     let mut a = args(&[
         "submit",

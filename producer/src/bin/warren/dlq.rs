@@ -8,6 +8,7 @@ use serde_json::json;
 use warren_common::Config;
 use warren_producer::{Client, DeadLetter, DlqFilter, ReplayOptions};
 
+use crate::output::outln;
 use crate::{Exit, EXIT_NOT_FOUND};
 
 #[derive(Debug, Args)]
@@ -107,7 +108,7 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
             };
             let letters = client.dlq_list(&filter).await?;
             if json {
-                letters.iter().for_each(|l| println!("{}", to_json(l)));
+                letters.iter().for_each(|l| outln!("{}", to_json(l)));
             } else {
                 print_table(&letters);
             }
@@ -119,7 +120,7 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
             }
             for letter in &letters {
                 if json {
-                    println!("{}", to_json(letter));
+                    outln!("{}", to_json(letter));
                 } else {
                     print_detail(letter);
                 }
@@ -132,13 +133,13 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
             let options = ReplayOptions { reset_attempts };
             let report = client.dlq_replay(&select.filter(), options).await?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string(&report).expect("reports serialise")
                 );
             } else {
                 for l in &report.replayed {
-                    println!(
+                    outln!(
                         "replayed {} ({}, {}) at step {}",
                         l.id,
                         l.tenant.as_deref().unwrap_or("-"),
@@ -149,7 +150,7 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
                 for s in &report.skipped {
                     eprintln!("skipped {}: {}", s.letter.id, s.why);
                 }
-                println!(
+                outln!(
                     "{} replayed, {} left in the dead-letter queue",
                     report.replayed.len(),
                     report.skipped.len()
@@ -162,9 +163,9 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
         Action::Purge { select, .. } => {
             let purged = client.dlq_purge(&select.filter()).await?;
             if json {
-                println!("{}", json!({"purged": purged.len()}));
+                outln!("{}", json!({"purged": purged.len()}));
             } else {
-                println!("purged {} dead letters", purged.len());
+                outln!("purged {} dead letters", purged.len());
             }
         }
     }
@@ -177,12 +178,18 @@ fn to_json(letter: &DeadLetter) -> String {
 
 fn print_table(letters: &[DeadLetter]) {
     if letters.is_empty() {
-        println!("no dead letters");
+        outln!("no dead letters");
         return;
     }
-    println!(
+    outln!(
         "{:<36} {:<16} {:<12} {:<10} {:>3} {:<20} {:<20} error",
-        "id", "tenant", "pipeline", "step", "att", "reason", "failed at"
+        "id",
+        "tenant",
+        "pipeline",
+        "step",
+        "att",
+        "reason",
+        "failed at"
     );
     for l in letters {
         let error: String = l
@@ -193,7 +200,7 @@ fn print_table(letters: &[DeadLetter]) {
             .chars()
             .take(60)
             .collect();
-        println!(
+        outln!(
             "{:<36} {:<16} {:<12} {:<10} {:>3} {:<20} {:<20} {error}",
             l.id,
             l.tenant.as_deref().unwrap_or("-"),
@@ -204,37 +211,37 @@ fn print_table(letters: &[DeadLetter]) {
             l.failed_at.map_or("-".into(), time),
         );
     }
-    println!("{} dead letters", letters.len());
+    outln!("{} dead letters", letters.len());
 }
 
 fn print_detail(l: &DeadLetter) {
     let or_dash = |v: Option<&str>| v.unwrap_or("-").to_string();
-    println!("id:           {}", l.id);
-    println!("reason:       {}", l.reason);
-    println!("tenant:       {}", or_dash(l.tenant.as_deref()));
-    println!("pipeline:     {}", or_dash(l.pipeline.as_deref()));
-    println!("step:         {}", or_dash(l.step.as_deref()));
-    println!(
+    outln!("id:           {}", l.id);
+    outln!("reason:       {}", l.reason);
+    outln!("tenant:       {}", or_dash(l.tenant.as_deref()));
+    outln!("pipeline:     {}", or_dash(l.pipeline.as_deref()));
+    outln!("step:         {}", or_dash(l.step.as_deref()));
+    outln!(
         "priority:     {}",
         l.priority.map_or("-".into(), |p| p.to_string())
     );
-    println!(
+    outln!(
         "attempts:     {}",
         l.attempts.map_or("-".into(), |a| a.to_string())
     );
-    println!("queue:        {}", or_dash(l.queue.as_deref()));
-    println!("submitted at: {}", l.submitted_at.map_or("-".into(), time));
-    println!("failed at:    {}", l.failed_at.map_or("-".into(), time));
-    println!("error:");
+    outln!("queue:        {}", or_dash(l.queue.as_deref()));
+    outln!("submitted at: {}", l.submitted_at.map_or("-".into(), time));
+    outln!("failed at:    {}", l.failed_at.map_or("-".into(), time));
+    outln!("error:");
     for line in l.error.lines() {
-        println!("  {line}");
+        outln!("  {line}");
     }
     match (&l.input, &l.raw) {
-        (Some(input), _) => println!(
+        (Some(input), _) => outln!(
             "input:\n{}",
             serde_json::to_string_pretty(input).expect("JSON values serialise")
         ),
-        (None, Some(raw)) => println!("raw body ({} bytes, as text):\n{raw}", l.body_bytes),
+        (None, Some(raw)) => outln!("raw body ({} bytes, as text):\n{raw}", l.body_bytes),
         (None, None) => {}
     }
 }

@@ -3,6 +3,7 @@
 #[cfg(feature = "bench")]
 mod bench;
 mod dlq;
+mod output;
 mod queues;
 mod submit;
 mod topology;

@@ -2,6 +2,7 @@
 //! declares (no management plugin needed); unacked messages from the management API, when
 //! `[broker] management_url` is set.
 
+use crate::output::outln;
 use anyhow::bail;
 use clap::Args;
 use serde_json::json;
@@ -43,7 +44,7 @@ pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow
     }
     if json {
         for d in &depths {
-            println!("{}", queue_json(d));
+            outln!("{}", queue_json(d));
         }
     } else {
         print!("{}", table(&depths, args.all));

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use warren_common::{Config, JobId, JobStatus, Priority, ResultEvent};
 use warren_producer::{Client, Job};
 
+use crate::output::outln;
 use crate::{Exit, EXIT_JOB_FAILED, EXIT_TIMEOUT};
 
 #[derive(Debug, Args)]
@@ -79,9 +80,9 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
     } else {
         for id in &ids {
             if json {
-                println!("{}", json!({"job_id": id.to_string()}));
+                outln!("{}", json!({"job_id": id.to_string()}));
             } else {
-                println!("{id}");
+                outln!("{id}");
             }
         }
         Ok(())
@@ -149,15 +150,15 @@ async fn wait_all(
 
 fn print_result(event: &ResultEvent, json: bool, many: bool) {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string(event).expect("result events serialise")
         );
     } else if event.status == JobStatus::Succeeded {
         if many {
-            println!("{} {}", event.job_id, event.output);
+            outln!("{} {}", event.job_id, event.output);
         } else {
-            println!("{}", event.output);
+            outln!("{}", event.output);
         }
     } else {
         eprintln!(

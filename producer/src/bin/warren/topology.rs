@@ -1,5 +1,6 @@
 //! `warren topology apply|delete|plan`.
 
+use crate::output::outln;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use serde_json::json;
@@ -34,14 +35,14 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
             if json {
                 let queues: Vec<_> = plan.queues.iter().map(|q| &q.name).collect();
                 let exchanges: Vec<_> = plan.exchanges.iter().map(|e| &e.name).collect();
-                println!("{}", json!({"exchanges": exchanges, "queues": queues}));
+                outln!("{}", json!({"exchanges": exchanges, "queues": queues}));
             } else {
                 plan.exchanges
                     .iter()
-                    .for_each(|e| println!("exchange {} ({})", e.name, e.kind));
+                    .for_each(|e| outln!("exchange {} ({})", e.name, e.kind));
                 plan.queues
                     .iter()
-                    .for_each(|q| println!("queue    {}", q.name));
+                    .for_each(|q| outln!("queue    {}", q.name));
             }
         }
         Action::Apply => {
@@ -66,11 +67,11 @@ pub(crate) async fn run(args: TopologyArgs, config: &Config, json: bool) -> anyh
 fn report(json: bool, what: &str, ns: &str, plan: &Topology) {
     let (exchanges, queues) = (plan.exchanges.len(), plan.queues.len());
     if json {
-        println!(
+        outln!(
             "{}",
             json!({"namespace": ns, what: {"exchanges": exchanges, "queues": queues}})
         );
     } else {
-        println!("{what} namespace {ns}: {exchanges} exchanges, {queues} queues");
+        outln!("{what} namespace {ns}: {exchanges} exchanges, {queues} queues");
     }
 }

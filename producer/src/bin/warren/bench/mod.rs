@@ -26,6 +26,7 @@ use warren_common::telemetry::{self, LogFormat};
 use warren_common::{Config, Priority};
 use warren_producer::Client;
 
+use crate::output::outln;
 use raw::Raw;
 use warren_side::Running;
 
@@ -306,9 +307,9 @@ async fn run(
         },
     });
     if json {
-        println!("{}", report::json(&rows, &conditions));
+        outln!("{}", report::json(&rows, &conditions));
     } else {
-        println!(
+        outln!(
             "warren bench: {} build, {} CPUs, load {} -> {}, queue type {}, concurrency {}, confirm window {}, {} run(s){}",
             conditions["build"].as_str().unwrap_or(""),
             conditions["cpus"],
