@@ -6,6 +6,7 @@ mod dlq;
 mod flow;
 mod isolation;
 mod kill;
+mod logs;
 mod metrics;
 mod retry;
 mod security;
