@@ -13,7 +13,7 @@ use warren_common::{
 };
 
 use crate::error::{SubmitError, WaitError};
-use crate::results::ResultStream;
+use crate::results::{ResultStream, Start};
 
 /// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
 /// enough to keep the broker busy, small enough that a failure leaves a short list to redo.
@@ -162,7 +162,9 @@ impl Client {
     /// that finished before the call, too: results are read from the results stream. A job
     /// that failed and was then replayed from the dead-letter queue has a later event; the
     /// newest one in the stream wins. A lost connection is reopened with backoff, and reading
-    /// starts again from the job's time.
+    /// starts again from the job's time. Reading from the job's time means reading every
+    /// result since then; for jobs you are about to submit, [`Client::results_from_now`]
+    /// opened before the submit reads only what comes after.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
         let since = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
         let deadline = tokio::time::Instant::now() + timeout;
@@ -239,7 +241,15 @@ impl Client {
     /// Every result event published since `since_ms` (ms since the epoch; results a little
     /// older may come too), then new ones as they arrive.
     pub async fn results(&self, since_ms: u64) -> Result<ResultStream, WaitError> {
-        Ok(ResultStream::open(&self.broker, since_ms).await?)
+        Ok(ResultStream::open(&self.broker, Start::At(since_ms)).await?)
+    }
+
+    /// Result events published from now on. Open it before submitting the jobs you will wait
+    /// for: their results cannot come before it, and the reader does not first read through
+    /// every result of the last seconds, which under another tenant's flood is tens of
+    /// thousands of events. (`wait` works after the fact, so it starts earlier.)
+    pub async fn results_from_now(&self) -> Result<ResultStream, WaitError> {
+        Ok(ResultStream::open(&self.broker, Start::Next).await?)
     }
 
     /// Closes the connection cleanly. Dropping a client without it is safe too.

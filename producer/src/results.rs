@@ -1,6 +1,7 @@
 //! Reading job results from the namespace's results stream. A stream keeps every event for
 //! days, so a reader can start from any time, including before it subscribed: no race between
-//! "submit" and "wait".
+//! "submit" and "wait". A reader that opens before it submits can start at the stream's end
+//! instead ([`Start::Next`]), and so skips the results other tenants' jobs wrote before.
 
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -17,7 +18,16 @@ const PREFETCH: u16 = 500;
 /// largest cost. Well below [`PREFETCH`], so credit never runs out.
 const ACK_EVERY: u32 = 100;
 
-/// Result events in publish order, from a start time on.
+/// Where a [`ResultStream`] begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// At the chunk holding this time (ms since the epoch), so a little earlier.
+    At(u64),
+    /// After the last event written before the subscription: only events published later.
+    Next,
+}
+
+/// Result events in publish order, from a start on.
 pub struct ResultStream {
     channel: Channel,
     consumer: Consumer,
@@ -31,7 +41,7 @@ impl std::fmt::Debug for ResultStream {
 }
 
 impl ResultStream {
-    pub(crate) async fn open(broker: &Broker, since_ms: u64) -> Result<Self, BrokerError> {
+    pub(crate) async fn open(broker: &Broker, start: Start) -> Result<Self, BrokerError> {
         let channel = broker.channel().await?;
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
@@ -41,10 +51,11 @@ impl ResultStream {
                 cause,
             })?;
         let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            AMQPValue::Timestamp(since_ms / 1000),
-        );
+        let offset = match start {
+            Start::At(ms) => AMQPValue::Timestamp(ms / 1000),
+            Start::Next => AMQPValue::LongString("next".into()),
+        };
+        args.insert("x-stream-offset".into(), offset);
         let consumer = channel
             .basic_consume(
                 broker.names().results_stream().into(),

@@ -295,3 +295,38 @@ command = ["sh", "-c", "x=$(cat); case \"$x\" in *reject*) echo 'rejected: bad i
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn results_from_now_skip_older_results_and_miss_none_of_later_jobs() {
+    // Given a job that has finished, so its result is in the results stream
+    let ns = TestNamespace::new(THREE_STEPS).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let old = client
+        .submit(Job::new("chain", "noisy", json!({})))
+        .await
+        .unwrap();
+    let old_result = client.wait(old, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(old_result.status, JobStatus::Succeeded);
+
+    // When a reader opens from now on, and only then jobs are submitted (the `submit --wait` order)
+    let mut stream = client.results_from_now().await.unwrap();
+    let jobs: Vec<Job> = (0..5)
+        .map(|i| Job::new("chain", "quiet", json!({"i": i})))
+        .collect();
+    let ids = client.submit_many(jobs).await.unwrap();
+
+    // Then it reads the new jobs' results, every one, and never the older one
+    let mut seen = HashSet::new();
+    while seen.len() < ids.len() {
+        let event = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("a result within 30 s")
+            .unwrap()
+            .expect("the stream stays open");
+        assert_ne!(event.job_id, old, "read a result from before it opened");
+        assert!(ids.contains(&event.job_id), "unknown job {}", event.job_id);
+        seen.insert(event.job_id);
+    }
+    stream.close().await;
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren_common::{Config, JobId, JobStatus, Priority, ResultEvent};
-use warren_producer::{Client, Job};
+use warren_producer::{Client, Job, ResultStream};
 
 use crate::output::outln;
 use crate::{Exit, EXIT_JOB_FAILED, EXIT_TIMEOUT};
@@ -66,6 +66,13 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
         None => vec![single_job(&args)?],
     };
     let client = Client::connect(config).await?;
+    // Opened before the submit, so the results of these jobs cannot come before it, and the
+    // wait reads only what is published from now on.
+    let results = if args.wait {
+        Some(client.results_from_now().await?)
+    } else {
+        None
+    };
     let ids = if jobs.len() == 1 && args.bulk.is_none() {
         vec![
             client
@@ -75,8 +82,8 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
     } else {
         client.submit_many(jobs).await?
     };
-    let outcome = if args.wait {
-        wait_all(&client, &ids, args.timeout, json).await
+    let outcome = if let Some(stream) = results {
+        wait_all(stream, &ids, args.timeout, json).await
     } else {
         for id in &ids {
             if json {
@@ -93,7 +100,13 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
 
 pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::Result<()> {
     let client = Client::connect(config).await?;
-    let outcome = wait_all(&client, &[args.job_id], args.timeout, json).await;
+    // The job may have finished before this command ran: read from its submit time (less a
+    // margin for clock skew between machines).
+    let since = args.job_id.timestamp_ms().unwrap_or(0);
+    let outcome = match client.results(since.saturating_sub(10_000)).await {
+        Ok(stream) => wait_all(stream, &[args.job_id], args.timeout, json).await,
+        Err(e) => Err(e.into()),
+    };
     client.close().await;
     outcome
 }
@@ -101,18 +114,12 @@ pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::
 /// Prints each result as it arrives (output JSON, or the event with --json); fails if any job
 /// failed or did not finish in time.
 async fn wait_all(
-    client: &Client,
+    mut stream: ResultStream,
     ids: &[JobId],
     timeout: Duration,
     json: bool,
 ) -> anyhow::Result<()> {
     let mut waiting: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let since = ids
-        .iter()
-        .filter_map(JobId::timestamp_ms)
-        .min()
-        .unwrap_or(0);
-    let mut stream = client.results(since.saturating_sub(10_000)).await?;
     let mut failed = 0usize;
     let deadline = tokio::time::Instant::now() + timeout;
     while !waiting.is_empty() {
