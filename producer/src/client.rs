@@ -29,6 +29,11 @@ const CATCH_UP_MAX: Duration = Duration::from_secs(2);
 /// machines.
 const CLOCK_SKEW_MS: u64 = 10_000;
 
+/// Where reading the results stream for job `id` starts (ms since the epoch).
+fn job_reading_start(id: JobId) -> u64 {
+    id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS)
+}
+
 /// One job to submit.
 #[derive(Debug, Clone)]
 pub struct Job {
@@ -166,7 +171,7 @@ impl Client {
     /// result since then; for jobs you are about to submit, [`Client::results_from_now`]
     /// opened before the submit reads only what comes after.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
-        let since = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
+        let since = job_reading_start(id);
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || WaitError::Timeout {
             job_id: id.to_string(),
@@ -242,6 +247,12 @@ impl Client {
     /// older may come too), then new ones as they arrive.
     pub async fn results(&self, since_ms: u64) -> Result<ResultStream, WaitError> {
         Ok(ResultStream::open(&self.broker, Start::At(since_ms)).await?)
+    }
+
+    /// Every result event from a little before `id` was submitted (its id's time, less a
+    /// margin for clock skew between machines), then new ones: where [`Client::wait`] reads.
+    pub async fn results_since_job(&self, id: JobId) -> Result<ResultStream, WaitError> {
+        self.results(job_reading_start(id)).await
     }
 
     /// Result events published from now on. Open it before submitting the jobs you will wait

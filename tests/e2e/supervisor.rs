@@ -399,14 +399,11 @@ async fn an_idle_pool_scales_to_zero_and_the_first_job_brings_a_worker_back() {
         "--log-format",
         "json",
     ]);
-    let pool = |text: &str, name: &str| {
-        samples(text)
-            .get(&format!("{name}{{pool=\"slow\"}}"))
-            .copied()
-    };
     let running = || async {
         let text = try_metrics(port).await.unwrap_or_default();
-        pool(&text, "warren_supervisor_workers_running")
+        samples(&text)
+            .get("warren_supervisor_workers_running{pool=\"slow\"}")
+            .copied()
     };
     let started = || {
         json_lines(&sup.log_text())

@@ -19,9 +19,6 @@ pub(crate) fn line(args: fmt::Arguments<'_>) {
 
 /// `println!` for the CLI's results, through [`line`].
 macro_rules! outln {
-    () => {
-        $crate::output::line(format_args!(""))
-    };
     ($($arg:tt)*) => {
         $crate::output::line(format_args!($($arg)*))
     };

@@ -100,10 +100,8 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
 
 pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::Result<()> {
     let client = Client::connect(config).await?;
-    // The job may have finished before this command ran: read from its submit time (less a
-    // margin for clock skew between machines).
-    let since = args.job_id.timestamp_ms().unwrap_or(0);
-    let outcome = match client.results(since.saturating_sub(10_000)).await {
+    // The job may have finished before this command ran: read from its submit time.
+    let outcome = match client.results_since_job(args.job_id).await {
         Ok(stream) => wait_all(stream, &[args.job_id], args.timeout, json).await,
         Err(e) => Err(e.into()),
     };
