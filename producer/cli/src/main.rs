@@ -1,6 +1,5 @@
 //! `warren`: the producer-side CLI. Thin: parse, load config, call the SDK, print.
 
-#[cfg(feature = "bench")]
 mod bench;
 mod dlq;
 mod output;
@@ -55,7 +54,6 @@ enum Command {
     /// Show the ready messages of every step queue, with totals per step.
     Queues(queues::QueuesArgs),
     /// Measure warren against a raw lapin program on this broker, in a throw-away namespace.
-    #[cfg(feature = "bench")]
     Bench(bench::BenchArgs),
 }
 
@@ -74,7 +72,6 @@ impl std::error::Error for Exit {}
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The bench runs without a config file too (default URL), and sets up its own runtimes.
-    #[cfg(feature = "bench")]
     if let Command::Bench(args) = &cli.command {
         return bench::main(args.clone(), cli.config.clone(), cli.json);
     }
@@ -94,7 +91,6 @@ fn main() -> ExitCode {
             Command::Wait(args) => submit::wait(args, config, cli.json).await,
             Command::Dlq(args) => dlq::run(args, config, cli.json).await,
             Command::Queues(args) => queues::run(args, &config, cli.json).await,
-            #[cfg(feature = "bench")]
             Command::Bench(_) => unreachable!("handled before the config is loaded"),
         }
     });

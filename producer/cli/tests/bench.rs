@@ -1,6 +1,5 @@
 //! `warren bench` with tiny sizes against the real broker: a smoke test of the harness (every
 //! scenario reports numbers, the namespaces are gone afterwards). It never asserts timings.
-#![cfg(feature = "bench")]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
