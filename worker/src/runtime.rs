@@ -173,8 +173,8 @@ impl Worker {
         }
     }
 
-    /// This worker's metrics, for `/metrics` and `/readyz` (see [`crate::metrics::serve`]).
-    pub fn metrics(&self) -> Arc<Metrics> {
+    /// This worker's metrics, for `/metrics` and `/readyz` (see `crate::metrics::serve_metrics`).
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.metrics)
     }
 

@@ -17,7 +17,9 @@ use warren_broker::{Names, Outgoing, PublishError, Publisher};
 use warren_common::backoff::{nominal_retry_delay, retry_delay, Backoff};
 use warren_common::config::{PipelineConfig, StepConfig};
 use warren_common::dead_letter as headers;
-use warren_common::{decode, encode, encode_result, now_ms, Config, Envelope, ResultEvent};
+use warren_common::{
+    decode, encode, encode_result, now_ms, Config, Envelope, Priority, ResultEvent,
+};
 
 use crate::handler::{StepContext, StepError};
 use crate::metrics::{Metrics, Outcome, PublishKind};
@@ -119,8 +121,9 @@ pub(crate) async fn process(
 }
 
 /// The priority part of a step queue's name (`{ns}.q.<pipeline>.<step>.<priority>.<shard>`).
-fn priority_of(queue: &str) -> &str {
-    queue.rsplit('.').nth(1).unwrap_or("unknown")
+fn priority_of(queue: &str) -> Priority {
+    let part = queue.rsplit('.').nth(1);
+    part.and_then(|p| p.parse().ok()).unwrap_or_default()
 }
 
 async fn handle(
@@ -208,7 +211,7 @@ async fn run_step(
         priority: env.priority,
         trace: env.trace(),
     };
-    let (pipeline, step, priority) = (&lane.pipeline.name, &lane.step.name, env.priority.as_str());
+    let (pipeline, step, priority) = (&lane.pipeline.name, &lane.step.name, env.priority);
     let metrics = &shared.metrics;
     let started = Instant::now();
     let queue_wait_ms = now_ms().saturating_sub(env.published_at);
