@@ -118,12 +118,6 @@ impl SupervisorMetrics {
     }
 }
 
-impl Default for SupervisorMetrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 #[cfg(test)]
 pub(super) mod tests {
     use std::collections::HashMap;

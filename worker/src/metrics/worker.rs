@@ -231,12 +231,6 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 /// Decrements the in-flight gauge when dropped.
 #[derive(Debug)]
 pub(crate) struct InFlight(IntGauge);
