@@ -12,8 +12,8 @@ use warren_common::telemetry::{self, LogFormat};
 use warren_common::Config;
 
 use crate::metrics::MetricsAddr;
-use crate::runtime::{Worker, WorkerBuilder, WorkerError};
 use crate::supervisor;
+use crate::{Worker, WorkerBuilder, WorkerError};
 
 /// Exit code for a bad config or set-up (BSD sysexits EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -142,11 +142,9 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
         // Before connecting: a SIGTERM during start-up must drain, not kill.
         let signals = crate::shutdown::Signals::install();
         if let MetricsAddr::On(addr) = args.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                WorkerError::Setup(format!(
-                    "cannot serve metrics on {addr}: {e} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)"
-                ))
-            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|cause| WorkerError::MetricsAddr { addr, cause })?;
             let bound = listener.local_addr().map_or(addr, |a| a);
             tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
             tokio::spawn(crate::metrics::serve(listener, worker.metrics()));
@@ -169,7 +167,7 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
     };
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ WorkerError::Setup(_)) => {
+        Err(e) if e.is_setup() => {
             eprintln!("warren-worker: {e}");
             ExitCode::from(EXIT_USAGE)
         }

@@ -1,0 +1,149 @@
+//! [`WorkerBuilder`]: handlers and options in, a [`Worker`] out, checked against the config
+//! before anything connects; and [`WorkerError`], what can stop a worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use warren_broker::{BrokerError, TopologyError};
+use warren_common::Config;
+
+use crate::handler::StepHandler;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::runtime::{Worker, DEFAULT_SHUTDOWN_GRACE};
+use crate::step::ServedStep;
+
+/// Why a worker cannot start, or stopped. Every variant but [`WorkerError::Broker`] is about
+/// the config or the handlers, and retrying will not help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// Two handlers were registered under one name.
+    #[error("handler {0:?} is registered twice")]
+    DuplicateHandler(String),
+    /// A step's `handler = ".."` names no registered handler.
+    #[error("pipelines.{pipeline}.steps.{step}.handler = {handler:?} is not registered in this worker binary (registered: {registered:?})")]
+    UnregisteredHandler {
+        pipeline: String,
+        step: String,
+        handler: String,
+        registered: Vec<String>,
+    },
+    /// The pipeline and step filters match no step of the config.
+    #[error("nothing to serve: no step matches pipeline {:?} and step {:?} in the config", any(.pipeline), any(.step))]
+    NothingToServe {
+        pipeline: Option<String>,
+        step: Option<String>,
+    },
+    /// The broker has a queue or exchange of this config with other arguments.
+    #[error(transparent)]
+    TopologyConflict(TopologyError),
+    /// The metrics endpoint cannot listen on its address.
+    #[error("cannot serve metrics on {addr}: {cause} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)")]
+    MetricsAddr {
+        addr: std::net::SocketAddr,
+        cause: std::io::Error,
+    },
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+impl WorkerError {
+    /// The config or the handlers are at fault (a usage error), not the broker.
+    pub fn is_setup(&self) -> bool {
+        !matches!(self, WorkerError::Broker(_))
+    }
+}
+
+/// A filter's value for an error message: its name, or `(any)`.
+fn any(filter: &Option<String>) -> &str {
+    filter.as_deref().unwrap_or("(any)")
+}
+
+/// Collects handlers and options; [`WorkerBuilder::build`] checks them against the config.
+#[derive(Debug)]
+pub struct WorkerBuilder {
+    config: Config,
+    registry: Registry,
+    duplicates: Vec<String>,
+    pipeline: Option<String>,
+    step: Option<String>,
+    grace: Duration,
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            config,
+            registry: Registry::default(),
+            duplicates: Vec::new(),
+            pipeline: None,
+            step: None,
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+
+    /// Registers a Rust handler under the name the config's `handler = ".."` uses.
+    pub fn handler<H: StepHandler>(mut self, name: &str, handler: H) -> Self {
+        if let Err(name) = self.registry.insert(name, handler) {
+            self.duplicates.push(name);
+        }
+        self
+    }
+
+    /// Serve only this pipeline (default: all).
+    pub fn pipeline(mut self, name: Option<String>) -> Self {
+        self.pipeline = name;
+        self
+    }
+
+    /// Serve only steps of this name (default: all).
+    pub fn step(mut self, name: Option<String>) -> Self {
+        self.step = name;
+        self
+    }
+
+    /// How long running steps may take to finish after shutdown is asked for.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The worker, once every step it is to serve has something to run it.
+    pub fn build(self) -> Result<Worker, WorkerError> {
+        if let Some(name) = self.duplicates.first() {
+            return Err(WorkerError::DuplicateHandler(name.clone()));
+        }
+        let mut served = Vec::new();
+        for pipeline in &self.config.pipelines {
+            if self.pipeline.as_ref().is_some_and(|p| p != &pipeline.name) {
+                continue;
+            }
+            for step in &pipeline.steps {
+                if self.step.as_ref().is_some_and(|s| s != &step.name) {
+                    continue;
+                }
+                let resolved = ServedStep::resolve(pipeline, step, &self.registry);
+                let step = resolved.map_err(|handler| WorkerError::UnregisteredHandler {
+                    pipeline: pipeline.name.clone(),
+                    step: step.name.clone(),
+                    handler: handler.to_string(),
+                    registered: self.registry.names().map(str::to_string).collect(),
+                })?;
+                served.push(Arc::new(step));
+            }
+        }
+        if served.is_empty() {
+            return Err(WorkerError::NothingToServe {
+                pipeline: self.pipeline,
+                step: self.step,
+            });
+        }
+        Ok(Worker::new(
+            Arc::new(self.config),
+            served,
+            self.grace,
+            Arc::new(Metrics::new()),
+        ))
+    }
+}
