@@ -147,3 +147,77 @@ impl WorkerBuilder {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::handler::{handler_fn, StepContext, StepError};
+
+    fn config() -> Config {
+        let toml = r#"
+[[pipelines]]
+name = "p"
+[[pipelines.steps]]
+name = "a"
+handler = "work"
+[[pipelines.steps]]
+name = "b"
+command = ["true"]
+"#;
+        Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+    }
+
+    fn echo() -> impl StepHandler {
+        handler_fn(|v: Value, _: StepContext| async move { Ok::<_, StepError>(v) })
+    }
+
+    #[test]
+    fn builds_what_the_filters_select() {
+        let worker = Worker::builder(config())
+            .handler("work", echo())
+            .build()
+            .unwrap();
+        assert_eq!(format!("{worker:?}"), r#"Worker { steps: ["p/a", "p/b"] }"#);
+        // A command step needs no handler.
+        let worker = Worker::builder(config())
+            .step(Some("b".into()))
+            .build()
+            .unwrap();
+        assert_eq!(format!("{worker:?}"), r#"Worker { steps: ["p/b"] }"#);
+    }
+
+    #[test]
+    fn setup_errors_name_what_is_wrong() {
+        let twice = Worker::builder(config())
+            .handler("work", echo())
+            .handler("work", echo())
+            .build()
+            .unwrap_err();
+        assert!(matches!(&twice, WorkerError::DuplicateHandler(name) if name == "work"));
+        assert_eq!(twice.to_string(), r#"handler "work" is registered twice"#);
+
+        let missing = Worker::builder(config())
+            .handler("other", echo())
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            r#"pipelines.p.steps.a.handler = "work" is not registered in this worker binary (registered: ["other"])"#
+        );
+
+        let nothing = Worker::builder(config())
+            .pipeline(Some("q".into()))
+            .build()
+            .unwrap_err();
+        assert_eq!(
+            nothing.to_string(),
+            r#"nothing to serve: no step matches pipeline "q" and step "(any)" in the config"#
+        );
+        assert!(twice.is_setup() && missing.is_setup() && nothing.is_setup());
+    }
+}

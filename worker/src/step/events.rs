@@ -225,3 +225,95 @@ impl Event for AckFailed<'_> {
         warn!(error = %self.error, "Could not ack; the message will be redelivered.");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> StepLabels<'static> {
+        StepLabels {
+            pipeline: "p",
+            step: "s",
+            priority: Priority::Low,
+        }
+    }
+
+    fn count(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn each_outcome_counts_once_with_its_labels() {
+        let metrics = Metrics::new();
+        let error = StepError::retryable("flaky");
+        let took = Duration::from_millis(5);
+        StepSucceeded {
+            labels: labels(),
+            took,
+            queue_wait_ms: 1,
+            job_took: Some(took),
+        }
+        .emit(&metrics);
+        StepRetried {
+            labels: labels(),
+            took,
+            error: &error,
+            max_attempts: 3,
+            retry_in: took,
+        }
+        .emit(&metrics);
+        StepFailed {
+            labels: labels(),
+            took,
+            error: &error,
+            gave_up: GaveUp::AttemptsUsedUp,
+            job_took: took,
+        }
+        .emit(&metrics);
+        MessageSetAside {
+            labels: labels(),
+            reason: Reason::WrongQueue,
+            text: "elsewhere",
+            queue: "ns.q.p.s.low.0",
+        }
+        .emit(&metrics);
+        StepAbandoned {
+            labels: labels(),
+            queue: "ns.q.p.s.low.0",
+        }
+        .emit(&metrics);
+        DeadLettered {
+            pipeline: Some("p"),
+            reason: Reason::WrongQueue,
+        }
+        .emit(&metrics);
+
+        let text = metrics.render();
+        for outcome in [
+            "succeeded",
+            "retried",
+            "failed",
+            "dead_lettered",
+            "abandoned",
+        ] {
+            let series = format!(
+                "warren_step_executions_total{{outcome=\"{outcome}\",pipeline=\"p\",priority=\"low\",step=\"s\"}}"
+            );
+            assert_eq!(count(&text, &series), 1, "{series} in\n{text}");
+        }
+        for outcome in ["succeeded", "failed"] {
+            let series = format!(
+                "warren_job_duration_seconds_count{{outcome=\"{outcome}\",pipeline=\"p\",priority=\"low\"}}"
+            );
+            assert_eq!(count(&text, &series), 1, "{series} in\n{text}");
+        }
+        // Only attempts that ran have a duration.
+        let ran =
+            r#"warren_step_duration_seconds_count{outcome="dead_lettered",pipeline="p",step="s"}"#;
+        assert_eq!(count(&text, ran), 0, "{text}");
+        let dead = r#"warren_dead_letters_total{pipeline="p",reason="wrong-queue"}"#;
+        assert_eq!(count(&text, dead), 1, "{text}");
+    }
+}
