@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 use warren_broker::{PublishError, StepRoute};
-use warren_common::{now_ms, Config, Envelope, Reason};
+use warren_common::{now_ms, Config, Envelope, Priority, Reason};
 
 use self::events::{
     AckFailed, Event, HandOffFailed, MessageSetAside, StepAbandoned, StepFailed, StepLabels,
@@ -85,29 +85,28 @@ async fn handle(
     let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
         pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id);
     async {
-        let attempt = run(session, served, &env).await;
+        let (outcome, timing) = run(session, served, &env).await;
         let max_payload = session.config.broker.max_payload_bytes;
-        let fate = fate::fate(attempt.outcome, &env, served, max_payload, rand::random());
-        report(&fate, &env, served, &attempt.timing, &session.metrics);
+        let fate = fate::fate(outcome, &env, served, max_payload, rand::random());
+        report(&fate, &env, served, &timing, &session.metrics);
         carry_out(session, route, fate).await
     }
     .instrument(span)
     .await
 }
 
-/// A finished attempt: what the step returned, and when.
-struct Attempt {
-    outcome: Result<Value, StepError>,
-    timing: Timing,
-}
-
+/// When an attempt ran: how long it took, and how long its message had waited.
 struct Timing {
     took: Duration,
     queue_wait_ms: u64,
 }
 
 /// Runs the step once on `env`'s input, counted as in flight meanwhile.
-async fn run(session: &StepSession, served: &ServedStep, env: &Envelope) -> Attempt {
+async fn run(
+    session: &StepSession,
+    served: &ServedStep,
+    env: &Envelope,
+) -> (Result<Value, StepError>, Timing) {
     let ctx = StepContext {
         job_id: env.job_id,
         tenant: env.tenant.to_string(),
@@ -131,13 +130,11 @@ async fn run(session: &StepSession, served: &ServedStep, env: &Envelope) -> Atte
         .run(env.input.clone(), ctx, served.step.timeout)
         .await;
     drop(running);
-    Attempt {
-        outcome,
-        timing: Timing {
-            took: started.elapsed(),
-            queue_wait_ms,
-        },
-    }
+    let timing = Timing {
+        took: started.elapsed(),
+        queue_wait_ms,
+    };
+    (outcome, timing)
 }
 
 /// Logs and counts what became of the attempt, once.
@@ -251,7 +248,7 @@ async fn set_aside(
     Ok(())
 }
 
-fn labels(served: &ServedStep, priority: warren_common::Priority) -> StepLabels<'_> {
+fn labels(served: &ServedStep, priority: Priority) -> StepLabels<'_> {
     StepLabels {
         pipeline: &served.pipeline.name,
         step: &served.step.name,
