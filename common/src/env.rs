@@ -13,6 +13,10 @@ pub const ENV_WARREN_NAMESPACE: &str = "WARREN_NAMESPACE";
 pub const ENV_WARREN_MANAGEMENT_URL: &str = "WARREN_MANAGEMENT_URL";
 /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
 pub const ENV_WARREN_LOG: &str = "WARREN_LOG";
+/// A worker's `--metrics-addr` (the supervisor sets it for each worker it starts).
+pub const ENV_WARREN_METRICS_ADDR: &str = "WARREN_METRICS_ADDR";
+/// The pid of the supervisor that started this worker: the worker drains once it is gone.
+pub const ENV_WARREN_SUPERVISOR_PID: &str = "WARREN_SUPERVISOR_PID";
 
 // What a command step sees (DESIGN.md, contract 2).
 pub const ENV_WARREN_JOB_ID: &str = "WARREN_JOB_ID";

@@ -10,6 +10,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod env;
 pub mod envelope;
+pub mod exit;
 pub mod ids;
 pub mod priority;
 pub mod shard;

@@ -38,12 +38,6 @@ pub enum WorkerError {
     /// The broker has a queue or exchange of this config with other arguments.
     #[error(transparent)]
     TopologyConflict(TopologyError),
-    /// The metrics endpoint cannot listen on its address.
-    #[error("cannot serve metrics on {addr}: {cause} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)")]
-    MetricsAddr {
-        addr: std::net::SocketAddr,
-        cause: std::io::Error,
-    },
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }

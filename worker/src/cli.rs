@@ -1,22 +1,20 @@
 //! The `warren-worker` command line, as a library function so a custom worker binary (one that
 //! registers its own Rust handlers) gets the same flags: `warren_worker::cli::main(|b| b.handler(..))`.
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use warren_common::env::ProcessEnv;
+use warren_common::env::{ProcessEnv, ENV_WARREN_METRICS_ADDR};
 use warren_common::telemetry::{self, LogFormat};
 use warren_common::Config;
 
-use crate::metrics::MetricsAddr;
-use crate::supervisor;
-use crate::{Worker, WorkerBuilder, WorkerError};
-
-/// Exit code for a bad config or set-up (BSD sysexits EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
+use crate::metrics::{serve_metrics, MetricsAddr, SUPERVISOR_DEFAULT_ADDR, WORKER_DEFAULT_ADDR};
+use crate::shutdown::{self, Signals};
+use crate::supervisor::{self, WorkerMetricsBase};
+use crate::{Worker, WorkerBuilder};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -67,11 +65,11 @@ struct SuperviseArgs {
     #[arg(long, default_value_t = 1)]
     activation: u64,
     /// Serve the supervisor's /metrics, /healthz and /readyz here (HOST:PORT), or `off`.
-    #[arg(long, default_value = crate::supervisor::DEFAULT_METRICS_ADDR)]
+    #[arg(long, default_value = SUPERVISOR_DEFAULT_ADDR)]
     metrics_addr: MetricsAddr,
     /// Worker in slot N serves its metrics on 127.0.0.1:(this + N); 0 for any free port; `off`.
     #[arg(long, default_value = "9480")]
-    worker_metrics_base: crate::supervisor::WorkerMetricsBase,
+    worker_metrics_base: WorkerMetricsBase,
     /// The workers' --shutdown-grace; a draining worker is killed 10s after it.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
@@ -98,8 +96,8 @@ struct RunArgs {
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
     /// Serve /metrics, /healthz and /readyz here (HOST:PORT; port 0 picks a free one), or `off`.
-    #[arg(long, env = "WARREN_METRICS_ADDR", hide_env_values = true,
-          default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    #[arg(long, env = ENV_WARREN_METRICS_ADDR, hide_env_values = true,
+          default_value = WORKER_DEFAULT_ADDR)]
     metrics_addr: MetricsAddr,
 }
 
@@ -111,14 +109,22 @@ pub fn main(customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode 
     }
 }
 
+/// Prints `error` as the command's last word and returns `code`.
+fn fail(error: impl Display, code: ExitCode) -> ExitCode {
+    eprintln!("warren-worker: {error}");
+    code
+}
+
+/// A bad config, bad flags, or a set-up that cannot work.
+fn usage(error: impl Display) -> ExitCode {
+    fail(error, ExitCode::from(warren_common::exit::USAGE))
+}
+
 /// What both commands do first: set up logging, then load the config (a bad one is a usage
 /// error, exit 64, with the file, line and key in the message).
 fn start(log_format: LogFormat, config: Option<&Path>) -> Result<Config, ExitCode> {
     telemetry::init(log_format, &ProcessEnv);
-    Config::load(config, &ProcessEnv).map_err(|e| {
-        eprintln!("warren-worker: {e}");
-        ExitCode::from(EXIT_USAGE)
-    })
+    Config::load(config, &ProcessEnv).map_err(usage)
 }
 
 fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) -> ExitCode {
@@ -132,50 +138,22 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
         .shutdown_grace(args.shutdown_grace);
     let worker = match customize(builder).build() {
         Ok(w) => w,
-        Err(e) => {
-            eprintln!("warren-worker: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(e) => return usage(e),
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let run = async {
+    runtime.block_on(async {
         // Before connecting: a SIGTERM during start-up must drain, not kill.
-        let signals = crate::shutdown::Signals::install();
-        if let MetricsAddr::On(addr) = args.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|cause| WorkerError::MetricsAddr { addr, cause })?;
-            let bound = listener.local_addr().map_or(addr, |a| a);
-            tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
-            tokio::spawn(crate::metrics::serve(listener, worker.metrics()));
+        let signals = Signals::install();
+        if let Err(e) = serve_metrics(args.metrics_addr, worker.metrics().exposition()).await {
+            return usage(e);
         }
-        // Started by a supervisor: also drain when it dies, so no worker outlives it.
-        let supervisor = std::env::var(crate::shutdown::ENV_SUPERVISOR_PID)
-            .ok()
-            .and_then(|pid| pid.parse::<u32>().ok());
-        worker
-            .run(async move {
-                match supervisor {
-                    Some(pid) => tokio::select! {
-                        _ = signals.recv() => {}
-                        _ = crate::shutdown::parent_gone(pid) => {}
-                    },
-                    None => signals.recv().await,
-                }
-            })
-            .await
-    };
-    match runtime.block_on(run) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is_setup() => {
-            eprintln!("warren-worker: {e}");
-            ExitCode::from(EXIT_USAGE)
+        let supervisor = shutdown::supervisor_pid(&ProcessEnv);
+        match worker.run(shutdown::requested(signals, supervisor)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) if e.is_setup() => usage(e),
+            Err(e) => fail(e, ExitCode::FAILURE),
         }
-        Err(e) => {
-            eprintln!("warren-worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 fn supervise(args: SuperviseArgs) -> ExitCode {
@@ -186,8 +164,10 @@ fn supervise(args: SuperviseArgs) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(e) => {
-            eprintln!("warren-worker: cannot find this executable to start workers: {e}");
-            return ExitCode::FAILURE;
+            return fail(
+                format_args!("cannot find this executable to start workers: {e}"),
+                ExitCode::FAILURE,
+            )
         }
     };
     let options = supervisor::Options {
@@ -202,38 +182,19 @@ fn supervise(args: SuperviseArgs) -> ExitCode {
             scale_down_after: args.scale_down_after,
         },
         interval: args.interval,
+        metrics_addr: args.metrics_addr,
         worker_metrics: args.worker_metrics_base,
         shutdown_grace: args.shutdown_grace,
         log_format: args.log_format,
         exe,
     };
-    if let Err(e) = supervisor::check(&config, &options) {
-        eprintln!("warren-worker: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let result = runtime.block_on(async {
-        let signals = supervisor::Signals::install();
-        let metrics = Arc::new(supervisor::SupervisorMetrics::new());
-        if let MetricsAddr::On(addr) = args.metrics_addr {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                supervisor::SupervisorError::Setup(format!(
-                    "cannot serve metrics on {addr}: {e} (pass --metrics-addr HOST:PORT, port 0 for any free one, or `off`)"
-                ))
-            })?;
-            let bound = listener.local_addr().map_or(addr, |a| a);
-            tracing::info!(addr = %bound, "Serving /metrics, /healthz and /readyz.");
-            tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    runtime.block_on(async {
+        match supervisor::run(config, options, Signals::install()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => usage(e),
         }
-        supervisor::run(config, options, metrics, signals).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("warren-worker: {e}");
-            ExitCode::from(EXIT_USAGE)
-        }
-    }
+    })
 }
 
 #[cfg(test)]

@@ -28,12 +28,12 @@ mod command;
 mod dispatch;
 mod handler;
 mod intake;
-pub mod metrics;
+mod metrics;
 mod registry;
 mod runtime;
 pub mod shutdown;
 mod step;
-pub mod supervisor;
+mod supervisor;
 
 pub use builder::{WorkerBuilder, WorkerError};
 pub use handler::{handler_fn, FnHandler, StepContext, StepError, StepHandler};

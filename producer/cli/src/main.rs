@@ -15,8 +15,8 @@ use warren_common::env::ProcessEnv;
 use warren_common::telemetry::{self, LogFormat};
 use warren_common::Config;
 
-/// Exit code for a bad config or usage (BSD sysexits EX_USAGE).
-pub(crate) const EXIT_USAGE: u8 = 64;
+/// Exit code for a bad config or usage.
+pub(crate) const EXIT_USAGE: u8 = warren_common::exit::USAGE;
 /// Exit code when `--wait` saw the job fail.
 pub(crate) const EXIT_JOB_FAILED: u8 = 3;
 /// Exit code when `--wait` gave up.

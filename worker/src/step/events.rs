@@ -27,12 +27,11 @@ pub(crate) struct StepLabels<'a> {
 
 impl StepLabels<'_> {
     fn execution(&self, metrics: &Metrics, outcome: Outcome, took: Option<Duration>) {
-        let priority = self.priority.as_str();
-        metrics.execution(self.pipeline, self.step, priority, outcome, took);
+        metrics.execution(self.pipeline, self.step, self.priority, outcome, took);
     }
 
     fn job_finished(&self, metrics: &Metrics, succeeded: bool, took: Duration) {
-        metrics.job_finished(self.pipeline, self.priority.as_str(), succeeded, took);
+        metrics.job_finished(self.pipeline, self.priority, succeeded, took);
     }
 }
 
@@ -46,8 +45,12 @@ pub(crate) struct StepStarted<'a> {
 impl Event for StepStarted<'_> {
     fn emit(self, metrics: &Metrics) {
         if let Some(waited) = self.queue_wait {
-            let StepLabels { pipeline, step, .. } = self.labels;
-            metrics.queue_wait(pipeline, step, self.labels.priority.as_str(), waited);
+            let StepLabels {
+                pipeline,
+                step,
+                priority,
+            } = self.labels;
+            metrics.queue_wait(pipeline, step, priority, waited);
         }
     }
 }
@@ -290,7 +293,7 @@ mod tests {
         }
         .emit(&metrics);
 
-        let text = metrics.render();
+        let text = metrics.exposition().render();
         for outcome in [
             "succeeded",
             "retried",

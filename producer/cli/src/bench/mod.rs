@@ -194,7 +194,7 @@ fn serve_worker(base: &Config, ns: &str, concurrency: u16) -> ExitCode {
         worker
             .run(async {
                 tokio::select! {
-                    _ = signals.recv() => {}
+                    _ = signals.shutdown() => {}
                     _ = closed => {}
                 }
             })
@@ -218,7 +218,7 @@ async fn run(
 ) -> anyhow::Result<()> {
     // Installed first: from here on Ctrl-C (or SIGTERM) ends the run through the clean-up below.
     // A second one exits at once.
-    let interrupted = warren_worker::shutdown::Signals::install().recv();
+    let interrupted = warren_worker::shutdown::Signals::install().shutdown();
     tokio::pin!(interrupted);
     let unique = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

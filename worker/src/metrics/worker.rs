@@ -1,0 +1,285 @@
+//! The worker's metrics: what happens to step attempts, publishes and the connection.
+
+use std::time::Duration;
+
+use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use warren_common::Priority;
+
+use super::{Def, Exposition};
+
+const STEP_EXECUTIONS: Def = Def {
+    name: "warren_step_executions_total",
+    help: "Step attempts finished, by outcome.",
+    labels: &["pipeline", "step", "priority", "outcome"],
+};
+const STEP_DURATION: Def = Def {
+    name: "warren_step_duration_seconds",
+    help: "How long a step attempt ran.",
+    labels: &["pipeline", "step", "outcome"],
+};
+const QUEUE_WAIT: Def = Def {
+    name: "warren_step_queue_wait_seconds",
+    help: "From the publish of a step message to the start of its attempt.",
+    labels: &["pipeline", "step", "priority"],
+};
+const JOB_DURATION: Def = Def {
+    name: "warren_job_duration_seconds",
+    help: "From submit to the job's result, observed at the last or the failing step.",
+    labels: &["pipeline", "priority", "outcome"],
+};
+const IN_FLIGHT: Def = Def {
+    name: "warren_steps_in_flight",
+    help: "Step attempts running now.",
+    labels: &["pipeline", "step"],
+};
+const DEAD_LETTERS: Def = Def {
+    name: "warren_dead_letters_total",
+    help: "Messages sent to the dead-letter queue, by reason.",
+    labels: &["pipeline", "reason"],
+};
+const PUBLISH_CONFIRM: Def = Def {
+    name: "warren_publish_confirm_seconds",
+    help: "From publish to the broker's confirm.",
+    labels: &["kind"],
+};
+const RECONNECTS: Def = Def {
+    name: "warren_reconnects_total",
+    help: "Sessions started again after a lost connection.",
+    labels: &[],
+};
+const CONNECTED: Def = Def {
+    name: "warren_worker_connected",
+    help: "1 while connected and consuming, else 0.",
+    labels: &[],
+};
+
+/// Every metric the worker exports.
+#[cfg(test)]
+pub(super) const DEFS: &[&Def] = &[
+    &STEP_EXECUTIONS,
+    &STEP_DURATION,
+    &QUEUE_WAIT,
+    &JOB_DURATION,
+    &IN_FLIGHT,
+    &DEAD_LETTERS,
+    &PUBLISH_CONFIRM,
+    &RECONNECTS,
+    &CONNECTED,
+];
+
+/// What happened to one attempt, as the `outcome` label says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Succeeded,
+    Retried,
+    Failed,
+    DeadLettered,
+    Abandoned,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Retried => "retried",
+            Outcome::Failed => "failed",
+            Outcome::DeadLettered => "dead_lettered",
+            Outcome::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Which publish a confirm latency belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum PublishKind {
+    NextStep,
+    Retry,
+    Result,
+    DeadLetter,
+}
+
+impl PublishKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PublishKind::NextStep => "next_step",
+            PublishKind::Retry => "retry",
+            PublishKind::Result => "result",
+            PublishKind::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// One worker's metrics, ready (for `/readyz`) while it is connected and consuming.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    exposition: Exposition,
+    executions: IntCounterVec,
+    step_duration: HistogramVec,
+    queue_wait: HistogramVec,
+    job_duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    dead_letters: IntCounterVec,
+    confirm: HistogramVec,
+    reconnects: IntCounter,
+    connected: IntGauge,
+}
+
+/// Buckets from 1 ms to about 17 minutes: steps range from no-ops to long imports.
+fn duration_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.001, 2.5, 16).expect("valid buckets")
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let exposition = Exposition::new();
+        Self {
+            executions: exposition.counter_vec(&STEP_EXECUTIONS),
+            step_duration: exposition.histogram_vec(&STEP_DURATION, duration_buckets()),
+            queue_wait: exposition.histogram_vec(&QUEUE_WAIT, duration_buckets()),
+            job_duration: exposition.histogram_vec(&JOB_DURATION, duration_buckets()),
+            in_flight: exposition.gauge_vec(&IN_FLIGHT),
+            dead_letters: exposition.counter_vec(&DEAD_LETTERS),
+            confirm: exposition.histogram_vec(
+                &PUBLISH_CONFIRM,
+                prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
+            ),
+            reconnects: exposition.counter(&RECONNECTS),
+            connected: exposition.gauge(&CONNECTED),
+            exposition,
+        }
+    }
+
+    /// What `/metrics` and `/readyz` serve.
+    pub(crate) fn exposition(&self) -> &Exposition {
+        &self.exposition
+    }
+
+    pub(crate) fn execution(
+        &self,
+        pipeline: &str,
+        step: &str,
+        priority: Priority,
+        outcome: Outcome,
+        took: Option<Duration>,
+    ) {
+        self.executions
+            .with_label_values(&[pipeline, step, priority.as_str(), outcome.as_str()])
+            .inc();
+        if let Some(took) = took {
+            self.step_duration
+                .with_label_values(&[pipeline, step, outcome.as_str()])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    pub(crate) fn queue_wait(
+        &self,
+        pipeline: &str,
+        step: &str,
+        priority: Priority,
+        waited: Duration,
+    ) {
+        self.queue_wait
+            .with_label_values(&[pipeline, step, priority.as_str()])
+            .observe(waited.as_secs_f64());
+    }
+
+    pub(crate) fn job_finished(
+        &self,
+        pipeline: &str,
+        priority: Priority,
+        succeeded: bool,
+        took: Duration,
+    ) {
+        let outcome = if succeeded {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        };
+        self.job_duration
+            .with_label_values(&[pipeline, priority.as_str(), outcome.as_str()])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts the attempt as running until the guard drops (also when it is cancelled).
+    pub(crate) fn running(&self, pipeline: &str, step: &str) -> InFlight {
+        let gauge = self.in_flight.with_label_values(&[pipeline, step]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    pub(crate) fn dead_letter(&self, pipeline: Option<&str>, reason: &str) {
+        self.dead_letters
+            .with_label_values(&[pipeline.unwrap_or("unknown"), reason])
+            .inc();
+    }
+
+    pub(crate) fn confirmed(&self, kind: PublishKind, took: Duration) {
+        self.confirm
+            .with_label_values(&[kind.as_str()])
+            .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    /// Connected and consuming (ready), or not.
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.connected.set(i64::from(up));
+        self.exposition.set_ready(up);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+#[derive(Debug)]
+pub(crate) struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_carry_the_values() {
+        let m = Metrics::new();
+        m.execution("p", "s", Priority::High, Outcome::Retried, None);
+        m.dead_letter(None, "undecodable");
+        let running = m.running("p", "s");
+        let text = m.exposition().render();
+        assert!(text.contains(
+            "warren_step_executions_total{outcome=\"retried\",pipeline=\"p\",priority=\"high\",step=\"s\"} 1"
+        ), "{text}");
+        assert!(text.contains("warren_steps_in_flight{pipeline=\"p\",step=\"s\"} 1"));
+        assert!(text
+            .contains("warren_dead_letters_total{pipeline=\"unknown\",reason=\"undecodable\"} 1"));
+        drop(running);
+        let text = m.exposition().render();
+        assert!(text.contains("warren_steps_in_flight{pipeline=\"p\",step=\"s\"} 0"));
+    }
+
+    #[test]
+    fn ready_follows_the_connection() {
+        let m = Metrics::new();
+        assert!(!m.exposition().is_ready());
+        m.set_connected(true);
+        assert!(m.exposition().is_ready());
+        assert!(m
+            .exposition()
+            .render()
+            .contains("warren_worker_connected 1"));
+        m.set_connected(false);
+        assert!(!m.exposition().is_ready());
+    }
+}

@@ -1,0 +1,113 @@
+//! Reads the depth of the supervised step queues each tick: ready messages by passive declare
+//! (see `warren_broker::depth`), plus, when `[broker] management_url` is set, the messages
+//! workers hold unacked. A broker or management API that cannot be read is logged once, and
+//! once again when it can be read again.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+use warren_broker::depth::{add_unacked, read_depths, QueueDepth, StepQueue};
+use warren_broker::{Broker, Management, Names};
+use warren_common::Config;
+
+#[derive(Debug)]
+pub(crate) struct Depths {
+    queues: Vec<StepQueue>,
+    /// Connected at the first read, and again after a lost connection.
+    broker: Option<Broker>,
+    broker_down_logged: bool,
+    /// Where unacked counts come from, if configured.
+    management: Option<Management>,
+    management_down_logged: bool,
+}
+
+impl Depths {
+    pub(crate) fn new(queues: Vec<StepQueue>, management: Option<Management>) -> Self {
+        Self {
+            queues,
+            broker: None,
+            broker_down_logged: false,
+            management,
+            management_down_logged: false,
+        }
+    }
+
+    /// The depth of each queue, in the order of the queues it was given, or `None` if the broker
+    /// could not be read within `patience` this time.
+    pub(crate) async fn read(
+        &mut self,
+        config: &Config,
+        patience: Duration,
+    ) -> Option<Vec<QueueDepth>> {
+        match tokio::time::timeout(patience, self.read_once(config)).await {
+            Ok(depths) => depths,
+            Err(_) => {
+                self.broker = None;
+                self.broker_unreadable("no answer from the broker");
+                None
+            }
+        }
+    }
+
+    async fn read_once(&mut self, config: &Config) -> Option<Vec<QueueDepth>> {
+        if self.broker.is_none() {
+            match Broker::connect(&config.broker).await {
+                Ok(b) => self.broker = Some(b),
+                Err(e) => {
+                    self.broker_unreadable(&e.to_string());
+                    return None;
+                }
+            }
+        }
+        let broker = self.broker.as_ref()?;
+        let mut depths = match read_depths(broker, &self.queues).await {
+            Ok(d) => d,
+            Err(e) => {
+                if e.is_connection_lost() {
+                    if let Some(b) = self.broker.take() {
+                        b.close().await;
+                    }
+                }
+                self.broker_unreadable(&e.to_string());
+                return None;
+            }
+        };
+        if self.broker_down_logged {
+            info!("Reading queue depths again.");
+            self.broker_down_logged = false;
+        }
+        if let Some(management) = &self.management {
+            // Without it the backlog is the ready messages alone, as without a management_url.
+            let prefix = Names::new(&config.broker.namespace).step_queue_prefix();
+            match add_unacked(management, &prefix, &mut depths).await {
+                Ok(()) if self.management_down_logged => {
+                    info!("Reading unacked counts again.");
+                    self.management_down_logged = false;
+                }
+                Ok(()) => {}
+                Err(e) if !self.management_down_logged => {
+                    warn!(error = %e, "Cannot read unacked counts; sizing on ready messages alone.");
+                    self.management_down_logged = true;
+                }
+                Err(_) => {}
+            }
+        }
+        Some(depths)
+    }
+
+    fn broker_unreadable(&mut self, error: &str) {
+        if !self.broker_down_logged {
+            warn!(
+                error,
+                "Cannot read queue depths; keeping the pools as they are."
+            );
+            self.broker_down_logged = true;
+        }
+    }
+
+    pub(crate) async fn close(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.close().await;
+        }
+    }
+}
