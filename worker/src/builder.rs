@@ -38,6 +38,7 @@ pub enum WorkerError {
     /// The broker has a queue or exchange of this config with other arguments.
     #[error(transparent)]
     TopologyConflict(TopologyError),
+    /// The broker cannot be reached, or refused what the worker asked.
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
