@@ -462,6 +462,30 @@ handler = "h"
 
     proptest! {
         #[test]
+        fn whatever_arrives_is_admitted_or_set_aside_with_an_id(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            step in prop_oneof![Just("a"), Just("b"), Just("zz")],
+            tenant in "[a-z]{1,8}",
+        ) {
+            let config = config();
+            let served = served(&config, "p", "a");
+            let env = envelope(step, &tenant, 1);
+            for body in [bytes, encode(&env)] {
+                match admit(&body, Some("m"), &config, &served) {
+                    Ok(admitted) => {
+                        prop_assert_eq!(admitted.pipeline.as_str(), "p");
+                        prop_assert_eq!(admitted.step.as_str(), "a");
+                    }
+                    Err(aside) => {
+                        prop_assert!(!aside.id.is_empty());
+                        // A failed result goes out exactly for a job of a known pipeline.
+                        prop_assert_eq!(aside.result.is_some(), aside.pipeline.is_some());
+                    }
+                }
+            }
+        }
+
+        #[test]
         fn decisions_keep_their_promises(
             outcome in any_outcome(),
             last_step in any::<bool>(),
