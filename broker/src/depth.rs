@@ -17,10 +17,78 @@ use crate::names::Names;
 
 /// Ready (not yet delivered) messages in `queue`, or `None` when the queue does not exist.
 pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>, BrokerError> {
-    let mut channel = None;
-    Ok(declare_passive(broker, &mut channel, queue)
-        .await?
-        .map(|(ready, _)| ready))
+    let mut probe = Probe::new(broker);
+    let found = probe.read(queue).await;
+    probe.close().await;
+    Ok(found?.map(|c| c.ready))
+}
+
+/// What a passive declare says about a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Messages ready for delivery.
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Passive declares on one channel, which stays open from one read to the next (a missing
+/// queue's declare closes it; the next read opens another).
+#[derive(Debug)]
+pub struct Probe<'a> {
+    broker: &'a Broker,
+    channel: Option<Channel>,
+}
+
+impl<'a> Probe<'a> {
+    pub fn new(broker: &'a Broker) -> Self {
+        Self {
+            broker,
+            channel: None,
+        }
+    }
+
+    /// The counts of `queue`, or `None` if it does not exist.
+    pub async fn read(&mut self, queue: &str) -> Result<Option<Counts>, BrokerError> {
+        let open = match self.channel.take() {
+            Some(c) if c.status().connected() => c,
+            _ => self.broker.channel().await?,
+        };
+        let result = open
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match result {
+            Ok(q) => {
+                self.channel = Some(open);
+                Ok(Some(Counts {
+                    ready: q.message_count(),
+                    consumers: q.consumer_count(),
+                }))
+            }
+            // The broker closed the channel with 404; the next read opens another.
+            Err(e)
+                if crate::error::server_reply(&e)
+                    .is_some_and(|(_, text)| text.contains("NOT_FOUND")) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(BrokerError::amqp(format!("read depth of {queue}"))(e)),
+        }
+    }
+
+    /// Closes the channel, if one is open.
+    pub async fn close(self) {
+        if let Some(channel) = self.channel {
+            let _ = channel.close(200, "done".into()).await;
+        }
+    }
 }
 
 /// One step queue of a config: `{ns}.q.<pipeline>.<step>.<priority>.<shard>`.
@@ -75,26 +143,30 @@ pub fn step_queues(config: &Config) -> Vec<StepQueue> {
     queues
 }
 
-/// Reads the depth of each queue, on one channel (a fresh one only after a missing queue,
-/// whose passive declare closes the channel). A missing queue is reported, not an error.
+/// Reads the depth of each queue through one [`Probe`]. A missing queue is reported, not an
+/// error.
 pub async fn read_depths(
     broker: &Broker,
     queues: &[StepQueue],
 ) -> Result<Vec<QueueDepth>, BrokerError> {
-    let mut channel = None;
+    let mut probe = Probe::new(broker);
     let mut depths = Vec::with_capacity(queues.len());
     for queue in queues {
-        let found = declare_passive(broker, &mut channel, &queue.name).await?;
+        let found = match probe.read(&queue.name).await {
+            Ok(found) => found,
+            Err(e) => {
+                probe.close().await;
+                return Err(e);
+            }
+        };
         depths.push(QueueDepth {
             queue: queue.clone(),
-            ready: found.map(|(ready, _)| ready),
-            consumers: found.map(|(_, consumers)| consumers),
+            ready: found.map(|c| c.ready),
+            consumers: found.map(|c| c.consumers),
             unacked: None,
         });
     }
-    if let Some(channel) = channel {
-        let _ = channel.close(200, "done".into()).await;
-    }
+    probe.close().await;
     Ok(depths)
 }
 
@@ -110,46 +182,6 @@ pub async fn add_unacked(
         d.unacked = Some(unacked.get(&d.queue.name).copied().unwrap_or(0));
     }
     Ok(())
-}
-
-/// (ready, consumers) of `queue`, or `None` if it does not exist. Reuses `channel` while it
-/// is open and leaves it open for the next call.
-async fn declare_passive(
-    broker: &Broker,
-    channel: &mut Option<Channel>,
-    queue: &str,
-) -> Result<Option<(u32, u32)>, BrokerError> {
-    let open = match channel.take() {
-        Some(c) if c.status().connected() => c,
-        _ => broker.channel().await?,
-    };
-    let result = open
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match result {
-        Ok(q) => {
-            *channel = Some(open);
-            Ok(Some((q.message_count(), q.consumer_count())))
-        }
-        // The broker closed the channel with 404; the next read opens another.
-        Err(e)
-            if crate::error::server_reply(&e)
-                .is_some_and(|(_, text)| text.contains("NOT_FOUND")) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(BrokerError::Amqp {
-            action: format!("read depth of {queue}"),
-            cause: e,
-        }),
-    }
 }
 
 #[cfg(test)]

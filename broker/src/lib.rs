@@ -1,22 +1,27 @@
-//! RabbitMQ for warren: every exchange and queue name ([`names`]), the topology a config implies
-//! and its declaration ([`topology`]), pooled connections ([`Broker`]), publishing that waits for
-//! the broker's confirm ([`publish`]), queue-depth reads ([`depth`]), and the unacked counts
-//! only the management API has ([`management`]).
+//! RabbitMQ for warren: where a step message goes ([`route`]: [`StepRoute`], [`Lane`]), every
+//! other exchange and queue name ([`names`]), the topology a config implies and its declaration
+//! ([`topology`]), pooled connections ([`Broker`]), publishing that waits for the broker's
+//! confirm ([`publish`]), consumer set-up ([`consume()`]), queue-depth reads ([`depth`]), and the
+//! unacked counts only the management API has ([`management`]).
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
 pub mod connection;
+pub mod consume;
 pub mod depth;
 pub mod error;
 pub mod management;
 pub mod names;
 pub mod publish;
+pub mod route;
 pub mod topology;
 
 pub use connection::Broker;
+pub use consume::consume;
 pub use error::{BrokerError, PublishError, TopologyError};
 pub use lapin;
 pub use management::Management;
 pub use names::Names;
 pub use publish::{Outgoing, PendingConfirm, Publisher};
+pub use route::{Lane, StepRoute};
 pub use topology::Topology;

@@ -117,6 +117,27 @@ mod tests {
     }
 
     #[test]
+    fn encode_within_checks_the_input_alone() {
+        let mut env = sample();
+        env.input = json!({"blob": "x".repeat(1000)});
+        let body = encode(&env);
+        // The whole body is over 1100 bytes, the input alone is not: it goes.
+        assert!(body.len() > 1100);
+        assert_eq!(env.encode_within(1100), Ok(body.clone()));
+        assert_eq!(env.encode_within(body.len()), Ok(body));
+        let err = env.encode_within(900).unwrap_err();
+        assert_eq!(err.max, 900);
+        assert!((1000..1100).contains(&err.size), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "input is {} bytes, more than max_payload_bytes = 900",
+                err.size
+            )
+        );
+    }
+
+    #[test]
     fn is_a_named_map() {
         let value: rmpv::Value = rmp_serde::from_slice(&encode(&sample())).unwrap();
         let map = value.as_map().expect("a map, not an array");

@@ -106,9 +106,20 @@ impl Envelope {
         }
     }
 
-    /// Size of `input` in MessagePack, the measure `max_payload_bytes` limits. `body_len` is the
-    /// size of the whole encoded envelope: the input is part of it, so the exact (and costlier)
-    /// measure is only taken when the body alone is over `max`.
+    /// The message as bytes, unless its input is over `max` bytes of MessagePack (the measure
+    /// `max_payload_bytes` limits; see [`Envelope::input_exceeds`]).
+    pub fn encode_within(&self, max: usize) -> Result<Vec<u8>, Oversized> {
+        let body = crate::codec::encode(self);
+        match self.input_exceeds(body.len(), max) {
+            Some(size) => Err(Oversized { size, max }),
+            None => Ok(body),
+        }
+    }
+
+    /// Size of `input` in MessagePack, when it is over `max`: the check for a message already
+    /// encoded (a delivery). `body_len` is the size of the whole encoded envelope: the input is
+    /// part of it, so the exact (and costlier) measure is only taken when the body alone is over
+    /// `max`.
     pub fn input_exceeds(&self, body_len: usize, max: usize) -> Option<usize> {
         if body_len <= max {
             return None;
@@ -125,6 +136,15 @@ impl Envelope {
             ..self.clone()
         }
     }
+}
+
+/// A step input over `max_payload_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("input is {size} bytes, more than max_payload_bytes = {max}")]
+pub struct Oversized {
+    /// The input's size in MessagePack.
+    pub size: usize,
+    pub max: usize,
 }
 
 /// How a job ended.

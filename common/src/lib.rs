@@ -19,6 +19,7 @@ pub mod trace;
 
 pub use codec::{decode, decode_result, encode, encode_result, DecodeError};
 pub use config::{Config, ConfigError, PipelineConfig, StepConfig, StepKind};
-pub use envelope::{now_ms, Envelope, JobStatus, ResultEvent, FORMAT_VERSION};
+pub use dead_letter::Reason;
+pub use envelope::{now_ms, Envelope, JobStatus, Oversized, ResultEvent, FORMAT_VERSION};
 pub use ids::{JobId, NameError, TenantId};
 pub use priority::Priority;

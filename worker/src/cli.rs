@@ -12,9 +12,9 @@ use warren_common::telemetry::{self, LogFormat};
 use warren_common::Config;
 
 use crate::metrics::{serve_metrics, MetricsAddr, SUPERVISOR_DEFAULT_ADDR, WORKER_DEFAULT_ADDR};
-use crate::runtime::{Worker, WorkerBuilder, WorkerError};
 use crate::shutdown::{self, Signals};
 use crate::supervisor::{self, WorkerMetricsBase};
+use crate::{Worker, WorkerBuilder};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -150,7 +150,7 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
         let supervisor = shutdown::supervisor_pid(&ProcessEnv);
         match worker.run(shutdown::requested(signals, supervisor)).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e @ WorkerError::Setup(_)) => usage(e),
+            Err(e) if e.is_setup() => usage(e),
             Err(e) => fail(e, ExitCode::FAILURE),
         }
     })

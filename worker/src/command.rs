@@ -17,90 +17,104 @@ use warren_common::env as keys;
 use crate::handler::{StepContext, StepError};
 
 /// Exit code of a permanent failure (BSD sysexits EX_DATAERR).
-pub const EXIT_PERMANENT: i32 = 65;
+pub(crate) const EXIT_PERMANENT: i32 = 65;
 
 /// How much of stderr is kept with a failure.
 const STDERR_TAIL_BYTES: usize = 2048;
 
 /// Variables passed through from the worker's own environment, besides a step's `pass_env`.
 /// Nothing else is: the broker credentials in `WARREN_AMQP_URL` must never reach step code.
-pub const ENV_ALLOW_LIST: &[&str] = &[
+pub(crate) const ENV_ALLOW_LIST: &[&str] = &[
     "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "USER",
 ];
 
-/// Runs `argv` for one attempt, passing the worker's variables named in [`ENV_ALLOW_LIST`] and
-/// `pass_env` (which the config keeps free of `WARREN_AMQP_URL`).
-pub async fn run(
-    argv: &[String],
-    pass_env: &[String],
-    input: &Value,
-    ctx: &StepContext,
-    timeout: Duration,
-) -> Result<Value, StepError> {
-    let passed = ENV_ALLOW_LIST
-        .iter()
-        .copied()
-        .chain(pass_env.iter().map(String::as_str))
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)));
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .envs(passed)
-        .env(keys::ENV_WARREN_JOB_ID, ctx.job_id.to_string())
-        .env(keys::ENV_WARREN_TENANT, &ctx.tenant)
-        .env(keys::ENV_WARREN_PIPELINE, &ctx.pipeline)
-        .env(keys::ENV_WARREN_STEP, &ctx.step)
-        .env(keys::ENV_WARREN_ATTEMPT, ctx.attempt.to_string())
-        .env(keys::ENV_WARREN_PRIORITY, ctx.priority.as_str())
-        .env(keys::ENV_WARREN_IDEMPOTENCY_KEY, ctx.idempotency_key())
-        // The OpenTelemetry convention for handing trace context to a child process.
-        .envs(ctx.trace.map(|t| ("TRACEPARENT", t.to_string())))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| StepError::retryable(format!("cannot start {:?}: {e}", argv[0])))?;
-    let group = GroupGuard(child.id().map(|pid| Pid::from_raw(pid as i32)));
+/// A command step: the program with its arguments, and the variables of the worker's
+/// environment it also gets (the step's `pass_env`, which the config keeps free of
+/// `WARREN_AMQP_URL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CommandSpec {
+    pub(crate) argv: Vec<String>,
+    pub(crate) pass_env: Vec<String>,
+}
 
-    // Feed stdin and drain both pipes at once, so a chatty step cannot deadlock on a full pipe.
-    let stdin_bytes = serde_json::to_vec(input).expect("JSON values serialise");
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let feed = async move {
-        // A step that exits without reading its input is fine: ignore the broken pipe.
-        let _ = stdin.write_all(&stdin_bytes).await;
-        drop(stdin);
-    };
-    let stdout = read_all(child.stdout.take().expect("piped stdout"));
-    let stderr = read_all(child.stderr.take().expect("piped stderr"));
-    let work = async { tokio::join!(feed, stdout, stderr, child.wait()) };
+impl CommandSpec {
+    /// Runs the command for one attempt, passing the worker's variables named in
+    /// [`ENV_ALLOW_LIST`] and `pass_env`.
+    pub(crate) async fn run(
+        &self,
+        input: &Value,
+        ctx: &StepContext,
+        timeout: Duration,
+    ) -> Result<Value, StepError> {
+        let (argv, pass_env) = (&self.argv, &self.pass_env);
+        let passed = ENV_ALLOW_LIST
+            .iter()
+            .copied()
+            .chain(pass_env.iter().map(String::as_str))
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k, v)));
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(passed)
+            .env(keys::ENV_WARREN_JOB_ID, ctx.job_id.to_string())
+            .env(keys::ENV_WARREN_TENANT, &ctx.tenant)
+            .env(keys::ENV_WARREN_PIPELINE, &ctx.pipeline)
+            .env(keys::ENV_WARREN_STEP, &ctx.step)
+            .env(keys::ENV_WARREN_ATTEMPT, ctx.attempt.to_string())
+            .env(keys::ENV_WARREN_PRIORITY, ctx.priority.as_str())
+            .env(keys::ENV_WARREN_IDEMPOTENCY_KEY, ctx.idempotency_key())
+            // The OpenTelemetry convention for handing trace context to a child process.
+            .envs(ctx.trace.map(|t| ("TRACEPARENT", t.to_string())))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| StepError::retryable(format!("cannot start {:?}: {e}", argv[0])))?;
+        let group = GroupGuard(child.id().map(|pid| Pid::from_raw(pid as i32)));
 
-    let (_, stdout, stderr, status) = match tokio::time::timeout(timeout, work).await {
-        Ok(done) => done,
-        Err(_) => {
-            // Dropping `group` kills the whole process group.
-            drop(group);
-            return Err(StepError::retryable(format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            )));
-        }
-    };
-    group.disarm();
-    let status = status.map_err(|e| StepError::retryable(format!("lost the step process: {e}")))?;
-    let tail = stderr_tail(&stderr);
-    match status.code() {
-        Some(0) => parse_output(&stdout),
-        Some(EXIT_PERMANENT) => Err(StepError::permanent(format!("exit {EXIT_PERMANENT}{tail}"))),
-        Some(code) => Err(StepError::retryable(format!("exit {code}{tail}"))),
-        None => {
-            use std::os::unix::process::ExitStatusExt;
-            let signal = status.signal().unwrap_or(0);
-            Err(StepError::retryable(format!(
-                "killed by signal {signal}{tail}"
-            )))
+        // Feed stdin and drain both pipes at once, so a chatty step cannot deadlock on a full pipe.
+        let stdin_bytes = serde_json::to_vec(input).expect("JSON values serialise");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let feed = async move {
+            // A step that exits without reading its input is fine: ignore the broken pipe.
+            let _ = stdin.write_all(&stdin_bytes).await;
+            drop(stdin);
+        };
+        let stdout = read_all(child.stdout.take().expect("piped stdout"));
+        let stderr = read_all(child.stderr.take().expect("piped stderr"));
+        let work = async { tokio::join!(feed, stdout, stderr, child.wait()) };
+
+        let (_, stdout, stderr, status) = match tokio::time::timeout(timeout, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                // Dropping `group` kills the whole process group.
+                drop(group);
+                return Err(StepError::retryable(format!(
+                    "timed out after {}",
+                    humantime::format_duration(timeout)
+                )));
+            }
+        };
+        group.disarm();
+        let status =
+            status.map_err(|e| StepError::retryable(format!("lost the step process: {e}")))?;
+        let tail = stderr_tail(&stderr);
+        match status.code() {
+            Some(0) => parse_output(&stdout),
+            Some(EXIT_PERMANENT) => {
+                Err(StepError::permanent(format!("exit {EXIT_PERMANENT}{tail}")))
+            }
+            Some(code) => Err(StepError::retryable(format!("exit {code}{tail}"))),
+            None => {
+                use std::os::unix::process::ExitStatusExt;
+                let signal = status.signal().unwrap_or(0);
+                Err(StepError::retryable(format!(
+                    "killed by signal {signal}{tail}"
+                )))
+            }
         }
     }
 }
@@ -172,16 +186,18 @@ mod tests {
         }
     }
 
+    fn spec(argv: &[&str], pass_env: &[&str]) -> CommandSpec {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        CommandSpec {
+            argv: strings(argv),
+            pass_env: strings(pass_env),
+        }
+    }
+
     async fn sh(script: &str, input: Value, timeout_ms: u64) -> Result<Value, StepError> {
-        let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
-        run(
-            &argv,
-            &[],
-            &input,
-            &ctx(),
-            Duration::from_millis(timeout_ms),
-        )
-        .await
+        spec(&["sh", "-c", script], &[])
+            .run(&input, &ctx(), Duration::from_millis(timeout_ms))
+            .await
     }
 
     #[tokio::test]
@@ -200,9 +216,8 @@ mod tests {
             std::env::var("CARGO_PKG_NAME").is_ok() && std::env::var("CARGO_MANIFEST_DIR").is_ok()
         );
         let script = r#"printf '["%s","%s","%s","%s","%s","%s","%s","%s"]' "$WARREN_TENANT" "$WARREN_PIPELINE" "$WARREN_STEP" "$WARREN_ATTEMPT" "$WARREN_PRIORITY" "${CARGO_MANIFEST_DIR:-unset}" "${CARGO_PKG_NAME:-unset}" "${PATH:+path}""#;
-        let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
-        let pass = vec!["CARGO_PKG_NAME".to_string()];
-        let out = run(&argv, &pass, &Value::Null, &ctx(), Duration::from_secs(5))
+        let out = spec(&["sh", "-c", script], &["CARGO_PKG_NAME"])
+            .run(&Value::Null, &ctx(), Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(
@@ -222,17 +237,15 @@ mod tests {
 
     #[tokio::test]
     async fn trace_context_reaches_the_command() {
-        let argv = vec![
-            "sh".into(),
-            "-c".into(),
-            r#"printf '"%s"' "$TRACEPARENT""#.into(),
-        ];
+        let command = spec(&["sh", "-c", r#"printf '"%s"' "$TRACEPARENT""#], &[]);
         let mut ctx = ctx();
         let trace: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
             .parse()
             .unwrap();
         ctx.trace = Some(trace);
-        let out = run(&argv, &[], &Value::Null, &ctx, Duration::from_secs(5)).await;
+        let out = command
+            .run(&Value::Null, &ctx, Duration::from_secs(5))
+            .await;
         assert_eq!(out, Ok(json!(trace.to_string())));
     }
 
@@ -253,15 +266,10 @@ mod tests {
         );
         let e = sh("echo not json", Value::Null, 5_000).await.unwrap_err();
         assert!(!e.is_retryable(), "{e}");
-        let e = run(
-            &["/no/such/program".into()],
-            &[],
-            &Value::Null,
-            &ctx(),
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
+        let e = spec(&["/no/such/program"], &[])
+            .run(&Value::Null, &ctx(), Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(
             e.is_retryable() && e.to_string().contains("/no/such/program"),
             "{e}"

@@ -2,40 +2,42 @@
 //!
 //! Priorities are strict (`high`, then `normal`, then `low`) with an ageing guard: a level that
 //! has work but was passed over `starve_limit` times in a row gets the next slot, so `low` still
-//! moves under a steady stream of `high`. Within a level, shards are served round-robin, so a
-//! flooded shard gets one turn in `shards`, not the whole worker.
+//! moves under a steady stream of `high`. Within a level, lanes (a step's queues at one priority:
+//! its shards) are served round-robin, so a flooded lane gets one turn in `lanes`, not the whole
+//! worker.
 
 use warren_common::Priority;
 
 /// Default for [`Picker::new`]: a waiting lower level gets at least one slot in 11.
-pub const DEFAULT_STARVE_LIMIT: u32 = 10;
+pub(crate) const DEFAULT_STARVE_LIMIT: u32 = 10;
 
 #[derive(Debug, Clone)]
-pub struct Picker {
-    shards: usize,
+pub(crate) struct Picker {
+    lanes: usize,
     starve_limit: u32,
     passed_over: [u32; 3],
     cursor: [usize; 3],
 }
 
 impl Picker {
-    pub fn new(shards: usize, starve_limit: u32) -> Self {
+    /// A picker for `lanes` lanes per priority level.
+    pub(crate) fn new(lanes: usize, starve_limit: u32) -> Self {
         Self {
-            shards: shards.max(1),
+            lanes: lanes.max(1),
             starve_limit: starve_limit.max(1),
             passed_over: [0; 3],
             cursor: [0; 3],
         }
     }
 
-    /// Picks the (priority, shard) to serve, given which queues have a delivery waiting.
-    pub fn pick(
+    /// Picks the (priority, lane index) to serve, given which lanes have a delivery waiting.
+    pub(crate) fn pick(
         &mut self,
         has_work: impl Fn(Priority, usize) -> bool,
     ) -> Option<(Priority, usize)> {
         let waiting: Vec<Priority> = Priority::ALL
             .into_iter()
-            .filter(|&p| (0..self.shards).any(|s| has_work(p, s)))
+            .filter(|&p| (0..self.lanes).any(|s| has_work(p, s)))
             .collect();
         let &most_urgent = waiting.first()?;
         let starved = waiting
@@ -51,12 +53,12 @@ impl Picker {
             }
         }
         let start = self.cursor[chosen.index()];
-        let shard = (0..self.shards)
-            .map(|i| (start + i) % self.shards)
-            .find(|&s| has_work(chosen, s))
+        let lane = (0..self.lanes)
+            .map(|i| (start + i) % self.lanes)
+            .find(|&l| has_work(chosen, l))
             .expect("the chosen level has work");
-        self.cursor[chosen.index()] = (shard + 1) % self.shards;
-        Some((chosen, shard))
+        self.cursor[chosen.index()] = (lane + 1) % self.lanes;
+        Some((chosen, lane))
     }
 }
 
@@ -93,9 +95,9 @@ mod tests {
     }
 
     #[test]
-    fn shards_take_turns() {
+    fn lanes_take_turns() {
         let mut p = Picker::new(4, 10);
-        // Shards 0 and 2 have work: they alternate, whatever their backlog.
+        // Lanes 0 and 2 have work: they alternate, whatever their backlog.
         let picks: Vec<_> = (0..6)
             .map(|_| p.pick(|_, s| s == 0 || s == 2).unwrap().1)
             .collect();

@@ -13,22 +13,28 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Module map: [`handler`] (the trait users implement), [`registry`] (name -> handler),
-//! [`command`] (command steps), [`dispatch`] (which queue to serve next: pure), `step` (one
-//! delivery from decode to ack), `runtime` (consumers, concurrency, shutdown), [`cli`] (the
-//! `warren-worker` command line, reusable by custom worker binaries), [`supervisor`] (the
-//! autoscaling supervisor behind `warren-worker supervise`).
+//! The public surface is what a worker binary needs: the handler trait and its helpers, the
+//! [`Worker`] and its builder, [`cli::main`] (the `warren-worker` command line, reusable by a
+//! custom worker binary with its own handlers) and [`shutdown`] signals. Inside: `builder` and
+//! `runtime` (the worker and its sessions), `intake` (one served step's consumers, buffers and
+//! dispatcher), `dispatch` (which queue to serve next: pure), `step` (one delivery from decode
+//! to ack: pure decisions in `step::fate`, effects in `step::outbox`), `registry` (name ->
+//! handler), `command` (command steps), `metrics`, and `supervisor` (the autoscaling supervisor
+//! behind `warren-worker supervise`).
 
+mod builder;
 pub mod cli;
-pub mod command;
-pub mod dispatch;
-pub mod handler;
-pub mod metrics;
-pub mod registry;
+mod command;
+mod dispatch;
+mod handler;
+mod intake;
+mod metrics;
+mod registry;
 mod runtime;
 pub mod shutdown;
 mod step;
-pub mod supervisor;
+mod supervisor;
 
-pub use handler::{handler_fn, StepContext, StepError, StepHandler};
-pub use runtime::{Worker, WorkerBuilder, WorkerError, DEFAULT_SHUTDOWN_GRACE};
+pub use builder::{WorkerBuilder, WorkerError};
+pub use handler::{handler_fn, FnHandler, StepContext, StepError, StepHandler};
+pub use runtime::{Worker, DEFAULT_SHUTDOWN_GRACE};

@@ -9,12 +9,12 @@ use serde_json::Value;
 use crate::handler::{StepContext, StepError, StepHandler};
 
 /// A handler behind the JSON boundary.
-pub type ErasedHandler =
+pub(crate) type ErasedHandler =
     Arc<dyn Fn(Value, StepContext) -> BoxFuture<'static, Result<Value, StepError>> + Send + Sync>;
 
 /// Registered handlers. Names are unique.
 #[derive(Default, Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     handlers: BTreeMap<String, ErasedHandler>,
 }
 
@@ -26,7 +26,7 @@ impl std::fmt::Debug for Registry {
 
 impl Registry {
     /// Adds `handler` as `name`; `Err(name)` if the name is taken.
-    pub fn insert<H: StepHandler>(&mut self, name: &str, handler: H) -> Result<(), String> {
+    pub(crate) fn insert<H: StepHandler>(&mut self, name: &str, handler: H) -> Result<(), String> {
         if self.handlers.contains_key(name) {
             return Err(name.to_string());
         }
@@ -47,11 +47,11 @@ impl Registry {
         Ok(())
     }
 
-    pub fn get(&self, name: &str) -> Option<ErasedHandler> {
+    pub(crate) fn get(&self, name: &str) -> Option<ErasedHandler> {
         self.handlers.get(name).cloned()
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &str> {
         self.handlers.keys().map(String::as_str)
     }
 }

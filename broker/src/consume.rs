@@ -1,0 +1,33 @@
+//! Consumer set-up: the prefetch, then the consumer, on one channel.
+
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+
+use crate::error::BrokerError;
+
+/// Starts consuming `queue` on `channel`, with up to `prefetch` unacked deliveries per consumer
+/// (set first: a consumer started before it would be handed the whole queue). `args` are the
+/// consume arguments (a stream's `x-stream-offset`, say). Errors name the queue.
+pub async fn consume(
+    channel: &Channel,
+    queue: &str,
+    prefetch: u16,
+    args: FieldTable,
+) -> Result<Consumer, BrokerError> {
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::amqp(format!(
+            "set prefetch to consume {queue}"
+        )))?;
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .map_err(BrokerError::amqp(format!("consume {queue}")))
+}

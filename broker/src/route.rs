@@ -1,0 +1,228 @@
+//! Where a step message goes: a [`StepRoute`] (pipeline, step, priority, [`Lane`]) gives the
+//! routing key it is published with on the tasks exchange and the queue it waits in. Every part
+//! of warren that publishes to, declares, consumes or measures a step queue goes through it.
+//!
+//! The names are an external contract (`docs/wire-format.md`): routing key
+//! `<pipeline>.<step>.<priority>.<lane>`, queue `{ns}.q.<routing key>`, where a shard's lane
+//! part is the shard number. A new kind of lane is a change in this file only: its variant, its
+//! [`Lane::suffix`], and its place in [`Lane::all`].
+
+use std::fmt;
+
+use warren_common::{Config, PipelineConfig, Priority};
+
+use crate::names::Names;
+
+/// One queue of a step at one priority: which of a step's queues a message takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Lane {
+    /// Shard `n` of the pipeline's `shards`: the tenants the stable hash (or a pin) maps to it.
+    Shard(u16),
+}
+
+impl Lane {
+    /// The lane `tenant`'s messages take in `pipeline` (pins included).
+    pub fn for_tenant(pipeline: &PipelineConfig, tenant: &str) -> Lane {
+        Lane::Shard(pipeline.shard_of(tenant))
+    }
+
+    /// Every lane of a step of `pipeline`, in plan order.
+    pub fn all(pipeline: &PipelineConfig) -> impl Iterator<Item = Lane> {
+        (0..pipeline.shards).map(Lane::Shard)
+    }
+
+    /// The last part of the routing key and of the queue name.
+    pub fn suffix(self) -> String {
+        match self {
+            Lane::Shard(shard) => shard.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Lane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.suffix())
+    }
+}
+
+/// Where one step message goes: the step queue of a pipeline's step at one priority and lane.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StepRoute {
+    pub pipeline: String,
+    pub step: String,
+    pub priority: Priority,
+    pub lane: Lane,
+}
+
+impl StepRoute {
+    /// The route of `tenant`'s message for `step` of `pipeline` at `priority`.
+    pub fn for_tenant(
+        pipeline: &PipelineConfig,
+        step: &str,
+        priority: Priority,
+        tenant: &str,
+    ) -> StepRoute {
+        StepRoute {
+            pipeline: pipeline.name.clone(),
+            step: step.to_string(),
+            priority,
+            lane: Lane::for_tenant(pipeline, tenant),
+        }
+    }
+
+    /// Routing key on the tasks exchange: `<pipeline>.<step>.<priority>.<lane>`.
+    pub fn routing_key(&self) -> String {
+        format!(
+            "{}.{}.{}.{}",
+            self.pipeline, self.step, self.priority, self.lane
+        )
+    }
+
+    /// The queue: `{ns}.q.<pipeline>.<step>.<priority>.<lane>`.
+    pub fn queue(&self, names: &Names) -> String {
+        format!("{}{}", names.step_queue_prefix(), self.routing_key())
+    }
+
+    /// Every route of `step` of `pipeline`, in plan order (priority, then lane).
+    pub fn of_step<'a>(
+        pipeline: &'a PipelineConfig,
+        step: &'a str,
+    ) -> impl Iterator<Item = StepRoute> + 'a {
+        Priority::ALL.into_iter().flat_map(move |priority| {
+            Lane::all(pipeline).map(move |lane| StepRoute {
+                pipeline: pipeline.name.clone(),
+                step: step.to_string(),
+                priority,
+                lane,
+            })
+        })
+    }
+
+    /// Every route of `config`, in plan order (pipeline, step, priority, lane).
+    pub fn all(config: &Config) -> Vec<StepRoute> {
+        config
+            .pipelines
+            .iter()
+            .flat_map(|p| p.steps.iter().flat_map(|s| Self::of_step(p, &s.name)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    use std::path::Path;
+
+    fn config() -> Config {
+        let toml = r#"
+[broker]
+namespace = "ns"
+[[pipelines]]
+name = "p"
+shards = 2
+[[pipelines.steps]]
+name = "a"
+handler = "h"
+[[pipelines.steps]]
+name = "b"
+handler = "h"
+[[pipelines]]
+name = "pinned"
+shards = 8
+pins = { big-customer = 7 }
+[[pipelines.steps]]
+name = "only"
+handler = "h"
+"#;
+        Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+    }
+
+    fn route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
+        StepRoute {
+            pipeline: pipeline.into(),
+            step: step.into(),
+            priority,
+            lane: Lane::Shard(shard),
+        }
+    }
+
+    #[test]
+    fn names_are_the_documented_ones() {
+        let r = route("thumbnails", "fetch", Priority::High, 3);
+        assert_eq!(r.routing_key(), "thumbnails.fetch.high.3");
+        assert_eq!(
+            r.queue(&Names::new("acme-prod")),
+            "acme-prod.q.thumbnails.fetch.high.3"
+        );
+    }
+
+    #[test]
+    fn a_tenant_takes_its_shard_and_a_pin_wins() {
+        let config = config();
+        let pinned = config.pipeline("pinned").unwrap();
+        let r = StepRoute::for_tenant(pinned, "only", Priority::Low, "big-customer");
+        assert_eq!(r, route("pinned", "only", Priority::Low, 7));
+        // Values from docs/wire-format.md: acme is on shard 5 of 8 when shard 7 is pinned.
+        let r = StepRoute::for_tenant(pinned, "only", Priority::Normal, "acme");
+        assert_eq!(r.lane, Lane::Shard(5));
+        assert_eq!(r.lane, Lane::Shard(pinned.shard_of("acme")));
+    }
+
+    #[test]
+    fn enumeration_is_in_plan_order() {
+        let config = config();
+        let all = StepRoute::all(&config);
+        assert_eq!(all.len(), 2 * 3 * 2 + 3 * 8);
+        // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
+        assert_eq!(all[11], route("p", "b", Priority::Low, 1));
+        assert_eq!(all[0], route("p", "a", Priority::High, 0));
+        assert_eq!(all[12], route("pinned", "only", Priority::High, 0));
+        let p = config.pipeline("p").unwrap();
+        let of_b: Vec<_> = StepRoute::of_step(p, "b").collect();
+        assert_eq!(of_b, all[6..12]);
+        let lanes: Vec<_> = Lane::all(p).collect();
+        assert_eq!(lanes, [Lane::Shard(0), Lane::Shard(1)]);
+        // Every tenant's route is one of the enumerated ones.
+        for tenant in ["acme", "globex", "big-customer", "t-42"] {
+            for pipeline in &config.pipelines {
+                let first = &pipeline.first_step().name;
+                let r = StepRoute::for_tenant(pipeline, first, Priority::High, tenant);
+                assert!(all.contains(&r), "{r:?}");
+            }
+        }
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,12}"
+    }
+
+    fn any_route() -> impl Strategy<Value = StepRoute> {
+        (name(), name(), 0..3usize, any::<u16>())
+            .prop_map(|(p, s, i, shard)| route(&p, &s, Priority::ALL[i], shard))
+    }
+
+    proptest! {
+        #[test]
+        fn names_are_distinct_per_route(a in any_route(), b in any_route()) {
+            let names = Names::new("ns");
+            prop_assert_eq!(a == b, a.routing_key() == b.routing_key());
+            prop_assert_eq!(a == b, a.queue(&names) == b.queue(&names));
+            prop_assert_eq!(a.queue(&names), format!("ns.q.{}", a.routing_key()));
+        }
+
+        #[test]
+        fn every_tenant_lands_on_an_enumerated_lane(tenant in name(), shards in 1u16..20) {
+            let pipeline = PipelineConfig {
+                shards,
+                pins: BTreeMap::new(),
+                ..config().pipelines[0].clone()
+            };
+            let lane = Lane::for_tenant(&pipeline, &tenant);
+            prop_assert!(Lane::all(&pipeline).any(|l| l == lane));
+            let all: HashSet<_> = Lane::all(&pipeline).collect();
+            prop_assert_eq!(all.len(), usize::from(shards));
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! One served step's intake: a channel with one consumer per route of the step (priority ×
+//! lane), small local buffers they fill (bounded by the prefetch), and a dispatcher that hands
+//! buffered deliveries to at most `concurrency` step tasks at once, in the order [`Picker`]
+//! decides. Each buffer slot knows its route, so a step task is told where its delivery came
+//! from as a value.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicNackOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren_broker::{Broker, BrokerError, StepRoute};
+use warren_common::Priority;
+
+use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
+use crate::step::{process, ServedStep, StepSession};
+
+/// Longest wait for one part of tearing an intake down (a consumer cancel, a channel close):
+/// a dead connection may never answer.
+pub(crate) const TEARDOWN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// How a session keeps its intakes in hand.
+#[derive(Clone)]
+pub(crate) struct Control {
+    /// Stops the dispatchers.
+    pub(crate) cancel: CancellationToken,
+    /// Tracks the running step tasks.
+    pub(crate) tracker: TaskTracker,
+    /// Where a consumer that stopped on its own says why (each at most once).
+    pub(crate) fatal: mpsc::UnboundedSender<String>,
+}
+
+/// Deliveries received but not started, one buffer per route of the step.
+struct Buffers {
+    /// Lanes per priority level: slot `priority.index() * lanes + lane` (plan order).
+    lanes: usize,
+    routes: Vec<Arc<StepRoute>>,
+    queues: Mutex<Vec<VecDeque<Delivery>>>,
+    ready: Notify,
+}
+
+impl Buffers {
+    /// Buffers for `routes`, in plan order: every priority, each with the same lanes.
+    fn new(routes: Vec<StepRoute>) -> Self {
+        let lanes = routes.len() / Priority::ALL.len();
+        debug_assert!(routes
+            .iter()
+            .enumerate()
+            .all(|(slot, r)| r.priority == Priority::ALL[slot / lanes]));
+        Self {
+            lanes,
+            queues: Mutex::new(routes.iter().map(|_| VecDeque::new()).collect()),
+            routes: routes.into_iter().map(Arc::new).collect(),
+            ready: Notify::new(),
+        }
+    }
+
+    fn push(&self, slot: usize, delivery: Delivery) {
+        self.queues.lock().expect("buffers lock")[slot].push_back(delivery);
+        self.ready.notify_one();
+    }
+
+    /// The next delivery to run, with the route it came by.
+    fn take(&self, picker: &mut Picker) -> Option<(Arc<StepRoute>, Delivery)> {
+        let mut queues = self.queues.lock().expect("buffers lock");
+        let lanes = self.lanes;
+        let (priority, lane) = picker.pick(|p, l| !queues[p.index() * lanes + l].is_empty())?;
+        let slot = priority.index() * lanes + lane;
+        let delivery = queues[slot].pop_front()?;
+        Some((Arc::clone(&self.routes[slot]), delivery))
+    }
+
+    fn drain(&self) -> Vec<Delivery> {
+        let mut queues = self.queues.lock().expect("buffers lock");
+        queues.iter_mut().flat_map(|q| q.drain(..)).collect()
+    }
+}
+
+/// A served step's channel, consumers and buffers; its dispatcher runs until the session's
+/// [`Control::cancel`].
+pub(crate) struct Intake {
+    channel: Channel,
+    consumer_tags: Vec<String>,
+    buffers: Arc<Buffers>,
+}
+
+impl Intake {
+    /// Starts consuming every queue of `served` and dispatching to its step tasks.
+    pub(crate) async fn start(
+        broker: &Broker,
+        session: &Arc<StepSession>,
+        served: &Arc<ServedStep>,
+        control: &Control,
+    ) -> Result<Self, BrokerError> {
+        let concurrency = served.step.concurrency as usize;
+        let channel = broker.channel().await?;
+        // Per-consumer prefetch: each queue may hand this worker up to `concurrency` messages,
+        // so one busy lane can still fill every slot.
+        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        let routes = StepRoute::of_step(&served.pipeline, &served.step.name).collect();
+        let buffers = Arc::new(Buffers::new(routes));
+        let mut consumer_tags = Vec::new();
+        for (slot, route) in buffers.routes.iter().enumerate() {
+            let queue = session.outbox.queue(route);
+            let mut consumer =
+                warren_broker::consume(&channel, &queue, prefetch, FieldTable::default()).await?;
+            consumer_tags.push(consumer.tag().to_string());
+            let (buffers, control) = (Arc::clone(&buffers), control.clone());
+            tokio::spawn(async move {
+                let reason = loop {
+                    match consumer.next().await {
+                        Some(Ok(delivery)) => buffers.push(slot, delivery),
+                        Some(Err(e)) => break format!("consumer of {queue}: {e}"),
+                        None => {
+                            break format!(
+                                "the broker cancelled the consumer of {queue} (queue deleted?)"
+                            )
+                        }
+                    }
+                };
+                // During shutdown, consumers end because we cancelled them.
+                if !control.cancel.is_cancelled() {
+                    let _ = control.fatal.send(reason);
+                }
+            });
+        }
+        let dispatcher = Dispatcher {
+            session: Arc::clone(session),
+            served: Arc::clone(served),
+            buffers: Arc::clone(&buffers),
+            slots: Arc::new(Semaphore::new(concurrency)),
+            control: control.clone(),
+        };
+        tokio::spawn(dispatcher.run());
+        Ok(Self {
+            channel,
+            consumer_tags,
+            buffers,
+        })
+    }
+
+    /// Stops new deliveries and returns the buffered ones to their queues.
+    pub(crate) async fn stop_consuming(&self) {
+        for tag in &self.consumer_tags {
+            let cancel = self
+                .channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            // A dead connection may never answer; its deliveries go back anyway.
+            if tokio::time::timeout(TEARDOWN_PATIENCE, cancel)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        for delivery in self.buffers.drain() {
+            let _ = delivery.acker.nack(requeue).await;
+        }
+    }
+
+    pub(crate) async fn close(self) {
+        let close = self.channel.close(200, "worker stopped".into());
+        let _ = tokio::time::timeout(TEARDOWN_PATIENCE, close).await;
+    }
+}
+
+/// Hands buffered deliveries to step tasks, one per free concurrency slot.
+struct Dispatcher {
+    session: Arc<StepSession>,
+    served: Arc<ServedStep>,
+    buffers: Arc<Buffers>,
+    slots: Arc<Semaphore>,
+    control: Control,
+}
+
+impl Dispatcher {
+    async fn run(self) {
+        let Control {
+            cancel, tracker, ..
+        } = &self.control;
+        let mut picker = Picker::new(self.buffers.lanes, DEFAULT_STARVE_LIMIT);
+        loop {
+            let permit = tokio::select! {
+                _ = cancel.cancelled() => return,
+                permit = Arc::clone(&self.slots).acquire_owned() => permit.expect("semaphore never closed"),
+            };
+            let (route, delivery) = loop {
+                if let Some(taken) = self.buffers.take(&mut picker) {
+                    break taken;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = self.buffers.ready.notified() => {}
+                }
+            };
+            let (session, served) = (Arc::clone(&self.session), Arc::clone(&self.served));
+            tracker.spawn(async move {
+                process(session, served, route, delivery).await;
+                drop(permit);
+            });
+        }
+    }
+}

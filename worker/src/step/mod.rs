@@ -1,0 +1,278 @@
+//! One delivery, from bytes to ack: decode and check it ([`fate::admit`]), run the step, decide
+//! what becomes of it ([`fate::fate`]), carry that out through the [`Outbox`] (the next step's
+//! message, a retry, the job's result, a dead letter), wait for the broker's confirm, and only
+//! then ack. Whatever happens, the delivery is acked exactly when what it became is safe, or is
+//! returned to its queue; it is never dropped.
+
+mod events;
+pub(crate) mod fate;
+mod outbox;
+mod runner;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Instrument};
+use warren_broker::{PublishError, StepRoute};
+use warren_common::{now_ms, Config, Envelope, Priority, Reason};
+
+use self::events::{
+    AckFailed, Event, HandOffFailed, MessageSetAside, StepAbandoned, StepFailed, StepLabels,
+    StepRetried, StepStarted, StepSucceeded,
+};
+use self::fate::{Fate, SetAside};
+use self::outbox::DeadLetter;
+pub(crate) use self::outbox::Outbox;
+pub(crate) use self::runner::ServedStep;
+use crate::handler::{StepContext, StepError};
+use crate::metrics::Metrics;
+
+/// Pause before returning a delivery whose hand-off failed, so a broken downstream does not
+/// turn into a hot redelivery loop.
+const HANDOFF_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// What the step tasks of one connection's session share.
+pub(crate) struct StepSession {
+    pub(crate) config: Arc<Config>,
+    pub(crate) outbox: Outbox,
+    /// Cancelled when the session's connection is lost: its deliveries can no longer be acked,
+    /// so running steps stop and the broker hands their messages out again.
+    pub(crate) lost: CancellationToken,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+/// Handles one delivery of `served`'s, taken from the queue of `route`, end to end.
+pub(crate) async fn process(
+    session: Arc<StepSession>,
+    served: Arc<ServedStep>,
+    route: Arc<StepRoute>,
+    delivery: Delivery,
+) {
+    let outcome = tokio::select! {
+        outcome = handle(&session, &served, &route, &delivery) => outcome,
+        // Dropping the attempt kills a command's process group; the message is redelivered.
+        _ = session.lost.cancelled() => {
+            let queue = session.outbox.queue(&route);
+            StepAbandoned { labels: labels(&served, route.priority), queue: &queue }
+                .emit(&session.metrics);
+            return;
+        }
+    };
+    settle(delivery, outcome, &session.metrics).await;
+}
+
+/// Decode → check → run → fate → carry out.
+async fn handle(
+    session: &StepSession,
+    served: &ServedStep,
+    route: &StepRoute,
+    delivery: &Delivery,
+) -> Result<(), PublishError> {
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str());
+    let env = match fate::admit(&delivery.data, message_id, &session.config, served) {
+        Ok(env) => env,
+        Err(aside) => return set_aside(session, served, route, delivery, aside).await,
+    };
+    let trace_id = env.trace().map(|t| t.trace_id_hex()).unwrap_or_default();
+    let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
+        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id);
+    async {
+        let (outcome, timing) = run(session, served, &env).await;
+        let max_payload = session.config.broker.max_payload_bytes;
+        let fate = fate::fate(outcome, &env, served, max_payload, rand::random());
+        report(&fate, &env, served, &timing, &session.metrics);
+        carry_out(session, route, fate).await
+    }
+    .instrument(span)
+    .await
+}
+
+/// When an attempt ran: how long it took, and how long its message had waited.
+struct Timing {
+    took: Duration,
+    queue_wait_ms: u64,
+}
+
+/// Runs the step once on `env`'s input, counted as in flight meanwhile.
+async fn run(
+    session: &StepSession,
+    served: &ServedStep,
+    env: &Envelope,
+) -> (Result<Value, StepError>, Timing) {
+    let ctx = StepContext {
+        job_id: env.job_id,
+        tenant: env.tenant.to_string(),
+        pipeline: env.pipeline.clone(),
+        step: env.step.clone(),
+        attempt: env.attempt,
+        priority: env.priority,
+        trace: env.trace(),
+    };
+    let metrics = &session.metrics;
+    let started = Instant::now();
+    let queue_wait_ms = now_ms().saturating_sub(env.published_at);
+    StepStarted {
+        labels: labels(served, env.priority),
+        queue_wait: (env.published_at > 0).then(|| Duration::from_millis(queue_wait_ms)),
+    }
+    .emit(metrics);
+    let running = metrics.running(&served.pipeline.name, &served.step.name);
+    let outcome = served
+        .runner
+        .run(env.input.clone(), ctx, served.step.timeout)
+        .await;
+    drop(running);
+    let timing = Timing {
+        took: started.elapsed(),
+        queue_wait_ms,
+    };
+    (outcome, timing)
+}
+
+/// Logs and counts what became of the attempt, once.
+fn report(fate: &Fate, env: &Envelope, served: &ServedStep, timing: &Timing, metrics: &Metrics) {
+    let labels = labels(served, env.priority);
+    let took = timing.took;
+    let job_took = || Duration::from_millis(now_ms().saturating_sub(env.submitted_at));
+    match fate {
+        Fate::Next { .. } | Fate::Finish(_) => StepSucceeded {
+            labels,
+            took,
+            queue_wait_ms: timing.queue_wait_ms,
+            job_took: matches!(fate, Fate::Finish(_)).then(job_took),
+        }
+        .emit(metrics),
+        Fate::Retry { delay, error, .. } => StepRetried {
+            labels,
+            took,
+            error,
+            max_attempts: served.step.max_attempts,
+            retry_in: *delay,
+        }
+        .emit(metrics),
+        Fate::DeadLetter { gave_up, error, .. } => StepFailed {
+            labels,
+            took,
+            error,
+            gave_up: *gave_up,
+            job_took: job_took(),
+        }
+        .emit(metrics),
+    }
+}
+
+/// The one effect of a fate: the publish (or two) it asks for, each confirmed.
+async fn carry_out(
+    session: &StepSession,
+    route: &StepRoute,
+    fate: Fate,
+) -> Result<(), PublishError> {
+    let outbox = &session.outbox;
+    match fate {
+        Fate::Next {
+            envelope,
+            body,
+            route: next,
+        } => {
+            outbox
+                .hand_off(|| outbox.publish_step(&next, &envelope, &body))
+                .await
+        }
+        Fate::Finish(result) => outbox.hand_off(|| outbox.publish_result(&result)).await,
+        Fate::Retry {
+            envelope,
+            body,
+            route: again,
+            nominal,
+            delay,
+            ..
+        } => {
+            outbox
+                .hand_off(|| outbox.publish_retry(&again, &envelope, &body, nominal, delay))
+                .await
+        }
+        Fate::DeadLetter { body, result, .. } => {
+            let (id, queue) = (result.job_id.to_string(), outbox.queue(route));
+            let text = result.error.as_deref().unwrap_or_default();
+            let letter = DeadLetter {
+                body: &body,
+                id: &id,
+                pipeline: Some(&result.pipeline),
+                reason: Reason::Failed,
+                text,
+                queue: &queue,
+            };
+            outbox.dead_letter(&letter).await?;
+            outbox.hand_off(|| outbox.publish_result(&result)).await
+        }
+    }
+}
+
+/// Moves a delivery that cannot run here to the dead-letter queue, and tells a waiting
+/// submitter when the job is one of ours.
+async fn set_aside(
+    session: &StepSession,
+    served: &ServedStep,
+    route: &StepRoute,
+    delivery: &Delivery,
+    aside: Box<SetAside>,
+) -> Result<(), PublishError> {
+    let queue = session.outbox.queue(route);
+    MessageSetAside {
+        labels: labels(served, route.priority),
+        reason: aside.reason,
+        text: &aside.text,
+        queue: &queue,
+    }
+    .emit(&session.metrics);
+    let letter = DeadLetter {
+        body: &delivery.data,
+        id: &aside.id,
+        pipeline: aside.pipeline.as_deref(),
+        reason: aside.reason,
+        text: &aside.text,
+        queue: &queue,
+    };
+    session.outbox.dead_letter(&letter).await?;
+    if let Some(result) = &aside.result {
+        session.outbox.publish_result(result).await?;
+    }
+    Ok(())
+}
+
+fn labels(served: &ServedStep, priority: Priority) -> StepLabels<'_> {
+    StepLabels {
+        pipeline: &served.pipeline.name,
+        step: &served.step.name,
+        priority,
+    }
+}
+
+/// Acks once what the delivery became is confirmed; otherwise returns it to its queue.
+async fn settle(delivery: Delivery, outcome: Result<(), PublishError>, metrics: &Metrics) {
+    match outcome {
+        Ok(()) => {
+            if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+                // The channel is gone: the broker redelivers the message, and the step runs again.
+                AckFailed { error: &error }.emit(metrics);
+            }
+        }
+        Err(error) => {
+            HandOffFailed { error: &error }.emit(metrics);
+            tokio::time::sleep(HANDOFF_RETRY_PAUSE).await;
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            };
+            let _ = delivery.acker.nack(requeue).await;
+        }
+    }
+}

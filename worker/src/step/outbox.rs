@@ -1,0 +1,174 @@
+//! The effects of a delivery's fate: every publish a step makes (the next step's message, a
+//! retry, the job's result, a dead letter), each waiting for the broker's confirm, and the
+//! hand-off that holds an output while its queue is full. Where a step message goes comes from
+//! its [`StepRoute`]; nothing here decides.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use warren_broker::{Broker, BrokerError, Names, Outgoing, PublishError, Publisher, StepRoute};
+use warren_common::backoff::Backoff;
+use warren_common::dead_letter as headers;
+use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
+
+use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed};
+use crate::metrics::{Metrics, PublishKind};
+
+/// Longest wait between tries to hand an output to a full queue.
+const BACKLOG_FULL_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// Where one session's step tasks publish.
+pub(crate) struct Outbox {
+    publisher: Publisher,
+    names: Names,
+    tasks_exchange: String,
+    events_exchange: String,
+    /// Cancelled when the session's connection is lost: a held output gives up waiting.
+    lost: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+/// A message for the dead-letter queue, with what its headers say.
+#[derive(Debug)]
+pub(crate) struct DeadLetter<'a> {
+    pub(crate) body: &'a [u8],
+    /// Its message id: the job id, or what the set-aside decision chose.
+    pub(crate) id: &'a str,
+    /// The pipeline label of the dead-letter metric, when the config has it.
+    pub(crate) pipeline: Option<&'a str>,
+    pub(crate) reason: Reason,
+    pub(crate) text: &'a str,
+    /// The queue it was taken from.
+    pub(crate) queue: &'a str,
+}
+
+impl Outbox {
+    pub(crate) async fn new(
+        broker: &Broker,
+        lost: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, BrokerError> {
+        let names = broker.names().clone();
+        Ok(Self {
+            publisher: Publisher::new(broker).await?,
+            tasks_exchange: names.tasks_exchange(),
+            events_exchange: names.events_exchange(),
+            names,
+            lost,
+            metrics,
+        })
+    }
+
+    /// Publishes with `publish` until it is confirmed. A queue at its length bound refuses the
+    /// publish (negative confirm): then the finished work waits here and tries again, rather
+    /// than being dropped or dead-lettered, until the queue has room or the connection is lost.
+    pub(crate) async fn hand_off<'a, F, Fut>(&'a self, publish: F) -> Result<(), PublishError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<(), PublishError>> + 'a,
+    {
+        let mut backoff = Backoff::try_new(Duration::from_millis(50), BACKLOG_FULL_MAX_WAIT)
+            .expect("valid bounds");
+        loop {
+            match publish().await {
+                Err(PublishError::Nacked { routing_key }) => {
+                    let wait = backoff.next_delay();
+                    let tries = backoff.tries();
+                    HandOffHeld {
+                        routing_key: &routing_key,
+                        tries,
+                    }
+                    .emit(&self.metrics);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.lost.cancelled() => return Err(PublishError::Nacked { routing_key }),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Publishes `env`, already encoded as `body`, to its step queue.
+    pub(crate) async fn publish_step(
+        &self,
+        route: &StepRoute,
+        env: &Envelope,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let key = route.routing_key();
+        let id = env.job_id.to_string();
+        let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
+        self.publish(PublishKind::NextStep, msg).await
+    }
+
+    /// Parks a retry in the delay queue of its `nominal` delay; the message's own TTL (the
+    /// `delay`, with jitter) sends it back to its step queue, which stays free for other jobs
+    /// meanwhile. Without a delay it goes straight back.
+    pub(crate) async fn publish_retry(
+        &self,
+        route: &StepRoute,
+        env: &Envelope,
+        body: &[u8],
+        nominal: Duration,
+        delay: Duration,
+    ) -> Result<(), PublishError> {
+        let nominal_ms = nominal.as_millis() as u64;
+        if nominal_ms == 0 {
+            return self.publish_step(route, env, body).await;
+        }
+        let key = route.routing_key();
+        let exchange = self.names.delay_exchange(nominal_ms);
+        let mut msg = Outgoing::persistent(&exchange, &key, body, &env.job_id.to_string());
+        msg.properties = msg
+            .properties
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.publish(PublishKind::Retry, msg).await
+    }
+
+    /// Publishes a job's result event.
+    pub(crate) async fn publish_result(&self, event: &ResultEvent) -> Result<(), PublishError> {
+        let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
+        let body = encode_result(event);
+        let id = event.job_id.to_string();
+        let msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
+        self.publish(PublishKind::Result, msg).await
+    }
+
+    /// Sends `letter` to the dead-letter queue.
+    pub(crate) async fn dead_letter(&self, letter: &DeadLetter<'_>) -> Result<(), PublishError> {
+        let dlq = self.names.dlq();
+        let msg = Outgoing::persistent("", &dlq, letter.body, letter.id).with_headers(&[
+            (headers::REASON, letter.reason.as_str().to_string()),
+            (headers::ERROR, letter.text.to_string()),
+            (headers::QUEUE, letter.queue.to_string()),
+            (headers::FAILED_AT, now_ms().to_string()),
+        ]);
+        self.publish(PublishKind::DeadLetter, msg).await?;
+        DeadLettered {
+            pipeline: letter.pipeline,
+            reason: letter.reason,
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+
+    /// Publishes with confirm, and records how long the confirm took.
+    async fn publish(&self, kind: PublishKind, msg: Outgoing<'_>) -> Result<(), PublishError> {
+        let started = Instant::now();
+        self.publisher.publish(msg).await?;
+        PublishConfirmed {
+            kind,
+            took: started.elapsed(),
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+
+    /// The name of the queue behind `route`.
+    pub(crate) fn queue(&self, route: &StepRoute) -> String {
+        route.queue(&self.names)
+    }
+}
