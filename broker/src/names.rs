@@ -1,8 +1,11 @@
-//! Every exchange, queue and routing-key name warren uses, in one place. All of them start with
-//! the namespace, so several deployments (and parallel tests) share a broker without meeting.
+//! Every exchange and queue name warren uses, in one place (a step queue's name and routing key
+//! come from its [`StepRoute`]). All of them start with the namespace, so several deployments
+//! (and parallel tests) share a broker without meeting.
 //! `docs/wire-format.md` documents these for producers in other languages.
 
 use warren_common::{JobStatus, Priority};
+
+use crate::route::{Lane, StepRoute};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -52,32 +55,34 @@ impl Names {
         format!("{}.delay.{delay_ms}", self.ns)
     }
 
-    /// Routing key of one step queue: `<pipeline>.<step>.<priority>.<shard>`.
+    /// Routing key of one step queue, for code that has not moved to
+    /// [`StepRoute::routing_key`] yet.
     pub fn step_key(pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        format!("{pipeline}.{step}.{priority}.{shard}")
+        Self::shard_route(pipeline, step, priority, shard).routing_key()
     }
 
-    /// `<ns>.q.<pipeline>.<step>.<priority>.<shard>`.
+    /// Name of one step queue, for code that has not moved to [`StepRoute::queue`] yet.
     pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        format!(
-            "{}{}",
-            self.step_queue_prefix(),
-            Self::step_key(pipeline, step, priority, shard)
-        )
+        Self::shard_route(pipeline, step, priority, shard).queue(self)
     }
 
-    /// What every step queue's name starts with: `<ns>.q.`.
+    fn shard_route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
+        StepRoute {
+            pipeline: pipeline.to_string(),
+            step: step.to_string(),
+            priority,
+            lane: Lane::Shard(shard),
+        }
+    }
+
+    /// What every step queue's name starts with: `<ns>.q.` ([`StepRoute::queue`] names them).
     pub fn step_queue_prefix(&self) -> String {
         format!("{}.q.", self.ns)
     }
 
     /// `result.<status>.<pipeline>.<tenant>` on the events exchange.
     pub fn result_key(status: JobStatus, pipeline: &str, tenant: &str) -> String {
-        let status = match status {
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-        };
-        format!("result.{status}.{pipeline}.{tenant}")
+        format!("result.{}.{pipeline}.{tenant}", status.as_str())
     }
 }
 

@@ -31,6 +31,13 @@ impl Lane {
         (0..pipeline.shards).map(Lane::Shard)
     }
 
+    /// The shard this lane is, when it is one.
+    pub fn shard(self) -> Option<u16> {
+        match self {
+            Lane::Shard(shard) => Some(shard),
+        }
+    }
+
     /// The last part of the routing key and of the queue name.
     pub fn suffix(self) -> String {
         match self {

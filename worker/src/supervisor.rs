@@ -27,8 +27,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{signal as unix_signal, SignalKind};
 use tracing::{debug, info, warn};
-use warren_broker::depth::{add_unacked, read_depths, step_queues, StepQueue};
-use warren_broker::{Broker, Management, Names};
+use warren_broker::depth::{add_unacked, read_depths};
+use warren_broker::{Broker, Management, Names, StepRoute};
 use warren_common::telemetry::LogFormat;
 use warren_common::Config;
 
@@ -363,7 +363,7 @@ impl Pool {
 struct Supervisor {
     options: Options,
     metrics: Arc<SupervisorMetrics>,
-    queues: Vec<StepQueue>,
+    queues: Vec<StepRoute>,
     pools: Vec<Pool>,
     used_slots: BTreeSet<usize>,
     broker: Option<Broker>,
@@ -409,7 +409,7 @@ pub async fn run(
     let specs = check(&config, &options)?;
     let management = Management::from_config(&config.broker)
         .map_err(|e| SupervisorError::Setup(e.to_string()))?;
-    let queues: Vec<StepQueue> = step_queues(&config)
+    let queues: Vec<StepRoute> = StepRoute::all(&config)
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
         .collect();
@@ -464,7 +464,7 @@ pub async fn run(
     Ok(())
 }
 
-fn serves(spec: &PoolSpec, q: &StepQueue) -> bool {
+fn serves(spec: &PoolSpec, q: &StepRoute) -> bool {
     q.pipeline == spec.pipeline && spec.step.as_ref().is_none_or(|s| s == &q.step)
 }
 
@@ -533,12 +533,12 @@ impl Supervisor {
             }
         }
         for d in &depths {
-            let q = &d.queue;
+            let q = &d.route;
             let labels = [
                 q.pipeline.as_str(),
                 q.step.as_str(),
                 q.priority.as_str(),
-                &q.shard.to_string(),
+                &q.lane.to_string(),
             ];
             if let Some(ready) = d.ready {
                 let gauge = self.metrics.queue_messages.with_label_values(&labels);
