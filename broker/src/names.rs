@@ -58,21 +58,12 @@ impl Names {
     /// Routing key of one step queue, for code that has not moved to
     /// [`StepRoute::routing_key`] yet.
     pub fn step_key(pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        Self::shard_route(pipeline, step, priority, shard).routing_key()
+        StepRoute::new(pipeline, step, priority, Lane::Shard(shard)).routing_key()
     }
 
     /// Name of one step queue, for code that has not moved to [`StepRoute::queue`] yet.
     pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        Self::shard_route(pipeline, step, priority, shard).queue(self)
-    }
-
-    fn shard_route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
-        StepRoute {
-            pipeline: pipeline.to_string(),
-            step: step.to_string(),
-            priority,
-            lane: Lane::Shard(shard),
-        }
+        StepRoute::new(pipeline, step, priority, Lane::Shard(shard)).queue(self)
     }
 
     /// What every step queue's name starts with: `<ns>.q.` ([`StepRoute::queue`] names them).
@@ -99,10 +90,6 @@ mod tests {
         assert_eq!(n.dlq(), "acme-prod.dlq");
         assert_eq!(n.delay_queue(1500), "acme-prod.delay.1500");
         assert_eq!(n.delay_exchange(1500), "acme-prod.delay.1500");
-        assert_eq!(
-            n.step_queue("thumbnails", "fetch", Priority::High, 3),
-            "acme-prod.q.thumbnails.fetch.high.3"
-        );
         assert_eq!(
             Names::result_key(JobStatus::Failed, "thumbnails", "t1"),
             "result.failed.thumbnails.t1"

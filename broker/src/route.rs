@@ -62,6 +62,15 @@ pub struct StepRoute {
 }
 
 impl StepRoute {
+    pub fn new(pipeline: &str, step: &str, priority: Priority, lane: Lane) -> StepRoute {
+        StepRoute {
+            pipeline: pipeline.to_string(),
+            step: step.to_string(),
+            priority,
+            lane,
+        }
+    }
+
     /// The route of `tenant`'s message for `step` of `pipeline` at `priority`.
     pub fn for_tenant(
         pipeline: &PipelineConfig,
@@ -69,12 +78,12 @@ impl StepRoute {
         priority: Priority,
         tenant: &str,
     ) -> StepRoute {
-        StepRoute {
-            pipeline: pipeline.name.clone(),
-            step: step.to_string(),
+        StepRoute::new(
+            &pipeline.name,
+            step,
             priority,
-            lane: Lane::for_tenant(pipeline, tenant),
-        }
+            Lane::for_tenant(pipeline, tenant),
+        )
     }
 
     /// Routing key on the tasks exchange: `<pipeline>.<step>.<priority>.<lane>`.
@@ -96,12 +105,8 @@ impl StepRoute {
         step: &'a str,
     ) -> impl Iterator<Item = StepRoute> + 'a {
         Priority::ALL.into_iter().flat_map(move |priority| {
-            Lane::all(pipeline).map(move |lane| StepRoute {
-                pipeline: pipeline.name.clone(),
-                step: step.to_string(),
-                priority,
-                lane,
-            })
+            Lane::all(pipeline)
+                .map(move |lane| StepRoute::new(&pipeline.name, step, priority, lane))
         })
     }
 
@@ -147,12 +152,7 @@ handler = "h"
     }
 
     fn route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
-        StepRoute {
-            pipeline: pipeline.into(),
-            step: step.into(),
-            priority,
-            lane: Lane::Shard(shard),
-        }
+        StepRoute::new(pipeline, step, priority, Lane::Shard(shard))
     }
 
     #[test]
