@@ -3,7 +3,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::bail;
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
 use warren_common::dead_letter::Reason;
 use warren_common::Config;
@@ -51,8 +51,10 @@ enum Action {
 /// Which dead letters: those of a pipeline, a tenant, a reason (all of them when none is given).
 #[derive(Debug, Args)]
 struct ListFilter {
+    /// Only this pipeline's.
     #[arg(long)]
     pipeline: Option<String>,
+    /// Only this tenant's.
     #[arg(long)]
     tenant: Option<String>,
     #[arg(long, help = reason_help())]
@@ -76,9 +78,16 @@ impl ListFilter {
     }
 }
 
-/// Which dead letters a replay or purge touches: one id, or a filter, or --all.
+/// Which dead letters a replay or purge touches: one id, or a filter, or --all. (The group is
+/// spelled out: clap's derive leaves a group empty when the struct flattens another.)
 #[derive(Debug, Args)]
-#[group(required = true, multiple = true)]
+#[group(skip)]
+#[command(group(
+    ArgGroup::new("selection")
+        .required(true)
+        .multiple(true)
+        .args(["id", "all", "pipeline", "tenant", "reason"])
+))]
 struct Selection {
     /// The dead letter's id (the job id).
     #[arg(conflicts_with = "all")]
