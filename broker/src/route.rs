@@ -5,7 +5,7 @@
 //! The names are an external contract (`docs/wire-format.md`): routing key
 //! `<pipeline>.<step>.<priority>.<lane>`, queue `{ns}.q.<routing key>`, where a shard's lane
 //! part is the shard number. A new kind of lane is a change in this file only: its variant, its
-//! [`Lane::suffix`], and its place in [`Lane::all`].
+//! name part (`Display`), and its place in [`Lane::all`].
 
 use std::fmt;
 
@@ -37,18 +37,14 @@ impl Lane {
             Lane::Shard(shard) => Some(shard),
         }
     }
-
-    /// The last part of the routing key and of the queue name.
-    pub fn suffix(self) -> String {
-        match self {
-            Lane::Shard(shard) => shard.to_string(),
-        }
-    }
 }
 
+/// The lane's part of the routing key and of the queue name (the last one).
 impl fmt::Display for Lane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.suffix())
+        match self {
+            Lane::Shard(shard) => write!(f, "{shard}"),
+        }
     }
 }
 
