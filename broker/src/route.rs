@@ -120,31 +120,22 @@ impl StepRoute {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::{BTreeMap, HashMap, HashSet};
-    use std::path::Path;
+    use std::collections::{BTreeMap, HashSet};
 
+    /// Pipeline `p` (steps `a` and `b` over 2 shards) and pipeline `pinned` (its first step
+    /// over 8 shards, the last one pinned to `big-customer`).
     fn config() -> Config {
-        let toml = r#"
-[broker]
-namespace = "ns"
-[[pipelines]]
-name = "p"
-shards = 2
-[[pipelines.steps]]
-name = "a"
-handler = "h"
-[[pipelines.steps]]
-name = "b"
-handler = "h"
-[[pipelines]]
-name = "pinned"
-shards = 8
-pins = { big-customer = 7 }
-[[pipelines.steps]]
-name = "only"
-handler = "h"
-"#;
-        Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+        let mut config = crate::topology::tests::two_steps_two_shards();
+        let p = &config.pipelines[0];
+        let pinned = PipelineConfig {
+            name: "pinned".into(),
+            shards: 8,
+            pins: BTreeMap::from([("big-customer".to_string(), 7)]),
+            steps: p.steps[..1].to_vec(),
+            ..p.clone()
+        };
+        config.pipelines.push(pinned);
+        config
     }
 
     fn route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
@@ -165,10 +156,10 @@ handler = "h"
     fn a_tenant_takes_its_shard_and_a_pin_wins() {
         let config = config();
         let pinned = config.pipeline("pinned").unwrap();
-        let r = StepRoute::for_tenant(pinned, "only", Priority::Low, "big-customer");
-        assert_eq!(r, route("pinned", "only", Priority::Low, 7));
+        let r = StepRoute::for_tenant(pinned, "a", Priority::Low, "big-customer");
+        assert_eq!(r, route("pinned", "a", Priority::Low, 7));
         // Values from docs/wire-format.md: acme is on shard 5 of 8 when shard 7 is pinned.
-        let r = StepRoute::for_tenant(pinned, "only", Priority::Normal, "acme");
+        let r = StepRoute::for_tenant(pinned, "a", Priority::Normal, "acme");
         assert_eq!(r.lane, Lane::Shard(5));
         assert_eq!(r.lane, Lane::Shard(pinned.shard_of("acme")));
     }
@@ -181,7 +172,7 @@ handler = "h"
         // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
         assert_eq!(all[11], route("p", "b", Priority::Low, 1));
         assert_eq!(all[0], route("p", "a", Priority::High, 0));
-        assert_eq!(all[12], route("pinned", "only", Priority::High, 0));
+        assert_eq!(all[12], route("pinned", "a", Priority::High, 0));
         let p = config.pipeline("p").unwrap();
         let of_b: Vec<_> = StepRoute::of_step(p, "b").collect();
         assert_eq!(of_b, all[6..12]);
