@@ -163,3 +163,38 @@ impl Broker {
         }
     }
 }
+
+/// One channel for a series of calls, opened on first use and opened again when the broker has
+/// closed it: a failed declare (a missing queue, a conflict) closes the channel it was made on.
+#[derive(Debug)]
+pub(crate) struct ReopenedChannel<'a> {
+    broker: &'a Broker,
+    channel: Option<Channel>,
+}
+
+impl<'a> ReopenedChannel<'a> {
+    pub(crate) fn new(broker: &'a Broker) -> Self {
+        Self {
+            broker,
+            channel: None,
+        }
+    }
+
+    /// The channel, open.
+    pub(crate) async fn get(&mut self) -> Result<&Channel, BrokerError> {
+        if !self
+            .channel
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+        {
+            self.channel = Some(self.broker.channel().await?);
+        }
+        Ok(self.channel.as_ref().expect("opened above"))
+    }
+
+    pub(crate) async fn close(self) {
+        if let Some(channel) = self.channel {
+            let _ = channel.close(200, "done".into()).await;
+        }
+    }
+}

@@ -6,9 +6,11 @@ use lapin::{Channel, Consumer};
 
 use crate::error::BrokerError;
 
-/// Starts consuming `queue` on `channel`, with up to `prefetch` unacked deliveries per consumer
-/// (set first: a consumer started before it would be handed the whole queue). `args` are the
-/// consume arguments (a stream's `x-stream-offset`, say). Errors name the queue.
+/// Starts consuming `queue` on `channel`, with up to `prefetch` unacked deliveries for this
+/// consumer (set first: a consumer started before it would be handed the whole queue). The
+/// prefetch is per consumer, so several consumers on one channel (a worker's lane) get
+/// `prefetch` each. `args` are the consume arguments (a stream's `x-stream-offset`, say). Errors
+/// name the queue.
 pub async fn consume(
     channel: &Channel,
     queue: &str,

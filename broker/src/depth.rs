@@ -7,13 +7,11 @@
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::Channel;
-use warren_common::{Config, Priority};
 
-use crate::connection::Broker;
+use crate::connection::{Broker, ReopenedChannel};
 use crate::error::BrokerError;
 use crate::management::Management;
-use crate::names::Names;
+use crate::route::StepRoute;
 
 /// Ready (not yet delivered) messages in `queue`, or `None` when the queue does not exist.
 pub async fn ready_messages(broker: &Broker, queue: &str) -> Result<Option<u32>, BrokerError> {
@@ -36,25 +34,22 @@ pub struct Counts {
 /// queue's declare closes it; the next read opens another).
 #[derive(Debug)]
 pub struct Probe<'a> {
-    broker: &'a Broker,
-    channel: Option<Channel>,
+    channel: ReopenedChannel<'a>,
 }
 
 impl<'a> Probe<'a> {
     pub fn new(broker: &'a Broker) -> Self {
         Self {
-            broker,
-            channel: None,
+            channel: ReopenedChannel::new(broker),
         }
     }
 
     /// The counts of `queue`, or `None` if it does not exist.
     pub async fn read(&mut self, queue: &str) -> Result<Option<Counts>, BrokerError> {
-        let open = match self.channel.take() {
-            Some(c) if c.status().connected() => c,
-            _ => self.broker.channel().await?,
-        };
-        let result = open
+        let result = self
+            .channel
+            .get()
+            .await?
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions {
@@ -65,13 +60,10 @@ impl<'a> Probe<'a> {
             )
             .await;
         match result {
-            Ok(q) => {
-                self.channel = Some(open);
-                Ok(Some(Counts {
-                    ready: q.message_count(),
-                    consumers: q.consumer_count(),
-                }))
-            }
+            Ok(q) => Ok(Some(Counts {
+                ready: q.message_count(),
+                consumers: q.consumer_count(),
+            })),
             // The broker closed the channel with 404; the next read opens another.
             Err(e)
                 if crate::error::server_reply(&e)
@@ -85,26 +77,16 @@ impl<'a> Probe<'a> {
 
     /// Closes the channel, if one is open.
     pub async fn close(self) {
-        if let Some(channel) = self.channel {
-            let _ = channel.close(200, "done".into()).await;
-        }
+        self.channel.close().await;
     }
-}
-
-/// One step queue of a config: `{ns}.q.<pipeline>.<step>.<priority>.<shard>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepQueue {
-    pub name: String,
-    pub pipeline: String,
-    pub step: String,
-    pub priority: Priority,
-    pub shard: u16,
 }
 
 /// What a passive declare said about one step queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueDepth {
-    pub queue: StepQueue,
+    pub route: StepRoute,
+    /// The queue's name.
+    pub queue: String,
     /// Ready messages; `None` when the queue does not exist (topology not applied).
     pub ready: Option<u32>,
     /// Consumers attached; `None` when the queue does not exist.
@@ -121,38 +103,17 @@ impl QueueDepth {
     }
 }
 
-/// Every step queue of `config`, in plan order (pipeline, step, priority, shard).
-pub fn step_queues(config: &Config) -> Vec<StepQueue> {
-    let names = Names::new(&config.broker.namespace);
-    let mut queues = Vec::new();
-    for pipeline in &config.pipelines {
-        for step in &pipeline.steps {
-            for priority in Priority::ALL {
-                for shard in 0..pipeline.shards {
-                    queues.push(StepQueue {
-                        name: names.step_queue(&pipeline.name, &step.name, priority, shard),
-                        pipeline: pipeline.name.clone(),
-                        step: step.name.clone(),
-                        priority,
-                        shard,
-                    });
-                }
-            }
-        }
-    }
-    queues
-}
-
-/// Reads the depth of each queue through one [`Probe`]. A missing queue is reported, not an
-/// error.
+/// Reads the depth of each route's queue through one [`Probe`]. A missing queue is reported,
+/// not an error.
 pub async fn read_depths(
     broker: &Broker,
-    queues: &[StepQueue],
+    routes: &[StepRoute],
 ) -> Result<Vec<QueueDepth>, BrokerError> {
     let mut probe = Probe::new(broker);
-    let mut depths = Vec::with_capacity(queues.len());
-    for queue in queues {
-        let found = match probe.read(&queue.name).await {
+    let mut depths = Vec::with_capacity(routes.len());
+    for route in routes {
+        let queue = route.queue(broker.names());
+        let found = match probe.read(&queue).await {
             Ok(found) => found,
             Err(e) => {
                 probe.close().await;
@@ -160,7 +121,8 @@ pub async fn read_depths(
             }
         };
         depths.push(QueueDepth {
-            queue: queue.clone(),
+            route: route.clone(),
+            queue,
             ready: found.map(|c| c.ready),
             consumers: found.map(|c| c.consumers),
             unacked: None,
@@ -179,7 +141,7 @@ pub async fn add_unacked(
 ) -> Result<(), BrokerError> {
     let unacked = management.unacked(namespace_prefix).await?;
     for d in depths.iter_mut().filter(|d| d.ready.is_some()) {
-        d.unacked = Some(unacked.get(&d.queue.name).copied().unwrap_or(0));
+        d.unacked = Some(unacked.get(&d.queue).copied().unwrap_or(0));
     }
     Ok(())
 }
@@ -187,18 +149,20 @@ pub async fn add_unacked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::Lane;
+    use warren_common::Priority;
 
     #[test]
     fn backlog_is_ready_plus_what_is_known_unacked() {
-        let queue = StepQueue {
-            name: "ns.q.p.a.normal.0".into(),
+        let route = StepRoute {
             pipeline: "p".into(),
             step: "a".into(),
             priority: Priority::Normal,
-            shard: 0,
+            lane: Lane::Shard(0),
         };
         let depth = |ready, unacked| QueueDepth {
-            queue: queue.clone(),
+            route: route.clone(),
+            queue: "ns.q.p.a.normal.0".into(),
             ready,
             consumers: ready.map(|_| 1),
             unacked,
@@ -206,24 +170,5 @@ mod tests {
         assert_eq!(depth(Some(7), None).backlog(), 7);
         assert_eq!(depth(Some(7), Some(5)).backlog(), 12);
         assert_eq!(depth(None, None).backlog(), 0);
-    }
-
-    #[test]
-    fn step_queues_match_the_plan() {
-        let config = crate::topology::tests::two_steps_two_shards();
-        let queues = step_queues(&config);
-        let planned: Vec<_> = crate::Topology::plan(&config)
-            .step_queues()
-            .map(|q| q.name.clone())
-            .collect();
-        let ours: Vec<_> = queues.iter().map(|q| q.name.clone()).collect();
-        assert_eq!(ours, planned);
-        // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
-        let q = &queues[11];
-        assert_eq!(
-            (q.pipeline.as_str(), q.step.as_str(), q.priority, q.shard),
-            ("p", "b", Priority::Low, 1)
-        );
-        assert_eq!(q.name, "ns.q.p.b.low.1");
     }
 }

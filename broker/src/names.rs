@@ -1,8 +1,9 @@
-//! Every exchange, queue and routing-key name warren uses, in one place. All of them start with
-//! the namespace, so several deployments (and parallel tests) share a broker without meeting.
+//! Every exchange and queue name warren uses, in one place (a step queue's name and routing key
+//! come from its [`StepRoute`](crate::StepRoute)). All of them start with the namespace, so several deployments
+//! (and parallel tests) share a broker without meeting.
 //! `docs/wire-format.md` documents these for producers in other languages.
 
-use warren_common::{JobStatus, Priority};
+use warren_common::JobStatus;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -52,32 +53,14 @@ impl Names {
         format!("{}.delay.{delay_ms}", self.ns)
     }
 
-    /// Routing key of one step queue: `<pipeline>.<step>.<priority>.<shard>`.
-    pub fn step_key(pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        format!("{pipeline}.{step}.{priority}.{shard}")
-    }
-
-    /// `<ns>.q.<pipeline>.<step>.<priority>.<shard>`.
-    pub fn step_queue(&self, pipeline: &str, step: &str, priority: Priority, shard: u16) -> String {
-        format!(
-            "{}{}",
-            self.step_queue_prefix(),
-            Self::step_key(pipeline, step, priority, shard)
-        )
-    }
-
-    /// What every step queue's name starts with: `<ns>.q.`.
+    /// What every step queue's name starts with: `<ns>.q.` ([`StepRoute::queue`](crate::StepRoute::queue) names them).
     pub fn step_queue_prefix(&self) -> String {
         format!("{}.q.", self.ns)
     }
 
     /// `result.<status>.<pipeline>.<tenant>` on the events exchange.
     pub fn result_key(status: JobStatus, pipeline: &str, tenant: &str) -> String {
-        let status = match status {
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-        };
-        format!("result.{status}.{pipeline}.{tenant}")
+        format!("result.{}.{pipeline}.{tenant}", status.as_str())
     }
 }
 
@@ -94,10 +77,6 @@ mod tests {
         assert_eq!(n.dlq(), "acme-prod.dlq");
         assert_eq!(n.delay_queue(1500), "acme-prod.delay.1500");
         assert_eq!(n.delay_exchange(1500), "acme-prod.delay.1500");
-        assert_eq!(
-            n.step_queue("thumbnails", "fetch", Priority::High, 3),
-            "acme-prod.q.thumbnails.fetch.high.3"
-        );
         assert_eq!(
             Names::result_key(JobStatus::Failed, "thumbnails", "t1"),
             "result.failed.thumbnails.t1"

@@ -5,7 +5,7 @@
 //! The names are an external contract (`docs/wire-format.md`): routing key
 //! `<pipeline>.<step>.<priority>.<lane>`, queue `{ns}.q.<routing key>`, where a shard's lane
 //! part is the shard number. A new kind of lane is a change in this file only: its variant, its
-//! [`Lane::suffix`], and its place in [`Lane::all`].
+//! name part (`Display`), and its place in [`Lane::all`].
 
 use std::fmt;
 
@@ -31,17 +31,20 @@ impl Lane {
         (0..pipeline.shards).map(Lane::Shard)
     }
 
-    /// The last part of the routing key and of the queue name.
-    pub fn suffix(self) -> String {
+    /// The shard this lane is, when it is one.
+    pub fn shard(self) -> Option<u16> {
         match self {
-            Lane::Shard(shard) => shard.to_string(),
+            Lane::Shard(shard) => Some(shard),
         }
     }
 }
 
+/// The lane's part of the routing key and of the queue name (the last one).
 impl fmt::Display for Lane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.suffix())
+        match self {
+            Lane::Shard(shard) => write!(f, "{shard}"),
+        }
     }
 }
 
@@ -55,6 +58,15 @@ pub struct StepRoute {
 }
 
 impl StepRoute {
+    pub fn new(pipeline: &str, step: &str, priority: Priority, lane: Lane) -> StepRoute {
+        StepRoute {
+            pipeline: pipeline.to_string(),
+            step: step.to_string(),
+            priority,
+            lane,
+        }
+    }
+
     /// The route of `tenant`'s message for `step` of `pipeline` at `priority`.
     pub fn for_tenant(
         pipeline: &PipelineConfig,
@@ -62,12 +74,12 @@ impl StepRoute {
         priority: Priority,
         tenant: &str,
     ) -> StepRoute {
-        StepRoute {
-            pipeline: pipeline.name.clone(),
-            step: step.to_string(),
+        StepRoute::new(
+            &pipeline.name,
+            step,
             priority,
-            lane: Lane::for_tenant(pipeline, tenant),
-        }
+            Lane::for_tenant(pipeline, tenant),
+        )
     }
 
     /// Routing key on the tasks exchange: `<pipeline>.<step>.<priority>.<lane>`.
@@ -89,12 +101,8 @@ impl StepRoute {
         step: &'a str,
     ) -> impl Iterator<Item = StepRoute> + 'a {
         Priority::ALL.into_iter().flat_map(move |priority| {
-            Lane::all(pipeline).map(move |lane| StepRoute {
-                pipeline: pipeline.name.clone(),
-                step: step.to_string(),
-                priority,
-                lane,
-            })
+            Lane::all(pipeline)
+                .map(move |lane| StepRoute::new(&pipeline.name, step, priority, lane))
         })
     }
 
@@ -112,40 +120,26 @@ impl StepRoute {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::collections::{BTreeMap, HashMap, HashSet};
-    use std::path::Path;
+    use std::collections::{BTreeMap, HashSet};
 
+    /// Pipeline `p` (steps `a` and `b` over 2 shards) and pipeline `pinned` (its first step
+    /// over 8 shards, the last one pinned to `big-customer`).
     fn config() -> Config {
-        let toml = r#"
-[broker]
-namespace = "ns"
-[[pipelines]]
-name = "p"
-shards = 2
-[[pipelines.steps]]
-name = "a"
-handler = "h"
-[[pipelines.steps]]
-name = "b"
-handler = "h"
-[[pipelines]]
-name = "pinned"
-shards = 8
-pins = { big-customer = 7 }
-[[pipelines.steps]]
-name = "only"
-handler = "h"
-"#;
-        Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+        let mut config = crate::topology::tests::two_steps_two_shards();
+        let p = &config.pipelines[0];
+        let pinned = PipelineConfig {
+            name: "pinned".into(),
+            shards: 8,
+            pins: BTreeMap::from([("big-customer".to_string(), 7)]),
+            steps: p.steps[..1].to_vec(),
+            ..p.clone()
+        };
+        config.pipelines.push(pinned);
+        config
     }
 
     fn route(pipeline: &str, step: &str, priority: Priority, shard: u16) -> StepRoute {
-        StepRoute {
-            pipeline: pipeline.into(),
-            step: step.into(),
-            priority,
-            lane: Lane::Shard(shard),
-        }
+        StepRoute::new(pipeline, step, priority, Lane::Shard(shard))
     }
 
     #[test]
@@ -162,10 +156,10 @@ handler = "h"
     fn a_tenant_takes_its_shard_and_a_pin_wins() {
         let config = config();
         let pinned = config.pipeline("pinned").unwrap();
-        let r = StepRoute::for_tenant(pinned, "only", Priority::Low, "big-customer");
-        assert_eq!(r, route("pinned", "only", Priority::Low, 7));
+        let r = StepRoute::for_tenant(pinned, "a", Priority::Low, "big-customer");
+        assert_eq!(r, route("pinned", "a", Priority::Low, 7));
         // Values from docs/wire-format.md: acme is on shard 5 of 8 when shard 7 is pinned.
-        let r = StepRoute::for_tenant(pinned, "only", Priority::Normal, "acme");
+        let r = StepRoute::for_tenant(pinned, "a", Priority::Normal, "acme");
         assert_eq!(r.lane, Lane::Shard(5));
         assert_eq!(r.lane, Lane::Shard(pinned.shard_of("acme")));
     }
@@ -178,7 +172,7 @@ handler = "h"
         // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
         assert_eq!(all[11], route("p", "b", Priority::Low, 1));
         assert_eq!(all[0], route("p", "a", Priority::High, 0));
-        assert_eq!(all[12], route("pinned", "only", Priority::High, 0));
+        assert_eq!(all[12], route("pinned", "a", Priority::High, 0));
         let p = config.pipeline("p").unwrap();
         let of_b: Vec<_> = StepRoute::of_step(p, "b").collect();
         assert_eq!(of_b, all[6..12]);

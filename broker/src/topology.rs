@@ -11,11 +11,11 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::ExchangeKind;
 use warren_common::config::{Config, QueueType};
-use warren_common::Priority;
 
-use crate::connection::Broker;
+use crate::connection::{Broker, ReopenedChannel};
 use crate::error::{server_reply, BrokerError, TopologyError};
 use crate::names::Names;
+use crate::route::StepRoute;
 
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
@@ -23,8 +23,42 @@ pub const RESULTS_MAX_AGE: &str = "7D";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeSpec {
     pub name: String,
-    /// `direct`, `topic` or `fanout`.
-    pub kind: &'static str,
+    pub kind: ExchangeType,
+}
+
+/// The exchange types warren uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    /// The tasks exchange: a routing key names one step queue.
+    Direct,
+    /// The events exchange: result keys, read by pattern.
+    Topic,
+    /// In front of a delay queue: every retry, whatever its routing key.
+    Fanout,
+}
+
+impl ExchangeType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeType::Direct => "direct",
+            ExchangeType::Topic => "topic",
+            ExchangeType::Fanout => "fanout",
+        }
+    }
+
+    fn kind(self) -> ExchangeKind {
+        match self {
+            ExchangeType::Direct => ExchangeKind::Direct,
+            ExchangeType::Topic => ExchangeKind::Topic,
+            ExchangeType::Fanout => ExchangeKind::Fanout,
+        }
+    }
+}
+
+impl std::fmt::Display for ExchangeType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The value of one `x-*` queue argument.
@@ -37,6 +71,8 @@ pub enum Arg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueSpec {
     pub name: String,
+    /// The route whose messages it holds, when it is a step queue.
+    pub route: Option<StepRoute>,
     /// `x-*` arguments.
     pub arguments: Vec<(&'static str, Arg)>,
     /// (exchange, routing key) pairs.
@@ -83,43 +119,38 @@ impl Topology {
             args
         };
         let mut queues = Vec::new();
-        for pipeline in &config.pipelines {
-            for step in &pipeline.steps {
-                for priority in Priority::ALL {
-                    for shard in 0..pipeline.shards {
-                        let mut arguments = vec![
-                            ("x-queue-type", str_arg(queue_type.as_str())),
-                            // Backpressure: a full shard refuses publishes (a negative
-                            // confirm) instead of growing without bound.
-                            (
-                                "x-max-length",
-                                Arg::Int(i64::from(pipeline.max_queue_length)),
-                            ),
-                        ];
-                        // Only the broker dead-letters from a step queue (workers never
-                        // reject): RabbitMQ 4's quorum delivery limit. Such a message goes to
-                        // the dead-letter queue instead of being dropped.
-                        arguments.extend(dead_letter_to("", Some(names.dlq())));
-                        queues.push(QueueSpec {
-                            name: names.step_queue(&pipeline.name, &step.name, priority, shard),
-                            arguments,
-                            bindings: vec![(
-                                tasks.clone(),
-                                Names::step_key(&pipeline.name, &step.name, priority, shard),
-                            )],
-                        });
-                    }
-                }
-            }
+        for route in StepRoute::all(config) {
+            let pipeline = config
+                .pipeline(&route.pipeline)
+                .expect("a route of the config names one of its pipelines");
+            let mut arguments = vec![
+                ("x-queue-type", str_arg(queue_type.as_str())),
+                // Backpressure: a full lane refuses publishes (a negative confirm) instead of
+                // growing without bound.
+                (
+                    "x-max-length",
+                    Arg::Int(i64::from(pipeline.max_queue_length)),
+                ),
+            ];
+            // Only the broker dead-letters from a step queue (workers never reject): RabbitMQ
+            // 4's quorum delivery limit. Such a message goes to the dead-letter queue instead
+            // of being dropped.
+            arguments.extend(dead_letter_to("", Some(names.dlq())));
+            queues.push(QueueSpec {
+                name: route.queue(&names),
+                arguments,
+                bindings: vec![(tasks.clone(), route.routing_key())],
+                route: Some(route),
+            });
         }
         let mut exchanges = vec![
             ExchangeSpec {
                 name: tasks.clone(),
-                kind: "direct",
+                kind: ExchangeType::Direct,
             },
             ExchangeSpec {
                 name: events.clone(),
-                kind: "topic",
+                kind: ExchangeType::Topic,
             },
         ];
         for delay_ms in retry_delays_ms(config) {
@@ -129,21 +160,24 @@ impl Topology {
             arguments.extend(dead_letter_to(&tasks, None));
             exchanges.push(ExchangeSpec {
                 name: names.delay_exchange(delay_ms),
-                kind: "fanout",
+                kind: ExchangeType::Fanout,
             });
             queues.push(QueueSpec {
                 name: names.delay_queue(delay_ms),
+                route: None,
                 arguments,
                 bindings: vec![(names.delay_exchange(delay_ms), String::new())],
             });
         }
         queues.push(QueueSpec {
             name: names.dlq(),
+            route: None,
             arguments: vec![("x-queue-type", str_arg(queue_type.as_str()))],
             bindings: vec![],
         });
         queues.push(QueueSpec {
             name: names.results_stream(),
+            route: None,
             arguments: vec![
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(RESULTS_MAX_AGE)),
@@ -155,42 +189,39 @@ impl Topology {
 
     /// Declares every exchange, queue and binding. Safe to run any number of times.
     pub async fn declare(&self, broker: &Broker) -> Result<(), TopologyError> {
-        let mut channel = broker.channel().await?;
+        let mut channel = ReopenedChannel::new(broker);
+        let declared = self.declare_on(&mut channel).await;
+        channel.close().await;
+        declared
+    }
+
+    async fn declare_on(&self, channel: &mut ReopenedChannel<'_>) -> Result<(), TopologyError> {
         for exchange in &self.exchanges {
-            let kind = match exchange.kind {
-                "topic" => ExchangeKind::Topic,
-                "fanout" => ExchangeKind::Fanout,
-                _ => ExchangeKind::Direct,
-            };
-            let result = channel
+            channel
+                .get()
+                .await?
                 .exchange_declare(
                     exchange.name.as_str().into(),
-                    kind,
+                    exchange.kind.kind(),
                     ExchangeDeclareOptions {
                         durable: true,
                         ..ExchangeDeclareOptions::default()
                     },
                     FieldTable::default(),
                 )
-                .await;
-            if let Err(e) = result {
-                return Err(conflict_or("exchange", &exchange.name, e));
-            }
+                .await
+                .map_err(|e| conflict_or("exchange", &exchange.name, e))?;
         }
         for queue in &self.queues {
-            if !channel.status().connected() {
-                channel = broker.channel().await?;
-            }
-            let result = channel
+            let channel = channel.get().await?;
+            channel
                 .queue_declare(
                     queue.name.as_str().into(),
                     QueueDeclareOptions::durable(),
                     arguments(&queue.arguments),
                 )
-                .await;
-            if let Err(e) = result {
-                return Err(conflict_or("queue", &queue.name, e));
-            }
+                .await
+                .map_err(|e| conflict_or("queue", &queue.name, e))?;
             for (exchange, key) in &queue.bindings {
                 channel
                     .queue_bind(
@@ -207,25 +238,31 @@ impl Topology {
                     )))?;
             }
         }
-        let _ = channel.close(200, "done".into()).await;
         Ok(())
     }
 
     /// Deletes every queue and exchange of the plan, messages included. Missing ones are fine.
     pub async fn delete(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let mut channel = broker.channel().await?;
+        let mut channel = ReopenedChannel::new(broker);
+        let deleted = self.delete_on(&mut channel).await;
+        channel.close().await;
+        deleted
+    }
+
+    async fn delete_on(&self, channel: &mut ReopenedChannel<'_>) -> Result<(), BrokerError> {
         for queue in &self.queues {
-            if !channel.status().connected() {
-                channel = broker.channel().await?;
-            }
             // Deleting a missing queue is a no-op in RabbitMQ 3.x.
             channel
+                .get()
+                .await?
                 .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .map_err(BrokerError::amqp(format!("delete queue {}", queue.name)))?;
         }
         for exchange in &self.exchanges {
             channel
+                .get()
+                .await?
                 .exchange_delete(
                     exchange.name.as_str().into(),
                     ExchangeDeleteOptions::default(),
@@ -236,13 +273,12 @@ impl Topology {
                     exchange.name
                 )))?;
         }
-        let _ = channel.close(200, "done".into()).await;
         Ok(())
     }
 
     /// The step queues only (not the delay queues, the dead-letter queue or the results stream).
     pub fn step_queues(&self) -> impl Iterator<Item = &QueueSpec> {
-        self.queues.iter().filter(|q| q.name.contains(".q."))
+        self.queues.iter().filter(|q| q.route.is_some())
     }
 
     /// Every queue that holds work or dead letters: all but the results stream.
@@ -321,7 +357,8 @@ handler = "h"
     fn plan_has_a_queue_per_step_priority_and_shard() {
         let config = two_steps_two_shards();
         let plan = Topology::plan(&config);
-        assert_eq!(plan.step_queues().count(), 2 * 3 * 2);
+        let routes: Vec<_> = plan.step_queues().filter_map(|q| q.route.clone()).collect();
+        assert_eq!(routes, StepRoute::all(&config));
         let q = plan
             .queues
             .iter()
@@ -354,7 +391,7 @@ handler = "h"
             assert!(plan
                 .exchanges
                 .iter()
-                .any(|e| e.name == name && e.kind == "fanout"));
+                .any(|e| e.name == name && e.kind == ExchangeType::Fanout));
         }
         assert_eq!(plan.work_queues().count(), plan.queues.len() - 1);
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));

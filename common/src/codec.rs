@@ -81,7 +81,7 @@ impl Versioned for ResultEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{JobId, Priority, TenantId};
+    use crate::{JobId, JobStatus, Priority, TenantId};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -102,6 +102,11 @@ mod tests {
         assert_eq!(decode(&encode(&env)).unwrap(), env);
         let ev = ResultEvent::succeeded(&env, json!({"ok": true}));
         assert_eq!(decode_result(&encode_result(&ev)).unwrap(), ev);
+        // The status travels under its own name.
+        for status in [JobStatus::Succeeded, JobStatus::Failed] {
+            let text = serde_json::to_string(&status).unwrap();
+            assert_eq!(text, format!("\"{}\"", status.as_str()));
+        }
     }
 
     #[test]

@@ -155,6 +155,16 @@ pub enum JobStatus {
     Failed,
 }
 
+impl JobStatus {
+    /// The status as it is written on the wire (and in result routing keys).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+        }
+    }
+}
+
 /// Published to the events exchange when a job ends: after its last step succeeds, or when a step
 /// fails for good.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,12 +5,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
-use warren_broker::{Broker, Names, Outgoing, PublishError, Publisher};
+use warren_broker::{Broker, Outgoing, PublishError, Publisher, StepRoute};
 use warren_common::backoff::Backoff;
 use warren_common::trace::TraceParent;
-use warren_common::{
-    encode, now_ms, Config, Envelope, JobId, JobStatus, Priority, ResultEvent, TenantId,
-};
+use warren_common::{now_ms, Config, Envelope, JobId, JobStatus, Priority, ResultEvent, TenantId};
 
 use crate::error::{SubmitError, WaitError};
 use crate::results::{ResultStream, Start};
@@ -297,8 +295,7 @@ impl Client {
             .pipeline(&job.pipeline)
             .ok_or_else(|| SubmitError::UnknownPipeline(job.pipeline.clone()))?;
         let first = &pipeline.first_step().name;
-        let shard = pipeline.shard_of(tenant.as_str());
-        let routing_key = Names::step_key(&pipeline.name, first, job.priority, shard);
+        let route = StepRoute::for_tenant(pipeline, first, job.priority, tenant.as_str());
         let mut envelope = Envelope::new_job(
             job.id,
             tenant,
@@ -310,19 +307,17 @@ impl Client {
         if let Some(parent) = job.traceparent {
             envelope.traceparent = Some(parent.child().to_string());
         }
-        let body = encode(&envelope);
-        let max = self.config.broker.max_payload_bytes;
-        if let Some(size) = envelope.input_exceeds(body.len(), max) {
-            return Err(SubmitError::PayloadTooLarge { size, max });
-        }
+        let body = envelope
+            .encode_within(self.config.broker.max_payload_bytes)
+            .map_err(|e| SubmitError::PayloadTooLarge {
+                size: e.size,
+                max: e.max,
+            })?;
         Ok(Prepared {
             id: job.id,
-            routing_key,
+            routing_key: route.routing_key(),
             body,
-            queue: self
-                .broker
-                .names()
-                .step_queue(&pipeline.name, first, job.priority, shard),
+            queue: route.queue(self.broker.names()),
             max_queue_length: pipeline.max_queue_length,
         })
     }

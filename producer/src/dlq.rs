@@ -13,9 +13,9 @@ use serde::Serialize;
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
 use warren_broker::publish::header;
-use warren_broker::{BrokerError, Names, Outgoing, PendingConfirm, PublishError};
-use warren_common::dead_letter as headers;
-use warren_common::{decode, encode, now_ms, Envelope, JobId, Priority};
+use warren_broker::{BrokerError, Outgoing, PendingConfirm, PublishError, StepRoute};
+use warren_common::dead_letter::{self as headers, Reason};
+use warren_common::{decode, now_ms, Envelope, JobId, Priority};
 
 use crate::client::Client;
 
@@ -37,7 +37,8 @@ pub struct DeadLetter {
     pub priority: Option<Priority>,
     /// The attempt that failed.
     pub attempts: Option<u32>,
-    /// A short code: `failed`, `undecodable`, `oversized`, `unknown-pipeline`, ...
+    /// A short code: one of warren's [`Reason`]s (`failed`, `undecodable`, `oversized`, ...),
+    /// kept as text, since a dead letter set aside by another tool may say anything.
     pub reason: String,
     /// The last error (the handler's error text, or the tail of the command's stderr).
     pub error: String,
@@ -60,7 +61,7 @@ impl DeadLetter {
         let props = &delivery.properties;
         let envelope = decode(&delivery.data).ok();
         let reason = header(props, headers::REASON)
-            .or_else(|| header(props, headers::BROKER_REASON).map(|r| r.replace('_', "-")))
+            .or_else(|| header(props, headers::BROKER_REASON).map(|r| Reason::of_broker(&r)))
             .unwrap_or_else(|| "unknown".into());
         let id = props
             .message_id()
@@ -266,6 +267,7 @@ impl Client {
             ));
         }
         let tenant = warren_common::TenantId::parse(tenant.as_str()).map_err(|e| e.to_string())?;
+        let route = StepRoute::for_tenant(pipeline, step, priority, tenant.as_str());
         let attempt = match options.reset_attempts {
             true => 1,
             false => letter.attempts.unwrap_or(1).saturating_add(1),
@@ -277,22 +279,17 @@ impl Client {
             traceparent: letter.traceparent.clone(),
             ..Envelope::new_job(
                 job_id,
-                tenant.clone(),
+                tenant,
                 &pipeline.name,
                 step,
                 priority,
                 letter.input.clone().unwrap_or(Value::Null),
             )
         };
-        let body = encode(&envelope);
-        let max = config.broker.max_payload_bytes;
-        if let Some(size) = envelope.input_exceeds(body.len(), max) {
-            return Err(format!(
-                "input is {size} bytes, more than max_payload_bytes = {max}"
-            ));
-        }
-        let shard = pipeline.shard_of(tenant.as_str());
-        Ok((Names::step_key(&pipeline.name, step, priority, shard), body))
+        let body = envelope
+            .encode_within(config.broker.max_payload_bytes)
+            .map_err(|e| e.to_string())?;
+        Ok((route.routing_key(), body))
     }
 
     /// Takes every message that is in the DLQ now, once, and does with each what `decide`

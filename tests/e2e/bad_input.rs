@@ -4,12 +4,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::json;
 use warren_broker::publish::header;
-use warren_broker::{Names, PublishError};
+use warren_broker::{consume, Lane, Names, PublishError, StepRoute};
 use warren_common::{Config, JobStatus, Priority};
 use warren_producer::{Job, SubmitError};
 use warren_tests::TestNamespace;
@@ -52,12 +52,8 @@ async fn sdk_refuses_bad_jobs_before_publishing() {
     let first_queue = ns.broker().await;
     let depth = warren_broker::depth::ready_messages(
         &first_queue,
-        &first_queue.names().step_queue(
-            "chain",
-            "a",
-            Priority::Normal,
-            ns.config.pipelines[0].shard_of("ok"),
-        ),
+        &StepRoute::for_tenant(&ns.config.pipelines[0], "a", Priority::Normal, "ok")
+            .queue(first_queue.names()),
     )
     .await
     .unwrap();
@@ -107,7 +103,7 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
     let broker = ns.broker().await;
     let names = Names::new(&ns.name);
     let channel = broker.confirm_channel().await.unwrap();
-    let queue = names.step_queue("chain", "a", Priority::Normal, 0);
+    let queue = StepRoute::new("chain", "a", Priority::Normal, Lane::Shard(0)).queue(&names);
     let publish = |body: Vec<u8>| {
         let (channel, queue) = (channel.clone(), queue.clone());
         async move {
@@ -141,17 +137,7 @@ async fn garbage_on_a_step_queue_is_set_aside_and_the_worker_goes_on() {
     // Then each is in the dead-letter queue with its reason, the raw bytes kept...
     let dlq = names.dlq();
     let reader = broker.channel().await.unwrap();
-    reader
-        .basic_qos(10, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let mut consumer = reader
-        .basic_consume(
-            dlq.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let mut consumer = consume(&reader, &dlq, 10, FieldTable::default())
         .await
         .unwrap();
     let mut reasons = Vec::new();

@@ -6,6 +6,7 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
+use warren_broker::{Lane, StepRoute};
 use warren_common::{JobStatus, Priority};
 use warren_producer::{DlqFilter, Job, ReplayOptions};
 use warren_tests::{collect_results, eventually, TestNamespace};
@@ -34,7 +35,8 @@ async fn list_replay_and_purge_the_dead_letter_queue() {
     let globex = client.submit(broken("globex", 3)).await.unwrap();
     let broker = ns.broker().await;
     let channel = broker.confirm_channel().await.unwrap();
-    let garbage_queue = broker.names().step_queue("chain", "a", Priority::Normal, 0);
+    let garbage_queue =
+        StepRoute::new("chain", "a", Priority::Normal, Lane::Shard(0)).queue(broker.names());
     channel
         .basic_publish(
             "".into(),

@@ -7,6 +7,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
 use tokio::net::TcpStream;
+use warren_broker::{Lane, StepRoute};
 use warren_common::{JobStatus, Priority};
 use warren_producer::Job;
 use warren_tests::{eventually, TestNamespace};
@@ -100,7 +101,7 @@ async fn worker_metrics_count_what_happened() {
     }
     let broker = ns.broker().await;
     let channel = broker.confirm_channel().await.unwrap();
-    let queue = broker.names().step_queue("chain", "a", Priority::High, 1);
+    let queue = StepRoute::new("chain", "a", Priority::High, Lane::Shard(1)).queue(broker.names());
     channel
         .basic_publish(
             "".into(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use warren_broker::depth::ready_messages;
-use warren_broker::{Broker, Names, Outgoing, PublishError, Publisher};
+use warren_broker::{Broker, Lane, Outgoing, PublishError, Publisher, StepRoute};
 use warren_common::{encode, Envelope, JobId, JobStatus, Priority, TenantId};
 use warren_producer::{Client, Job, SubmitError};
 use warren_tests::{collect_results, eventually, TestNamespace};
@@ -121,7 +121,7 @@ async fn fill_with_jobs(client: &Client) -> Vec<JobId> {
 async fn fill_step_b(broker: &Broker) -> Vec<JobId> {
     let publisher = Publisher::new(broker).await.unwrap();
     let exchange = broker.names().tasks_exchange();
-    let key = Names::step_key("bounded", "b", Priority::Normal, 0);
+    let key = StepRoute::new("bounded", "b", Priority::Normal, Lane::Shard(0)).routing_key();
     let mut ids = Vec::new();
     for _ in 0..20 {
         let tenant = TenantId::parse("acme").unwrap();
@@ -152,9 +152,7 @@ async fn a_full_queue_pushes_back_on_producers_and_workers() {
     let client = ns.client().await;
     let broker = ns.broker().await;
     let queue = |step: &str| {
-        broker
-            .names()
-            .step_queue("bounded", step, Priority::Normal, 0)
+        StepRoute::new("bounded", step, Priority::Normal, Lane::Shard(0)).queue(broker.names())
     };
     let in_b = fill_step_b(&broker).await;
     assert!((3..=4).contains(&in_b.len()), "queue b took {}", in_b.len());

@@ -3,8 +3,9 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::bail;
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
+use warren_common::dead_letter::Reason;
 use warren_common::Config;
 use warren_producer::{Client, DeadLetter, DlqFilter, ReplayOptions};
 
@@ -47,20 +48,46 @@ enum Action {
     },
 }
 
+/// Which dead letters: those of a pipeline, a tenant, a reason (all of them when none is given).
 #[derive(Debug, Args)]
 struct ListFilter {
+    /// Only this pipeline's.
     #[arg(long)]
     pipeline: Option<String>,
+    /// Only this tenant's.
     #[arg(long)]
     tenant: Option<String>,
-    /// Only this reason (`failed`, `undecodable`, `oversized`, `unknown-pipeline`, ...).
-    #[arg(long)]
+    #[arg(long, help = reason_help())]
     reason: Option<String>,
 }
 
-/// Which dead letters a replay or purge touches: one id, or a filter, or --all.
+/// `--reason`'s help: warren's own reasons (another tool's dead letters may carry any text).
+fn reason_help() -> String {
+    let reasons: Vec<_> = Reason::ALL.iter().map(|r| format!("`{r}`")).collect();
+    format!("Only this reason ({}, ...)", reasons.join(", "))
+}
+
+impl ListFilter {
+    fn filter(self, id: Option<String>) -> DlqFilter {
+        DlqFilter {
+            id,
+            pipeline: self.pipeline,
+            tenant: self.tenant,
+            reason: self.reason,
+        }
+    }
+}
+
+/// Which dead letters a replay or purge touches: one id, or a filter, or --all. (The group is
+/// spelled out: clap's derive leaves a group empty when the struct flattens another.)
 #[derive(Debug, Args)]
-#[group(required = true, multiple = true)]
+#[group(skip)]
+#[command(group(
+    ArgGroup::new("selection")
+        .required(true)
+        .multiple(true)
+        .args(["id", "all", "pipeline", "tenant", "reason"])
+))]
 struct Selection {
     /// The dead letter's id (the job id).
     #[arg(conflicts_with = "all")]
@@ -68,22 +95,13 @@ struct Selection {
     /// Every dead letter.
     #[arg(long)]
     all: bool,
-    #[arg(long)]
-    pipeline: Option<String>,
-    #[arg(long)]
-    tenant: Option<String>,
-    #[arg(long)]
-    reason: Option<String>,
+    #[command(flatten)]
+    by: ListFilter,
 }
 
 impl Selection {
     fn filter(self) -> DlqFilter {
-        DlqFilter {
-            id: self.id,
-            pipeline: self.pipeline,
-            tenant: self.tenant,
-            reason: self.reason,
-        }
+        self.by.filter(self.id)
     }
 }
 
@@ -100,13 +118,7 @@ pub(crate) async fn run(args: DlqArgs, config: Config, json: bool) -> anyhow::Re
 async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> {
     match action {
         Action::List { by } => {
-            let filter = DlqFilter {
-                pipeline: by.pipeline,
-                tenant: by.tenant,
-                reason: by.reason,
-                ..DlqFilter::default()
-            };
-            let letters = client.dlq_list(&filter).await?;
+            let letters = client.dlq_list(&by.filter(None)).await?;
             if json {
                 letters.iter().for_each(|l| outln!("{}", to_json(l)));
             } else {
@@ -248,4 +260,40 @@ fn print_detail(l: &DeadLetter) {
 
 fn time(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::{Cli, Command};
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(["warren", "dlq"].iter().chain(args))
+    }
+
+    #[test]
+    fn a_replay_or_purge_needs_a_selection_and_a_filter_is_one() {
+        assert!(parse(&["replay"]).is_err());
+        assert!(parse(&["purge", "--yes"]).is_err());
+        assert!(parse(&["replay", "some-id", "--all"]).is_err());
+        for selection in [
+            &["replay", "some-id"][..],
+            &["replay", "--all"],
+            &["replay", "--pipeline", "p"],
+            &["purge", "--tenant", "t", "--yes"],
+            &["purge", "--reason", "oversized", "--yes"],
+        ] {
+            let cli = parse(selection).unwrap_or_else(|e| panic!("{selection:?}: {e}"));
+            assert!(matches!(cli.command, Command::Dlq(_)));
+        }
+        assert!(parse(&["list"]).is_ok());
+    }
+
+    #[test]
+    fn reason_help_lists_warren_reasons() {
+        let help = super::reason_help();
+        assert!(help.contains("`unknown-pipeline`"), "{help}");
+        assert!(help.contains("`delivery-limit`"), "{help}");
+    }
 }

@@ -6,8 +6,8 @@ use crate::output::outln;
 use anyhow::bail;
 use clap::Args;
 use serde_json::json;
-use warren_broker::depth::{add_unacked, read_depths, step_queues, QueueDepth};
-use warren_broker::{Broker, Management, Names};
+use warren_broker::depth::{add_unacked, read_depths, QueueDepth};
+use warren_broker::{Broker, Management, Names, StepRoute};
 use warren_common::Config;
 
 #[derive(Debug, Args)]
@@ -26,13 +26,13 @@ pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow
             bail!("pipeline {p:?} is not in the config");
         }
     }
-    let queues: Vec<_> = step_queues(config)
+    let routes: Vec<_> = StepRoute::all(config)
         .into_iter()
-        .filter(|q| args.pipeline.as_ref().is_none_or(|p| p == &q.pipeline))
+        .filter(|r| args.pipeline.as_ref().is_none_or(|p| p == &r.pipeline))
         .collect();
     let management = Management::from_config(&config.broker)?;
     let broker = Broker::connect(&config.broker).await?;
-    let depths = read_depths(&broker, &queues).await;
+    let depths = read_depths(&broker, &routes).await;
     broker.close().await;
     let mut depths = depths?;
     if let Some(management) = &management {
@@ -60,11 +60,11 @@ pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow
 
 fn queue_json(d: &QueueDepth) -> serde_json::Value {
     json!({
-        "queue": d.queue.name,
-        "pipeline": d.queue.pipeline,
-        "step": d.queue.step,
-        "priority": d.queue.priority.as_str(),
-        "shard": d.queue.shard,
+        "queue": d.queue,
+        "pipeline": d.route.pipeline,
+        "step": d.route.step,
+        "priority": d.route.priority.as_str(),
+        "shard": d.route.lane.shard(),
         "exists": d.ready.is_some(),
         "ready": d.ready,
         "unacked": d.unacked,
@@ -95,7 +95,7 @@ fn table(depths: &[QueueDepth], all: bool) -> String {
     {
         out += &format!(
             "{:<48} {:>8} {:>8} {:>9}\n",
-            d.queue.name,
+            d.queue,
             show(d.ready),
             unacked(d.unacked),
             show(d.consumers)
@@ -106,7 +106,7 @@ fn table(depths: &[QueueDepth], all: bool) -> String {
     // all of them (0 means some queue has nobody serving it).
     let mut totals: Vec<StepTotal> = Vec::new();
     for d in depths {
-        let q = &d.queue;
+        let q = &d.route;
         let consumers = d.consumers.unwrap_or(0);
         match totals.last_mut() {
             Some(t) if t.pipeline == q.pipeline && t.step == q.step => {
@@ -150,18 +150,18 @@ fn table(depths: &[QueueDepth], all: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren_broker::depth::StepQueue;
+    use warren_broker::Lane;
     use warren_common::Priority;
 
     fn depth(step: &str, priority: Priority, shard: u16, ready: Option<u32>) -> QueueDepth {
         QueueDepth {
-            queue: StepQueue {
-                name: format!("ns.q.p.{step}.{priority}.{shard}"),
+            route: StepRoute {
                 pipeline: "p".into(),
                 step: step.into(),
                 priority,
-                shard,
+                lane: Lane::Shard(shard),
             },
+            queue: format!("ns.q.p.{step}.{priority}.{shard}"),
             ready,
             consumers: ready.map(|_| 2),
             unacked: None,

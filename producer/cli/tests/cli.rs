@@ -499,7 +499,6 @@ fn management_url() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn queues_reports_unacked_messages_from_the_management_api() {
-    use warren_broker::lapin::options::{BasicConsumeOptions, BasicQosOptions};
     use warren_broker::lapin::types::FieldTable;
 
     // Given 3 jobs of one tenant, held unacked by a consumer that never acks
@@ -513,28 +512,18 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
     );
     assert!(out.status.success(), "{out:?}");
     let config = ns.load_config();
-    let shard = config.pipelines[0].shard_of("acme");
-    let queue = warren_broker::Names::new(&config.broker.namespace).step_queue(
-        "greet",
+    let queue = warren_broker::StepRoute::for_tenant(
+        &config.pipelines[0],
         "hello",
         warren_common::Priority::Normal,
-        shard,
-    );
+        "acme",
+    )
+    .queue(&warren_broker::Names::new(&config.broker.namespace));
     let broker = warren_broker::Broker::connect(&config.broker)
         .await
         .unwrap();
     let channel = broker.channel().await.unwrap();
-    channel
-        .basic_qos(10, BasicQosOptions::default())
-        .await
-        .unwrap();
-    let _holder = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "holder".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    let _holder = warren_broker::consume(&channel, &queue, 10, FieldTable::default())
         .await
         .unwrap();
 

@@ -95,13 +95,13 @@ impl SupervisorMetrics {
     /// One read of the queues' depths: what it knows of each queue.
     pub(crate) fn depths_read(&self, depths: &[QueueDepth]) {
         for d in depths {
-            let q = &d.queue;
-            let shard = q.shard.to_string();
+            let q = &d.route;
+            let lane = q.lane.to_string();
             let labels = [
                 q.pipeline.as_str(),
                 q.step.as_str(),
                 q.priority.as_str(),
-                &shard,
+                &lane,
             ];
             if let Some(ready) = d.ready {
                 self.queue_messages
@@ -123,7 +123,7 @@ pub(super) mod tests {
     use std::collections::HashMap;
     use std::path::Path;
 
-    use warren_broker::depth::step_queues;
+    use warren_broker::{Names, StepRoute};
     use warren_common::Config;
 
     use super::*;
@@ -133,9 +133,10 @@ pub(super) mod tests {
         let toml = "[broker]\nnamespace = \"ns\"\n[[pipelines]]\nname = \"p\"\nshards = 1\n\
                     [[pipelines.steps]]\nname = \"s\"\nhandler = \"h\"\n";
         let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
-        let queue = step_queues(&config).remove(0);
+        let route = StepRoute::all(&config).remove(0);
         m.depths_read(&[QueueDepth {
-            queue,
+            queue: route.queue(&Names::new("ns")),
+            route,
             ready: Some(3),
             consumers: Some(1),
             unacked: Some(1),

@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use tracing::{info, warn};
-use warren_broker::depth::{add_unacked, read_depths, QueueDepth, StepQueue};
-use warren_broker::{Broker, Management, Names};
+use warren_broker::depth::{add_unacked, read_depths, QueueDepth};
+use warren_broker::{Broker, Management, Names, StepRoute};
 use warren_common::Config;
 
 #[derive(Debug)]
 pub(crate) struct Depths {
-    queues: Vec<StepQueue>,
+    queues: Vec<StepRoute>,
     /// Connected at the first read, and again after a lost connection.
     broker: Option<Broker>,
     broker_down_logged: bool,
@@ -22,7 +22,7 @@ pub(crate) struct Depths {
 }
 
 impl Depths {
-    pub(crate) fn new(queues: Vec<StepQueue>, management: Option<Management>) -> Self {
+    pub(crate) fn new(queues: Vec<StepRoute>, management: Option<Management>) -> Self {
         Self {
             queues,
             broker: None,

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use warren_broker::depth::{step_queues, StepQueue};
-use warren_broker::Management;
+use warren_broker::{Management, StepRoute};
 use warren_common::Config;
 
 use self::depths::Depths;
@@ -42,7 +41,7 @@ pub(crate) async fn run(
     serve_metrics(options.metrics_addr, metrics.exposition()).await?;
     let management =
         Management::from_config(&config.broker).map_err(SupervisorError::Management)?;
-    let queues: Vec<StepQueue> = step_queues(&config)
+    let queues: Vec<StepRoute> = StepRoute::all(&config)
         .into_iter()
         .filter(|q| specs.iter().any(|s| serves(s, q)))
         .collect();
@@ -85,7 +84,7 @@ pub(crate) async fn run(
     Ok(())
 }
 
-fn serves(spec: &PoolSpec, q: &StepQueue) -> bool {
+fn serves(spec: &PoolSpec, q: &StepRoute) -> bool {
     q.pipeline == spec.pipeline && spec.step.as_ref().is_none_or(|s| s == &q.step)
 }
 

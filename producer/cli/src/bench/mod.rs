@@ -20,7 +20,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tokio::runtime::{Handle, Runtime};
-use warren_broker::{Broker, Names, Topology};
+use warren_broker::{Broker, Lane, StepRoute, Topology};
 use warren_common::env::{Env, ProcessEnv, ENV_WARREN_LOG};
 use warren_common::telemetry::{self, LogFormat};
 use warren_common::{Config, Priority};
@@ -350,19 +350,16 @@ pub(super) struct Bench {
 impl Bench {
     /// The warren step queue a tenant's message for `pipeline`/`step` goes to.
     fn queue(&self, pipeline: &str, step: &str, priority: Priority, tenant: &str) -> String {
-        let shard = self
-            .config
-            .pipeline(pipeline)
-            .expect("bench pipeline")
-            .shard_of(tenant);
-        Names::new(&self.config.broker.namespace).step_queue(pipeline, step, priority, shard)
+        let pipeline = self.config.pipeline(pipeline).expect("bench pipeline");
+        StepRoute::for_tenant(pipeline, step, priority, tenant).queue(self.client.broker().names())
     }
 
-    fn shard(&self, tenant: &str) -> u16 {
-        self.config
-            .pipeline("work")
-            .expect("bench pipeline")
-            .shard_of(tenant)
+    /// The lane a tenant's jobs take in the `work` pipeline.
+    fn lane(&self, tenant: &str) -> Lane {
+        Lane::for_tenant(
+            self.config.pipeline("work").expect("bench pipeline"),
+            tenant,
+        )
     }
 
     /// Waits `--settle` before a timed throughput phase. After a burst, RabbitMQ keeps working

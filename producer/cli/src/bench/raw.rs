@@ -2,22 +2,23 @@
 //! (persistent messages, publisher confirms with the same window, manual acks after the
 //! successor's confirm), on queues declared exactly like warren's step queues (through the same
 //! `Topology` plan, in a namespace of its own). Nothing of warren is on its message path: no
-//! envelope, no codec, no dispatcher, no `Publisher`; only lapin calls. It runs on a tokio
-//! runtime of its own, sized like the one the warren workers get.
+//! envelope, no codec, no dispatcher, no `Publisher`; only lapin calls (warren's names and its
+//! `consume` set-up, a qos and a `basic.consume`, only say where). It runs on a tokio runtime of
+//! its own, sized like the one the warren workers get.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use futures::StreamExt;
 use indicatif::ProgressBar;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
-use warren_broker::{Broker, Names};
-use warren_common::{now_ms, Config, Priority};
+use warren_broker::{consume, Broker, Names, StepRoute};
+use warren_common::{now_ms, Config, JobStatus, Priority};
 
 /// Confirms in flight per batch: the same as `Client::submit_many`'s window.
 pub(super) const CONFIRM_WINDOW: usize = 1000;
@@ -91,15 +92,41 @@ impl Raw {
         priority: Priority,
         tenant: &str,
     ) -> (String, String) {
-        let shard = self
+        let pipeline = self.config.pipeline(pipeline).expect("bench pipeline");
+        let route = StepRoute::for_tenant(pipeline, step, priority, tenant);
+        (route.queue(self.names()), route.routing_key())
+    }
+
+    /// A relay through every step of `pipeline` for `tenant`'s normal-priority messages, as a
+    /// worker carries its jobs: each hop consumes a step's queue and publishes on to the next
+    /// step, the last one to the events exchange, under the job's result key. Also returns the
+    /// routing key of the first step, where the messages start.
+    pub(super) fn relay(&self, pipeline: &str, tenant: &str) -> (String, Vec<Hop>) {
+        let steps = &self
             .config
             .pipeline(pipeline)
             .expect("bench pipeline")
-            .shard_of(tenant);
-        (
-            self.names().step_queue(pipeline, step, priority, shard),
-            Names::step_key(pipeline, step, priority, shard),
-        )
+            .steps;
+        let routes: Vec<_> = steps
+            .iter()
+            .map(|s| self.route(pipeline, &s.name, Priority::Normal, tenant))
+            .collect();
+        let result = (
+            self.events_exchange(),
+            Names::result_key(JobStatus::Succeeded, pipeline, tenant),
+        );
+        let hops = routes
+            .iter()
+            .enumerate()
+            .map(|(i, (queue, _))| Hop {
+                queue: queue.clone(),
+                next: Some(match routes.get(i + 1) {
+                    Some((_, key)) => (self.tasks_exchange(), key.clone()),
+                    None => result.clone(),
+                }),
+            })
+            .collect();
+        (routes[0].1.clone(), hops)
     }
 
     pub(super) fn tasks_exchange(&self) -> String {
@@ -166,23 +193,12 @@ impl Raw {
                     // Attached before the clock starts, as warren's reader is; only results
                     // written from now on ("next").
                     let channel = broker.channel().await?;
-                    channel
-                        .basic_qos(RESULTS_PREFETCH, BasicQosOptions::default())
-                        .await?;
                     let mut args = FieldTable::default();
                     args.insert(
                         "x-stream-offset".into(),
                         AMQPValue::LongString("next".into()),
                     );
-                    let mut results = channel
-                        .basic_consume(
-                            stream.as_str().into(),
-                            "".into(),
-                            BasicConsumeOptions::default(),
-                            args,
-                        )
-                        .await
-                        .with_context(|| format!("read {stream}"))?;
+                    let mut results = consume(&channel, &stream, RESULTS_PREFETCH, args).await?;
                     let done = done_tx.clone();
                     tokio::spawn(async move {
                         let mut unacked = 0;
@@ -206,18 +222,8 @@ impl Raw {
                 let last = hops.len() - 1;
                 for (i, hop) in hops.into_iter().enumerate() {
                     let channel = broker.channel().await?;
-                    channel
-                        .basic_qos(prefetch, BasicQosOptions::default())
-                        .await?;
-                    let mut consumer = channel
-                        .basic_consume(
-                            hop.queue.as_str().into(),
-                            "".into(),
-                            BasicConsumeOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await
-                        .with_context(|| format!("consume {}", hop.queue))?;
+                    let mut consumer =
+                        consume(&channel, &hop.queue, prefetch, FieldTable::default()).await?;
                     // Every hop reports failures; the last one also its acks, when they count.
                     let done = done_tx.clone();
                     let count_acks = i == last && count == Done::Acked;
@@ -304,17 +310,8 @@ impl Raw {
         self.handle
             .spawn(async move {
                 let channel = broker.channel().await?;
-                channel
-                    .basic_qos(prefetch, BasicQosOptions::default())
-                    .await?;
-                let mut consumer = channel
-                    .basic_consume(
-                        queue.as_str().into(),
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
+                let mut consumer =
+                    consume(&channel, &queue, prefetch, FieldTable::default()).await?;
                 let (tx, mut rx) = mpsc::unbounded_channel();
                 tokio::spawn(async move {
                     while let Some(Ok(delivery)) = consumer.next().await {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::json;
+use warren_broker::Lane;
 use warren_common::{JobId, Priority};
 use warren_producer::Job;
 
@@ -116,7 +117,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
 
     let only_ack = vec![Hop {
-        queue: raw_queue.clone(),
+        queue: raw_queue,
         next: None,
     }];
     b.settle().await;
@@ -137,22 +138,8 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let warren_drain = span(start, &done);
     b.stop_worker().await?;
 
-    // The relay needs the backlog again; this publish is not timed.
-    b.raw.publish(&raw_key, n).await?;
-    let relay = vec![Hop {
-        queue: raw_queue,
-        next: Some((
-            b.raw.events_exchange(),
-            format!("result.succeeded.{pipeline}.{tenant}"),
-        )),
-    }];
-    b.settle().await;
-    let bar = b.bar(n, "S1 raw relay");
-    let raw_relay = b
-        .raw
-        .drain(relay, n, b.prefetch(), Done::ResultRead, bar.clone())
-        .await?;
-    bar.finish();
+    // The relay needs the backlog again.
+    let raw_relay = raw_relay(b, pipeline, tenant, n, "S1 raw relay").await?;
 
     let drain = rate(n, warren_drain);
     rows.push(Row::new(
@@ -186,34 +173,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let n = b.args.chain_jobs;
     let (pipeline, tenant) = ("chain", "chain");
-    let route = |step| b.raw.route(pipeline, step, Priority::Normal, tenant);
-    let ((qa, ka), (qb, kb), (qc, kc)) = (route("a"), route("b"), route("c"));
-    b.raw.publish(&ka, n).await?;
-    let tasks = b.raw.tasks_exchange();
-    let hops = vec![
-        Hop {
-            queue: qa,
-            next: Some((tasks.clone(), kb)),
-        },
-        Hop {
-            queue: qb,
-            next: Some((tasks, kc)),
-        },
-        Hop {
-            queue: qc,
-            next: Some((
-                b.raw.events_exchange(),
-                format!("result.succeeded.{pipeline}.{tenant}"),
-            )),
-        },
-    ];
-    b.settle().await;
-    let bar = b.bar(n, "S2 raw 3-hop relay");
-    let raw = b
-        .raw
-        .drain(hops, n, b.prefetch(), Done::ResultRead, bar.clone())
-        .await?;
-    bar.finish();
+    let raw = raw_relay(b, pipeline, tenant, n, "S2 raw 3-hop relay").await?;
 
     let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
     let mut watcher = Watcher::start(&b.client).await?;
@@ -237,11 +197,34 @@ async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A tenant whose jobs land on shard `shard` of the bench pipelines (`same`) or on another one.
-fn tenant_near(b: &Bench, prefix: &str, shard: u16, same: bool) -> String {
+/// Times a raw relay of `n` messages through the steps of `pipeline` ([`Raw::relay`]), done
+/// when their results are read. The messages are published to the first step before, untimed.
+///
+/// [`Raw::relay`]: super::raw::Raw::relay
+async fn raw_relay(
+    b: &Bench,
+    pipeline: &str,
+    tenant: &str,
+    n: usize,
+    label: &str,
+) -> anyhow::Result<Duration> {
+    let (first, hops) = b.raw.relay(pipeline, tenant);
+    b.raw.publish(&first, n).await?;
+    b.settle().await;
+    let bar = b.bar(n, label);
+    let took = b
+        .raw
+        .drain(hops, n, b.prefetch(), Done::ResultRead, bar.clone())
+        .await?;
+    bar.finish();
+    Ok(took)
+}
+
+/// A tenant whose jobs take `lane` of the `work` pipeline (`same`) or another one.
+fn tenant_near(b: &Bench, prefix: &str, lane: Lane, same: bool) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|t| (b.shard(t) == shard) == same)
+        .find(|t| (b.lane(t) == lane) == same)
         .expect("some tenant hashes there")
 }
 
@@ -256,7 +239,7 @@ async fn noisy_neighbour(b: &Bench, rows: &mut Vec<Row>, priority: bool) -> anyh
     let small = tenant_near(
         b,
         if priority { "urgent" } else { "small" },
-        b.shard(noisy),
+        b.lane(noisy),
         priority,
     );
     let (flood_priority, small_priority) = if priority {

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use indicatif::ProgressBar;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use warren_broker::depth::Probe;
 use warren_broker::Broker;
 use warren_common::{now_ms, Config, JobId, JobStatus};
 use warren_producer::Client;
@@ -72,22 +71,23 @@ pub(super) async fn consuming(
     queue: &str,
     patience: Duration,
 ) -> anyhow::Result<Instant> {
+    let mut probe = Probe::new(broker);
+    let consumed = consumed(&mut probe, queue, patience).await;
+    probe.close().await;
+    consumed
+}
+
+async fn consumed(
+    probe: &mut Probe<'_>,
+    queue: &str,
+    patience: Duration,
+) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + patience;
-    let channel = broker.channel().await?;
     loop {
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("look at {queue}"))?;
-        if q.consumer_count() > 0 {
-            let _ = channel.close(200, "done".into()).await;
+        let Some(counts) = probe.read(queue).await? else {
+            bail!("{queue} does not exist");
+        };
+        if counts.consumers > 0 {
             return Ok(Instant::now());
         }
         if Instant::now() > deadline {
