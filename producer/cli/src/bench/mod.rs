@@ -251,6 +251,7 @@ async fn run(
         config_path,
         config,
         client,
+        admin: admin.clone(),
         workers,
         raw,
         running: Mutex::new(None),
@@ -340,6 +341,8 @@ pub(super) struct Bench {
     /// The bench config in warren's namespace.
     config: Config,
     client: Client,
+    /// A connection of the bench's own, for what the SDK does not offer (queue consumers).
+    admin: Broker,
     /// The runtime the in-process workers run on.
     workers: Handle,
     raw: Raw,
@@ -381,7 +384,7 @@ impl Bench {
         if let Some(old) = old {
             old.stop(Duration::from_secs(10)).await?;
         }
-        warren_side::consuming(self.client.broker(), queue, Duration::from_secs(60)).await
+        warren_side::consuming(&self.admin, queue, Duration::from_secs(60)).await
     }
 
     async fn stop_worker(&self) -> anyhow::Result<()> {
