@@ -103,12 +103,10 @@ impl Waiting {
                     Ok(next) => next,
                     Err(_) => {
                         let now = Instant::now();
-                        if let Some((deadline, timeout)) = self.deadline {
-                            // (With no job pending, the loop ends at `is_done`.)
-                            if let Some(job_id) = self.pending().next().filter(|_| now >= deadline)
-                            {
-                                return Err(WaitError::Timeout { job_id, timeout });
-                            }
+                        let past = self.deadline.filter(|(deadline, _)| now >= *deadline);
+                        // (With no job pending, the loop ends at `is_done`.)
+                        if let (Some((_, timeout)), Some(job_id)) = (past, self.pending().next()) {
+                            return Err(WaitError::Timeout { job_id, timeout });
                         }
                         self.catch_up.tick(now);
                         continue;
