@@ -11,9 +11,9 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use warren_common::env::ProcessEnv;
-use warren_common::{Config, JobId, JobStatus, Priority, ResultEvent};
-use warren_producer::{Client, Job};
+use warren_producer::{
+    Client, Config, Job, JobId, JobStatus, Priority, ProcessEnv, ResultEvent, Since, WaitError,
+};
 
 #[derive(Debug, Parser)]
 #[command(about = "Submit the demo workload and report what happened.")]
@@ -93,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         args.per_tenant,
         SMALL_TENANTS.len()
     );
+    // Opened before the submit: every result of these jobs comes after it.
+    let stream = client.results(Since::Now).await?;
     client
         .submit_many(jobs)
         .await
@@ -107,24 +109,27 @@ async fn main() -> anyhow::Result<()> {
         "{bar:40} {pos}/{len} jobs  {elapsed}  {msg}",
     )?);
     let mut results: BTreeMap<JobId, ResultEvent> = BTreeMap::new();
-    let mut stream = client.results(since.saturating_sub(1_000)).await?;
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    while results.len() < total {
-        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
-            bar.abandon_with_message("timed out");
-            break;
-        };
-        let Some(event) = next? else { break };
-        if tenants_of.contains_key(&event.job_id) && !results.contains_key(&event.job_id) {
-            results.insert(event.job_id, event);
-            let failed = results
-                .values()
-                .filter(|e| e.status == JobStatus::Failed)
-                .count();
-            bar.set_message(format!("{failed} failed"));
-            bar.inc(1);
+    let mut waiting = stream.wait_for(tenants_of.keys().copied(), args.timeout);
+    loop {
+        match waiting.next().await {
+            Ok(Some(event)) => {
+                results.insert(event.job_id, event);
+                let failed = results
+                    .values()
+                    .filter(|e| e.status == JobStatus::Failed)
+                    .count();
+                bar.set_message(format!("{failed} failed"));
+                bar.inc(1);
+            }
+            Ok(None) | Err(WaitError::StreamClosed) => break,
+            Err(WaitError::Timeout { .. }) => {
+                bar.abandon_with_message("timed out");
+                break;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
+    waiting.close().await;
     bar.finish();
     print_summary(&results, &tenants_of, since);
     Ok(())

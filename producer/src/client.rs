@@ -5,32 +5,18 @@ use std::time::Duration;
 
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
-use warren_broker::{Broker, Outgoing, PublishError, Publisher, StepRoute};
+use warren_broker::{Broker, BrokerError, Outgoing, PublishError, Publisher, StepRoute};
 use warren_common::backoff::Backoff;
+use warren_common::env::ProcessEnv;
 use warren_common::trace::TraceParent;
-use warren_common::{now_ms, Config, Envelope, JobId, JobStatus, Priority, ResultEvent, TenantId};
+use warren_common::{Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 
-use crate::error::{SubmitError, WaitError};
-use crate::results::{ResultStream, Start};
+use crate::error::{ConnectError, SubmitError, WaitError};
+use crate::results::{ResultStream, Since, Waiting};
 
 /// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
 /// enough to keep the broker busy, small enough that a failure leaves a short list to redo.
 const CONFIRM_WINDOW: usize = 1000;
-
-/// After a failed result is found, how long the stream may stay quiet before the read counts as
-/// caught up (a replay's later result would already have been delivered), and the most time
-/// the catch-up takes on a stream too busy to go quiet.
-const CATCH_UP_IDLE: Duration = Duration::from_millis(250);
-const CATCH_UP_MAX: Duration = Duration::from_secs(2);
-
-/// How far before a job's id-time a wait starts reading results, for clock skew between
-/// machines.
-const CLOCK_SKEW_MS: u64 = 10_000;
-
-/// Where reading the results stream for job `id` starts (ms since the epoch).
-fn job_reading_start(id: JobId) -> u64 {
-    id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS)
-}
 
 /// One job to submit.
 #[derive(Debug, Clone)]
@@ -89,7 +75,7 @@ struct Prepared {
 }
 
 impl Client {
-    pub async fn connect(config: Config) -> Result<Self, warren_broker::BrokerError> {
+    pub async fn connect(config: Config) -> Result<Self, BrokerError> {
         let broker = Broker::connect(&config.broker).await?;
         let publisher = Publisher::new(&broker).await?;
         Ok(Self {
@@ -100,11 +86,18 @@ impl Client {
         })
     }
 
+    /// Loads the config the usual way (`$WARREN_CONFIG`, else `./warren.toml`; then the
+    /// `WARREN_*` environment overrides) and connects.
+    pub async fn from_env() -> Result<Self, ConnectError> {
+        let config = Config::load(None, &ProcessEnv)?;
+        Ok(Self::connect(config).await?)
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    pub fn broker(&self) -> &Broker {
+    pub(crate) fn broker(&self) -> &Broker {
         &self.broker
     }
 
@@ -161,104 +154,56 @@ impl Client {
         Ok(prepared.into_iter().map(|p| p.id).collect())
     }
 
-    /// Waits up to `timeout` for the job's result event (success or failure). Works for jobs
-    /// that finished before the call, too: results are read from the results stream. A job
-    /// that failed and was then replayed from the dead-letter queue has a later event; the
-    /// newest one in the stream wins. A lost connection is reopened with backoff, and reading
-    /// starts again from the job's time. Reading from the job's time means reading every
-    /// result since then; for jobs you are about to submit, [`Client::results_from_now`]
-    /// opened before the submit reads only what comes after.
+    /// Waits up to `timeout` for the job's result (success or failure). Works for jobs that
+    /// finished before the call, too: results are read from the results stream, from the
+    /// job's time on. A job that failed and was then replayed from the dead-letter queue has a
+    /// later result; the newest one wins (see [`Waiting`]). A lost connection is reopened with
+    /// backoff, and reading starts again from the job's time.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<ResultEvent, WaitError> {
-        let since = job_reading_start(id);
         let deadline = tokio::time::Instant::now() + timeout;
         let timed_out = || WaitError::Timeout {
-            job_id: id.to_string(),
+            job_id: id,
             timeout,
         };
         let mut backoff = Backoff::reconnect();
         loop {
-            match tokio::time::timeout_at(deadline, self.find_result(id, since, deadline)).await {
-                Err(_) => return Err(timed_out()),
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt = async {
+                let mut waiting = self.wait_all(&[id], left).await?;
+                let result = waiting.next().await;
+                waiting.close().await;
+                result
+            };
+            match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(Some(event))) => return Ok(event),
+                Err(_) | Ok(Ok(None)) | Ok(Err(WaitError::Timeout { .. })) => {
+                    return Err(timed_out())
+                }
                 Ok(Err(WaitError::Broker(e))) if !e.is_connection_lost() => {
                     return Err(WaitError::Broker(e))
                 }
-                Ok(Err(e @ WaitError::Timeout { .. })) => return Err(e),
                 // The stream ended or the connection went away: read again.
-                Ok(Ok(None)) | Ok(Err(WaitError::Broker(_))) => {
-                    tokio::time::sleep(backoff.next_delay()).await
-                }
+                Ok(Err(_)) => tokio::time::sleep(backoff.next_delay()).await,
             }
         }
     }
 
-    /// Reads the results stream from `since_ms` until the job's result. A success is final;
-    /// after a failure the read goes on until it has caught up with the stream (an event
-    /// newer than the moment the failure was found, [`CATCH_UP_IDLE`] without any event, or
-    /// [`CATCH_UP_MAX`]), and a later event for the job replaces it.
-    async fn find_result(
-        &self,
-        id: JobId,
-        since_ms: u64,
-        deadline: tokio::time::Instant,
-    ) -> Result<Option<ResultEvent>, WaitError> {
-        let mut stream = self.results(since_ms).await?;
-        let mut found: Option<(ResultEvent, u64, tokio::time::Instant)> = None;
-        let outcome = loop {
-            let next = match &found {
-                None => stream.next().await,
-                Some((_, _, give_up)) => {
-                    let idle = (tokio::time::Instant::now() + CATCH_UP_IDLE).min(*give_up);
-                    match tokio::time::timeout_at(idle, stream.next()).await {
-                        Ok(next) => next,
-                        Err(_) => break Ok(found.take().map(|f| f.0)),
-                    }
-                }
-            };
-            let event = match next {
-                Ok(Some(event)) => event,
-                // A closed stream or a lost connection after a failure was found: report it.
-                Ok(None) | Err(_) if found.is_some() => break Ok(found.take().map(|f| f.0)),
-                Ok(None) => break Ok(None),
-                Err(e) => break Err(e.into()),
-            };
-            if event.job_id == id {
-                if event.status == JobStatus::Succeeded {
-                    break Ok(Some(event));
-                }
-                let found_at = now_ms();
-                // Leave room before the caller's deadline to report the failure.
-                let give_up = (tokio::time::Instant::now() + CATCH_UP_MAX)
-                    .min(deadline - Duration::from_millis(50));
-                found = Some((event, found_at, give_up));
-            } else if let Some((_, found_at, _)) = &found {
-                if event.finished_at > *found_at {
-                    break Ok(found.take().map(|f| f.0));
-                }
-            }
-        };
-        stream.close().await;
-        outcome
+    /// Waits up to `timeout` for the results of `ids`, read from the earliest job's time on:
+    /// each as soon as it is final, in that order (see [`Waiting`]). For jobs you are about to
+    /// submit, [`Client::results`] from [`Since::Now`], opened before the submit, then
+    /// [`ResultStream::wait_for`], reads only what comes after.
+    pub async fn wait_all(&self, ids: &[JobId], timeout: Duration) -> Result<Waiting, BrokerError> {
+        let earliest = ids.iter().min_by_key(|id| id.timestamp_ms());
+        let since = earliest.map_or(Since::Now, |id| Since::Job(*id));
+        Ok(self
+            .results(since)
+            .await?
+            .wait_for(ids.iter().copied(), timeout))
     }
 
-    /// Every result event published since `since_ms` (ms since the epoch; results a little
-    /// older may come too), then new ones as they arrive.
-    pub async fn results(&self, since_ms: u64) -> Result<ResultStream, WaitError> {
-        Ok(ResultStream::open(&self.broker, Start::At(since_ms)).await?)
-    }
-
-    /// Every result event from a little before `id` was submitted (its id's time, less a
-    /// margin for clock skew between machines), then new ones: where [`Client::wait`] reads.
-    pub async fn results_since_job(&self, id: JobId) -> Result<ResultStream, WaitError> {
-        self.results(job_reading_start(id)).await
-    }
-
-    /// Result events published from now on. Open it before submitting the jobs you will wait
-    /// for: their results cannot come before it, and the reader does not first read through
-    /// every result of the last seconds, which under another tenant's flood is tens of
-    /// thousands of events. (`wait` works after the fact, so it starts earlier.)
-    pub async fn results_from_now(&self) -> Result<ResultStream, WaitError> {
-        Ok(ResultStream::open(&self.broker, Start::Next).await?)
+    /// Every result event from `since` on, then new ones as they arrive.
+    pub async fn results(&self, since: Since) -> Result<ResultStream, BrokerError> {
+        ResultStream::open(&self.broker, since).await
     }
 
     /// Closes the connection cleanly. Dropping a client without it is safe too.

@@ -1,17 +1,20 @@
 //! The warren producer SDK: submit jobs (one, or many with pipelined confirms) and wait for
-//! their results; list, replay and purge the dead-letter queue.
+//! their results; list, replay and purge the dead-letter queue. Everything a producer needs is
+//! re-exported here, so this is the only warren crate it depends on.
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use warren_producer::{Client, Job};
-//! # async fn demo() -> anyhow::Result<()> {
-//! let config = warren_common::Config::load(None, &warren_common::env::ProcessEnv)?;
-//! let client = Client::connect(config).await?;
+//! use warren_producer::{Client, Job, JobStatus};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // $WARREN_CONFIG or ./warren.toml, with the WARREN_* overrides.
+//! let client = Client::from_env().await?;
 //! let id = client
 //!     .submit(Job::new("thumbnails", "acme", serde_json::json!({"url": "https://x/y.png"})))
 //!     .await?;
 //! let result = client.wait(id, Duration::from_secs(30)).await?;
-//! println!("{:?} {}", result.status, result.output);
+//! if result.status == JobStatus::Succeeded {
+//!     println!("{}", result.output);
+//! }
 //! # Ok(()) }
 //! ```
 
@@ -22,5 +25,9 @@ mod results;
 
 pub use client::{Client, Job};
 pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};
-pub use error::{SubmitError, WaitError};
-pub use results::ResultStream;
+pub use error::{ConnectError, SubmitError, WaitError};
+pub use results::{ResultStream, Since, Waiting};
+pub use warren_broker::{BrokerError, PublishError};
+pub use warren_common::env::{Env, ProcessEnv};
+pub use warren_common::trace::TraceParent;
+pub use warren_common::{Config, ConfigError, JobId, JobStatus, Priority, ResultEvent, TenantId};

@@ -1,14 +1,26 @@
 //! Reading job results from the namespace's results stream. A stream keeps every event for
 //! days, so a reader can start from any time, including before it subscribed: no race between
 //! "submit" and "wait". A reader that opens before it submits can start at the stream's end
-//! instead ([`Start::Next`]), and so skips the results other tenants' jobs wrote before.
+//! instead ([`Since::Now`]), and so skips the results other tenants' jobs wrote before.
+//!
+//! [`ResultStream`] gives every event as it was written; [`Waiting`] (built on one) gives each
+//! job's result once it is final, with the catch-up after a failure that every wait needs.
 
-use futures::StreamExt;
+mod catch_up;
+mod waiting;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use warren_broker::{Broker, BrokerError};
-use warren_common::{decode_result, ResultEvent};
+use warren_common::{decode_result, JobId, ResultEvent};
+
+pub use waiting::Waiting;
 
 /// Credit for the stream consumer; streams require a prefetch.
 const PREFETCH: u16 = 500;
@@ -18,20 +30,47 @@ const PREFETCH: u16 = 500;
 /// largest cost. Well below [`PREFETCH`], so credit never runs out.
 const ACK_EVERY: u32 = 100;
 
-/// Where a [`ResultStream`] begins.
+/// How far before a job's id-time [`Since::Job`] starts reading, for clock skew between
+/// machines.
+const CLOCK_SKEW_MS: u64 = 10_000;
+
+/// Where reading the results stream begins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Start {
-    /// At the chunk holding this time (ms since the epoch), so a little earlier.
-    At(u64),
-    /// After the last event written before the subscription: only events published later.
-    Next,
+#[non_exhaustive]
+pub enum Since {
+    /// At the stream's end: only results published after the reader opened. Open it before
+    /// submitting the jobs you will wait for: their results cannot come before it, and the
+    /// reader does not first read through every result of the last seconds, which under
+    /// another tenant's flood is tens of thousands of events.
+    Now,
+    /// At the chunk holding this time (ms since the epoch), so results a little older come too.
+    Time(u64),
+    /// From a little before the job was submitted (its id's time, less a margin for clock skew
+    /// between machines): where a wait for a job that may have finished already reads.
+    Job(JobId),
 }
 
-/// Result events in publish order, from a start on.
+impl Since {
+    /// The `x-stream-offset` of a consumer that starts here.
+    fn offset(self) -> AMQPValue {
+        match self {
+            Since::Now => AMQPValue::LongString("next".into()),
+            Since::Time(ms) => AMQPValue::Timestamp(ms / 1000),
+            Since::Job(id) => {
+                let ms = id.timestamp_ms().unwrap_or(0).saturating_sub(CLOCK_SKEW_MS);
+                AMQPValue::Timestamp(ms / 1000)
+            }
+        }
+    }
+}
+
+/// Result events in publish order, from a start on: a [`Stream`] of every event as written
+/// (a job replayed from the dead-letter queue has two, and at-least-once delivery can repeat
+/// one). Ends when the broker closes it. Undecodable entries (written by something else) are
+/// skipped. To wait for jobs, turn it into a [`Waiting`] ([`ResultStream::wait_for`]).
 pub struct ResultStream {
     channel: Channel,
-    consumer: Consumer,
-    unacked: u32,
+    events: BoxStream<'static, Result<ResultEvent, BrokerError>>,
 }
 
 impl std::fmt::Debug for ResultStream {
@@ -41,63 +80,83 @@ impl std::fmt::Debug for ResultStream {
 }
 
 impl ResultStream {
-    pub(crate) async fn open(broker: &Broker, start: Start) -> Result<Self, BrokerError> {
+    pub(crate) async fn open(broker: &Broker, since: Since) -> Result<Self, BrokerError> {
         let channel = broker.channel().await?;
         channel
             .basic_qos(PREFETCH, BasicQosOptions::default())
             .await
-            .map_err(|cause| BrokerError::Amqp {
-                action: "set results prefetch".into(),
-                cause,
-            })?;
+            .map_err(BrokerError::amqp("set results prefetch"))?;
         let mut args = FieldTable::default();
-        let offset = match start {
-            Start::At(ms) => AMQPValue::Timestamp(ms / 1000),
-            Start::Next => AMQPValue::LongString("next".into()),
-        };
-        args.insert("x-stream-offset".into(), offset);
+        args.insert("x-stream-offset".into(), since.offset());
+        let stream = broker.names().results_stream();
         let consumer = channel
             .basic_consume(
-                broker.names().results_stream().into(),
+                stream.as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 args,
             )
             .await
-            .map_err(|cause| BrokerError::Amqp {
-                action: format!("read {}", broker.names().results_stream()),
-                cause,
-            })?;
+            .map_err(BrokerError::amqp(format!("read {stream}")))?;
         Ok(Self {
             channel,
-            consumer,
-            unacked: 0,
+            events: events(consumer).boxed(),
         })
     }
 
-    /// The next result event; `Ok(None)` when the stream was closed. Undecodable entries
-    /// (written by something else) are skipped.
-    pub async fn next(&mut self) -> Result<Option<ResultEvent>, BrokerError> {
-        while let Some(delivery) = self.consumer.next().await {
-            let delivery = delivery.map_err(|cause| BrokerError::Amqp {
-                action: "read results stream".into(),
-                cause,
-            })?;
-            // The event stays in the stream whether acked or not.
-            self.unacked += 1;
-            if self.unacked >= ACK_EVERY {
-                self.unacked = 0;
-                let _ = delivery.acker.ack(BasicAckOptions { multiple: true }).await;
-            }
-            match decode_result(&delivery.data) {
-                Ok(event) => return Ok(Some(event)),
-                Err(e) => tracing::warn!(error = %e, "Skipped an undecodable result event."),
-            }
-        }
-        Ok(None)
+    /// Waits up to `timeout` for these jobs' results; see [`Waiting`].
+    pub fn wait_for(
+        self,
+        ids: impl IntoIterator<Item = JobId>,
+        timeout: std::time::Duration,
+    ) -> Waiting {
+        Waiting::jobs(self, ids, timeout)
+    }
+
+    /// The result of every job, each once it is final, for as long as the stream is read: for
+    /// a reader that counts completions of jobs it learns about as it goes. See [`Waiting`].
+    pub fn settled(self) -> Waiting {
+        Waiting::every(self)
     }
 
     pub async fn close(self) {
         let _ = self.channel.close(200, "done".into()).await;
     }
+}
+
+impl Stream for ResultStream {
+    type Item = Result<ResultEvent, BrokerError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_next_unpin(cx)
+    }
+}
+
+/// The decoded events of a stream consumer, acking for credit as it goes.
+fn events(consumer: Consumer) -> impl Stream<Item = Result<ResultEvent, BrokerError>> {
+    futures::stream::unfold((consumer, 0u32), |(mut consumer, mut unacked)| async move {
+        while let Some(delivery) = consumer.next().await {
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(cause) => {
+                    let error = BrokerError::Amqp {
+                        action: "read results stream".into(),
+                        cause,
+                    };
+                    return Some((Err(error), (consumer, unacked)));
+                }
+            };
+            // The event stays in the stream whether acked or not.
+            unacked += 1;
+            if unacked >= ACK_EVERY {
+                unacked = 0;
+                let _ = delivery.acker.ack(BasicAckOptions { multiple: true }).await;
+            }
+            match decode_result(&delivery.data) {
+                Ok(event) => return Some((Ok(event), (consumer, unacked))),
+                Err(e) => tracing::warn!(error = %e, "Skipped an undecodable result event."),
+            }
+        }
+        None
+    })
 }

@@ -3,10 +3,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::json;
 use warren_common::trace::TraceParent;
 use warren_common::JobStatus;
-use warren_producer::Job;
+use warren_producer::{Job, Since};
 use warren_tests::{collect_results, TestNamespace};
 
 use crate::THREE_STEPS;
@@ -310,7 +311,7 @@ async fn results_from_now_skip_older_results_and_miss_none_of_later_jobs() {
     assert_eq!(old_result.status, JobStatus::Succeeded);
 
     // When a reader opens from now on, and only then jobs are submitted (the `submit --wait` order)
-    let mut stream = client.results_from_now().await.unwrap();
+    let mut stream = client.results(Since::Now).await.unwrap();
     let jobs: Vec<Job> = (0..5)
         .map(|i| Job::new("chain", "quiet", json!({"i": i})))
         .collect();
@@ -322,8 +323,8 @@ async fn results_from_now_skip_older_results_and_miss_none_of_later_jobs() {
         let event = tokio::time::timeout(Duration::from_secs(30), stream.next())
             .await
             .expect("a result within 30 s")
-            .unwrap()
-            .expect("the stream stays open");
+            .expect("the stream stays open")
+            .unwrap();
         assert_ne!(event.job_id, old, "read a result from before it opened");
         assert!(ids.contains(&event.job_id), "unknown job {}", event.job_id);
         seen.insert(event.job_id);

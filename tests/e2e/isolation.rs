@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::json;
 use warren_common::shard::shard_for;
 use warren_common::{Priority, ResultEvent};
-use warren_producer::{Client, Job};
+use warren_producer::{Client, Job, Since};
 use warren_tests::TestNamespace;
 
 const ONE_SLOW_STEP: &str = r#"
@@ -25,13 +26,13 @@ async fn floods_before(
     target: warren_common::JobId,
     since: u64,
 ) -> (usize, ResultEvent) {
-    let mut stream = client.results(since).await.unwrap();
+    let mut stream = client.results(Since::Time(since)).await.unwrap();
     let mut before = 0;
     loop {
         let event = tokio::time::timeout(Duration::from_secs(60), stream.next())
             .await
             .expect("target job finished in time")
-            .unwrap()
+            .expect("the stream stays open")
             .unwrap();
         if event.job_id == target {
             return (before, event);

@@ -1,16 +1,16 @@
 //! Helpers for warren's integration tests: a throw-away namespace on the real broker (deleted on
 //! drop), worker processes to start and kill, and result collection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use futures::StreamExt;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use warren_broker::{Broker, Topology};
-use warren_common::{Config, JobId, ResultEvent};
-use warren_producer::Client;
+use warren_producer::{Client, Config, JobId, ResultEvent, Since};
 
 /// Env var through which the test worker's `work` handler learns where to write its markers.
 pub const ENV_TEST_DIR: &str = "WARREN_TEST_DIR";
@@ -26,8 +26,23 @@ pub struct TestNamespace {
 }
 
 impl TestNamespace {
-    /// `pipelines` is the TOML after `[broker]`; the namespace is made up here.
+    /// `pipelines` is the TOML after `[broker]`; the namespace is made up here, and its
+    /// topology declared.
     pub async fn new(pipelines: &str) -> Self {
+        let ns = Self::undeclared(pipelines);
+        let broker = Broker::connect(&ns.config.broker)
+            .await
+            .expect("broker (is RabbitMQ up?)");
+        Topology::plan(&ns.config)
+            .declare(&broker)
+            .await
+            .expect("declare topology");
+        ns
+    }
+
+    /// A namespace whose topology is not declared yet (a test declares it, or checks what
+    /// happens without it). Dropping it deletes whatever was declared.
+    pub fn undeclared(pipelines: &str) -> Self {
         let name = format!("wt-{:08x}", rand::random::<u32>());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(dir.join("markers")).expect("temp dir");
@@ -37,13 +52,6 @@ impl TestNamespace {
         let config_path = dir.join("warren.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(Some(&config_path), &HashMap::new()).expect("test config");
-        let broker = Broker::connect(&config.broker)
-            .await
-            .expect("broker (is RabbitMQ up?)");
-        Topology::plan(&config)
-            .declare(&broker)
-            .await
-            .expect("declare topology");
         Self {
             name,
             dir,
@@ -262,38 +270,35 @@ impl Drop for WorkerProcess {
     }
 }
 
-/// Every result event for `ids` (duplicates included, in arrival order), reading the results
-/// stream until each id has one or `timeout` passes.
+/// Every result event for `ids` (duplicates included, in arrival order): waits (through the
+/// SDK's [`Client::wait_all`]) until each id has its final result or `timeout` passes, then
+/// reads the stream again from the jobs' time until it goes quiet, so tests can count repeats.
 pub async fn collect_results(
     client: &Client,
     ids: &[JobId],
     timeout: Duration,
 ) -> HashMap<JobId, Vec<ResultEvent>> {
-    let wanted: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-    let since = ids
-        .iter()
-        .filter_map(JobId::timestamp_ms)
-        .min()
-        .unwrap_or(0);
+    let mut waiting = client.wait_all(ids, timeout).await.expect("results");
+    let mut settled = HashSet::new();
+    // A timeout leaves the jobs without a result out; the test says what it expected.
+    while let Ok(Some(event)) = waiting.next().await {
+        settled.insert(event.job_id);
+    }
+    waiting.close().await;
+    let wanted: HashSet<JobId> = ids.iter().copied().collect();
+    let earliest = ids.iter().min_by_key(|id| id.timestamp_ms());
     let mut stream = client
-        .results(since.saturating_sub(5_000))
+        .results(earliest.map_or(Since::Now, |id| Since::Job(*id)))
         .await
         .expect("results");
     let mut found: HashMap<JobId, Vec<ResultEvent>> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    while found.len() < wanted.len() {
-        match tokio::time::timeout_at(deadline, stream.next()).await {
-            Ok(Ok(Some(event))) if wanted.contains(&event.job_id) => {
-                found.entry(event.job_id).or_default().push(event)
-            }
-            Ok(Ok(Some(_))) => {}
-            _ => break,
-        }
-    }
-    // Late duplicates of jobs already seen: give them a moment to show up, so tests can count.
-    while let Ok(Ok(Some(event))) =
-        tokio::time::timeout(Duration::from_millis(200), stream.next()).await
-    {
+    loop {
+        // Until the results the wait saw are read again; then late repeats get a moment.
+        let all_again = settled.iter().all(|id| found.contains_key(id));
+        let patience = Duration::from_millis(if all_again { 200 } else { 10_000 });
+        let Ok(Some(Ok(event))) = tokio::time::timeout(patience, stream.next()).await else {
+            break;
+        };
         if wanted.contains(&event.job_id) {
             found.entry(event.job_id).or_default().push(event);
         }

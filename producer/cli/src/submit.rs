@@ -8,8 +8,9 @@ use anyhow::{anyhow, bail, Context};
 use clap::Args;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use warren_common::{Config, JobId, JobStatus, Priority, ResultEvent};
-use warren_producer::{Client, Job, ResultStream};
+use warren_producer::{
+    Client, Config, Job, JobId, JobStatus, Priority, ResultEvent, Since, WaitError, Waiting,
+};
 
 use crate::output::outln;
 use crate::{Exit, EXIT_JOB_FAILED, EXIT_TIMEOUT};
@@ -69,7 +70,7 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
     // Opened before the submit, so the results of these jobs cannot come before it, and the
     // wait reads only what is published from now on.
     let results = if args.wait {
-        Some(client.results_from_now().await?)
+        Some(client.results(Since::Now).await?)
     } else {
         None
     };
@@ -83,7 +84,8 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
         client.submit_many(jobs).await?
     };
     let outcome = if let Some(stream) = results {
-        wait_all(stream, &ids, args.timeout, json).await
+        let total = ids.len();
+        report(stream.wait_for(ids, args.timeout), total, json).await
     } else {
         for id in &ids {
             if json {
@@ -101,54 +103,42 @@ pub(crate) async fn run(args: SubmitArgs, config: Config, json: bool) -> anyhow:
 pub(crate) async fn wait(args: WaitArgs, config: Config, json: bool) -> anyhow::Result<()> {
     let client = Client::connect(config).await?;
     // The job may have finished before this command ran: read from its submit time.
-    let outcome = match client.results_since_job(args.job_id).await {
-        Ok(stream) => wait_all(stream, &[args.job_id], args.timeout, json).await,
+    let outcome = match client.wait_all(&[args.job_id], args.timeout).await {
+        Ok(waiting) => report(waiting, 1, json).await,
         Err(e) => Err(e.into()),
     };
     client.close().await;
     outcome
 }
 
-/// Prints each result as it arrives (output JSON, or the event with --json); fails if any job
-/// failed or did not finish in time.
-async fn wait_all(
-    mut stream: ResultStream,
-    ids: &[JobId],
-    timeout: Duration,
-    json: bool,
-) -> anyhow::Result<()> {
-    let mut waiting: std::collections::HashSet<JobId> = ids.iter().copied().collect();
+/// Prints each of `total` jobs' result as it is final (output JSON, or the event with
+/// --json); fails if any job failed or did not finish in time.
+async fn report(mut waiting: Waiting, total: usize, json: bool) -> anyhow::Result<()> {
     let mut failed = 0usize;
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !waiting.is_empty() {
-        let next = tokio::time::timeout_at(deadline, stream.next()).await;
-        let Ok(next) = next else { break };
-        let Some(event) = next? else { break };
-        if !waiting.remove(&event.job_id) {
-            continue;
+    let outcome: anyhow::Result<()> = loop {
+        match waiting.next().await {
+            Ok(Some(event)) => {
+                print_result(&event, json, total > 1);
+                if event.status == JobStatus::Failed {
+                    failed += 1;
+                }
+            }
+            Ok(None) => break Ok(()),
+            Err(WaitError::Timeout { timeout, .. }) => {
+                let missing = waiting.pending().count();
+                break Err(Exit(
+                    EXIT_TIMEOUT,
+                    format!("{missing} of {total} jobs had no result within {timeout:?}"),
+                )
+                .into());
+            }
+            Err(e) => break Err(e.into()),
         }
-        print_result(&event, json, ids.len() > 1);
-        if event.status == JobStatus::Failed {
-            failed += 1;
-        }
-    }
-    if !waiting.is_empty() {
-        return Err(Exit(
-            EXIT_TIMEOUT,
-            format!(
-                "{} of {} jobs had no result within {timeout:?}",
-                waiting.len(),
-                ids.len()
-            ),
-        )
-        .into());
-    }
+    };
+    waiting.close().await;
+    outcome?;
     if failed > 0 {
-        return Err(Exit(
-            EXIT_JOB_FAILED,
-            format!("{failed} of {} jobs failed", ids.len()),
-        )
-        .into());
+        return Err(Exit(EXIT_JOB_FAILED, format!("{failed} of {total} jobs failed")).into());
     }
     Ok(())
 }

@@ -1,35 +1,21 @@
 //! The `warren` binary against the real broker, with a worker running in this process.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use warren_worker::{handler_fn, StepContext, StepError, Worker};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren_producer::JobStatus;
+use warren_tests::{collect_results, eventually, management_url, TestNamespace};
+use warren_worker::{handler_fn, StepContext, StepError, Worker, WorkerError};
 
 const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
-struct Namespace {
-    dir: PathBuf,
-    config: PathBuf,
-}
-
-impl Namespace {
-    fn new() -> Self {
-        let name = format!("wcli-{:08x}", uuid::Uuid::now_v7().as_u128() as u32);
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("warren.toml");
-        let url = std::env::var("WARREN_AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        std::fs::write(
-            &config,
-            format!(
-                r#"[broker]
-url = {url:?}
-namespace = {name:?}
-
+/// The pipeline every test here runs: one step, served by [`hello`].
+const GREET: &str = r#"
 [[pipelines]]
 name = "greet"
 shards = 2
@@ -37,29 +23,19 @@ shards = 2
 [[pipelines.steps]]
 name = "hello"
 handler = "hello"
-"#
-            ),
-        )
-        .unwrap();
-        Self { dir, config }
-    }
+"#;
 
-    fn warren(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        run_warren(&self.config, args, stdin)
-    }
+/// `warren --config <the namespace's config> <args>`, feeding `stdin`.
+fn warren_on(ns: &TestNamespace, args: &[&str], stdin: Option<&str>) -> Output {
+    run_warren(&ns.config_path, args, stdin)
+}
 
-    /// The namespace's config as warren reads it (for shards and queue names).
-    fn load_config(&self) -> warren_common::Config {
-        warren_common::Config::load(Some(&self.config), &std::collections::HashMap::new()).unwrap()
-    }
-
-    /// `warren` with the management API at `url` (`WARREN_MANAGEMENT_URL`).
-    fn warren_with_management(&self, args: &[&str], url: &str) -> Output {
-        warren_command(&self.config, args)
-            .env("WARREN_MANAGEMENT_URL", url)
-            .output()
-            .unwrap()
-    }
+/// `warren` with the management API at `url` (`WARREN_MANAGEMENT_URL`).
+fn warren_with_management(ns: &TestNamespace, args: &[&str], url: &str) -> Output {
+    warren_command(&ns.config_path, args)
+        .env("WARREN_MANAGEMENT_URL", url)
+        .output()
+        .unwrap()
 }
 
 /// `warren --config <config> <args>`, without a management URL from the caller's environment
@@ -88,78 +64,94 @@ fn run_warren(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().unwrap()
 }
 
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let out = self.warren(&["topology", "delete", "--yes"], None);
-        assert!(out.status.success() || std::thread::panicking(), "{out:?}");
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `hello`: greets `name`; refuses (permanently) when there is none; hangs on "slow".
+/// `hello`: greets `name`; refuses (permanently) when there is none, or while the file
+/// `unless_file` names does not exist; hangs on "slow".
 async fn hello(input: Value, ctx: StepContext) -> Result<Value, StepError> {
     let name = input["name"]
         .as_str()
         .ok_or_else(|| StepError::permanent("no name"))?;
+    if let Some(fix) = input["unless_file"].as_str() {
+        if !Path::new(fix).exists() {
+            return Err(StepError::permanent("not fixed yet"));
+        }
+    }
     if name == "slow" {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
     Ok(json!({"greeting": format!("hello {name}"), "tenant": ctx.tenant}))
 }
 
+/// A worker serving `greet` with [`hello`], in this process.
+struct HelloWorker {
+    stop: CancellationToken,
+    join: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl HelloWorker {
+    fn start(ns: &TestNamespace) -> Self {
+        let worker = Worker::builder(ns.config.clone())
+            .handler("hello", handler_fn(hello))
+            .shutdown_grace(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let stop = CancellationToken::new();
+        let join = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
+        Self { stop, join }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.join.await.unwrap().unwrap();
+    }
+}
+
+/// `warren <args>` on the namespace, off the runtime (the CLI blocks; the runtime drives the
+/// in-process worker).
+async fn warren_off_runtime(
+    ns: &TestNamespace,
+    args: Vec<String>,
+    stdin: Option<String>,
+) -> Output {
+    let config = ns.config_path.clone();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_warren(&config, &refs, stdin.as_deref())
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_wait_bulk_and_exit_codes() {
     // Given a namespace declared by the CLI and a worker serving it
-    let ns = Namespace::new();
-    let out = ns.warren(&["topology", "apply"], None);
+    let ns = TestNamespace::undeclared(GREET);
+    let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
         text(&out.stdout).contains("5 exchanges, 11 queues"),
         "{}",
         text(&out.stdout)
     );
-    let config = ns.load_config();
-    let worker = Worker::builder(config)
-        .handler("hello", handler_fn(hello))
-        .shutdown_grace(Duration::from_millis(100))
-        .build()
-        .unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn({
-        let stop = stop.clone();
-        async move { worker.run(stop.cancelled_owned()).await }
-    });
-    // The CLI blocks; run it off the runtime that drives the in-process worker.
-    let warren = |args: Vec<String>, stdin: Option<String>| {
-        let config = ns.config.clone();
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            run_warren(&config, &refs, stdin.as_deref())
-        })
-    };
+    let worker = HelloWorker::start(&ns);
+    let warren = |args, stdin| warren_off_runtime(&ns, args, stdin);
 
     // When a job is submitted with --wait, then the result JSON is printed and the exit is 0
-    let out = warren(acme_submit(r#"{"name": "ada"}"#, &["--wait"]), None)
-        .await
-        .unwrap();
+    let out = warren(acme_submit(r#"{"name": "ada"}"#, &["--wait"]), None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let printed: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(printed, json!({"greeting": "hello ada", "tenant": "acme"}));
 
     // When it is submitted without --wait, then the id is printed, and `warren wait` finds the result later
-    let out = warren(acme_submit(r#"{"name": "bob"}"#, &["--json"]), None)
-        .await
-        .unwrap();
+    let out = warren(acme_submit(r#"{"name": "bob"}"#, &["--json"]), None).await;
     let id = serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
         .as_str()
         .unwrap()
         .to_string();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let out = warren(args(&["wait", &id, "--json"]), None).await.unwrap();
+    let out = warren(args(&["wait", &id, "--json"]), None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let event: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
     assert_eq!(
@@ -173,8 +165,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         args(&["submit", "--bulk", "-", "--pipeline", "greet", "--wait"]),
         Some(bulk.into()),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
@@ -188,8 +179,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         args(&["submit", "--bulk", "-", "--pipeline", "greet"]),
         Some("{\"tenant\": \"ok\"}\n{\"tenant\": \"not ok\"}\n".into()),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         text(&out.stderr).contains("job 1 of the batch: invalid tenant"),
@@ -198,7 +188,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     );
 
     // When the job fails, then exit 3 with the reason; when it takes too long, exit 4
-    let out = warren(acme_submit("{}", &["--wait"]), None).await.unwrap();
+    let out = warren(acme_submit("{}", &["--wait"]), None).await;
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("no name"),
@@ -209,8 +199,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         acme_submit(r#"{"name": "slow"}"#, &["--wait", "--timeout", "1s"]),
         None,
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
 
     // When input is wrong before anything is sent: not JSON, unknown pipeline, bad tenant
@@ -223,7 +212,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     ] {
         let mut a = vec!["submit", "--pipeline", "greet"];
         a.extend(bad);
-        let out = warren(args(&a), None).await.unwrap();
+        let out = warren(args(&a), None).await;
         assert_eq!(out.status.code(), Some(1));
         assert!(text(&out.stderr).contains(expect), "{}", text(&out.stderr));
     }
@@ -239,8 +228,7 @@ async fn submit_wait_bulk_and_exit_codes() {
         ]),
         None,
     )
-    .await
-    .unwrap();
+    .await;
     assert!(
         text(&out.stderr).contains("unknown pipeline \"nope\""),
         "{}",
@@ -248,9 +236,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     );
 
     // The job that failed ("no name") waits in the dead-letter queue: list, show, replay, purge
-    let out = warren(args(&["dlq", "list", "--json"]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "list", "--json"]), None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let letters: Vec<Value> = text(&out.stdout)
         .lines()
@@ -271,15 +257,13 @@ async fn submit_wait_bulk_and_exit_codes() {
         "{dead}"
     );
     let dead_id = dead["id"].as_str().unwrap().to_string();
-    let out = warren(args(&["dlq", "list"]), None).await.unwrap();
+    let out = warren(args(&["dlq", "list"]), None).await;
     assert!(
         text(&out.stdout).contains(&dead_id) && text(&out.stdout).contains("1 dead letters"),
         "{}",
         text(&out.stdout)
     );
-    let out = warren(args(&["dlq", "show", &dead_id]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "show", &dead_id]), None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("no name"),
@@ -287,17 +271,13 @@ async fn submit_wait_bulk_and_exit_codes() {
         text(&out.stdout)
     );
     // A replay or purge must say what it touches; a purge must be confirmed
-    let out = warren(args(&["dlq", "replay"]), None).await.unwrap();
+    let out = warren(args(&["dlq", "replay"]), None).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    let out = warren(args(&["dlq", "purge", "--all"]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "purge", "--all"]), None).await;
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
     // Replayed as it is, it fails again, one attempt later
-    let out = warren(args(&["dlq", "replay", &dead_id]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "replay", &dead_id]), None).await;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("1 replayed"),
@@ -306,9 +286,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     );
     let mut attempts = None;
     for _ in 0..100 {
-        let out = warren(args(&["dlq", "list", "--json"]), None)
-            .await
-            .unwrap();
+        let out = warren(args(&["dlq", "list", "--json"]), None).await;
         if let Some(line) = text(&out.stdout).lines().next() {
             attempts = serde_json::from_str::<Value>(line).unwrap()["attempts"].as_u64();
             break;
@@ -316,21 +294,77 @@ async fn submit_wait_bulk_and_exit_codes() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(attempts, Some(2));
-    let out = warren(args(&["dlq", "purge", "--tenant", "acme", "--yes"]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "purge", "--tenant", "acme", "--yes"]), None).await;
     assert!(
         text(&out.stdout).contains("purged 1"),
         "{}",
         text(&out.stdout)
     );
-    let out = warren(args(&["dlq", "show", &dead_id]), None)
-        .await
-        .unwrap();
+    let out = warren(args(&["dlq", "show", &dead_id]), None).await;
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
 
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_prints_the_newest_result_of_a_job_replayed_from_the_dead_letter_queue() {
+    // Given a worker, and a job that failed for good (into the dead-letter queue) until a fix
+    let ns = TestNamespace::new(GREET).await;
+    let worker = HelloWorker::start(&ns);
+    let fix = ns.dir.join("fixed");
+    let payload = json!({"name": "zoe", "unless_file": fix}).to_string();
+    let out = warren_off_runtime(&ns, acme_submit(&payload, &["--wait", "--json"]), None).await;
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let failed: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(failed["status"], json!("failed"), "{failed}");
+    let id = failed["job_id"].as_str().unwrap().to_string();
+    let in_dlq = eventually(Duration::from_secs(10), || async {
+        let out = warren_off_runtime(&ns, args(&["dlq", "list", "--json"]), None).await;
+        text(&out.stdout).contains(&id)
+    })
+    .await;
+    assert!(in_dlq, "the failed job is not in the dead-letter queue");
+
+    // When the fix lands and the job is replayed, and its success reaches the results stream
+    std::fs::write(&fix, "fixed").unwrap();
+    let out = warren_off_runtime(&ns, args(&["dlq", "replay", &id]), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("1 replayed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let client = ns.client().await;
+    let job = id.parse().unwrap();
+    let both = eventually(Duration::from_secs(20), || async {
+        let results = collect_results(&client, &[job], Duration::from_secs(2)).await;
+        results.get(&job).is_some_and(|events| {
+            events.iter().map(|e| e.status).collect::<Vec<_>>()
+                == [JobStatus::Failed, JobStatus::Succeeded]
+        })
+    })
+    .await;
+    assert!(
+        both,
+        "the stream does not hold the failure, then the success"
+    );
+    client.close().await;
+
+    // Then `warren wait` prints the newest result, the success, and exits 0
+    let out = warren_off_runtime(&ns, args(&["wait", &id, "--json"]), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let event: Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(event["status"], json!("succeeded"), "{event}");
+    assert_eq!(event["output"]["greeting"], json!("hello zoe"), "{event}");
+    let out = warren_off_runtime(&ns, args(&["wait", &id]), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("hello zoe"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    worker.stop().await;
 }
 
 #[test]
@@ -368,8 +402,8 @@ fn bad_config_exits_64_naming_the_line() {
 #[test]
 fn output_into_a_closed_pipe_ends_quietly() {
     // Given a reader that has gone away before warren prints (`warren topology plan | head -0`)
-    let ns = Namespace::new();
-    let mut child = warren_command(&ns.config, &["topology", "plan"])
+    let ns = TestNamespace::undeclared(GREET);
+    let mut child = warren_command(&ns.config_path, &["topology", "plan"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -404,10 +438,10 @@ fn args(a: &[&str]) -> Vec<String> {
 #[test]
 fn queues_reports_ready_messages_per_queue_and_step() {
     // Given a namespace whose topology is not applied yet
-    let ns = Namespace::new();
+    let ns = TestNamespace::undeclared(GREET);
 
     // When `warren queues` runs, then every queue is reported missing, and it says what to do
-    let out = ns.warren(&["queues", "--json"], None);
+    let out = warren_on(&ns, &["queues", "--json"], None);
     assert!(out.status.success(), "{out:?}");
     let rows: Vec<Value> = text(&out.stdout)
         .lines()
@@ -420,7 +454,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
     assert!(text(&out.stderr).contains("topology apply"), "{out:?}");
 
     // Given the topology, and 5 normal jobs of acme and 2 high ones of globex, with no worker
-    let out = ns.warren(&["topology", "apply"], None);
+    let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     let mut bulk = String::new();
     for _ in 0..5 {
@@ -430,16 +464,17 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         bulk +=
             "{\"tenant\": \"globex\", \"priority\": \"high\", \"payload\": {\"name\": \"g\"}}\n";
     }
-    let out = ns.warren(
+    let out = warren_on(
+        &ns,
         &["submit", "--bulk", "-", "--pipeline", "greet"],
         Some(&bulk),
     );
     assert!(out.status.success(), "{out:?}");
 
     // When `warren queues --json` runs, then each job is counted in its tenant's shard
-    let config = ns.load_config();
+    let config = ns.config.clone();
     let greet = &config.pipelines[0];
-    let out = ns.warren(&["queues", "--json", "--pipeline", "greet"], None);
+    let out = warren_on(&ns, &["queues", "--json", "--pipeline", "greet"], None);
     assert!(out.status.success(), "{out:?}");
     let rows: Vec<Value> = text(&out.stdout)
         .lines()
@@ -461,7 +496,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .all(|r| r["consumers"] == json!(0) && r["step"] == json!("hello")));
 
     // And the table lists only the non-empty queues, then the step's totals by priority
-    let out = ns.warren(&["queues"], None);
+    let out = warren_on(&ns, &["queues"], None);
     assert!(out.status.success(), "{out:?}");
     let table = text(&out.stdout);
     let queue_lines = table.lines().filter(|l| l.contains(".q.greet.")).count();
@@ -477,7 +512,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         ["greet", "hello", "7", "2", "5", "0", "-", "0"],
         "{table}"
     );
-    let out = ns.warren(&["queues", "--all"], None);
+    let out = warren_on(&ns, &["queues", "--all"], None);
     assert_eq!(
         text(&out.stdout)
             .lines()
@@ -487,14 +522,8 @@ fn queues_reports_ready_messages_per_queue_and_step() {
     );
 
     // And an unknown pipeline is an error
-    let out = ns.warren(&["queues", "--pipeline", "nope"], None);
+    let out = warren_on(&ns, &["queues", "--pipeline", "nope"], None);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
-}
-
-/// The management API of the test broker: `WARREN_MANAGEMENT_URL`, else the local one that
-/// `deploy/local/test.sh` enables.
-fn management_url() -> String {
-    std::env::var("WARREN_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -502,16 +531,17 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
     use warren_broker::lapin::types::FieldTable;
 
     // Given 3 jobs of one tenant, held unacked by a consumer that never acks
-    let ns = Namespace::new();
-    let out = ns.warren(&["topology", "apply"], None);
+    let ns = TestNamespace::undeclared(GREET);
+    let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     let bulk = "{\"tenant\": \"acme\", \"payload\": {\"name\": \"a\"}}\n".repeat(3);
-    let out = ns.warren(
+    let out = warren_on(
+        &ns,
         &["submit", "--bulk", "-", "--pipeline", "greet"],
         Some(&bulk),
     );
     assert!(out.status.success(), "{out:?}");
-    let config = ns.load_config();
+    let config = ns.config.clone();
     let queue = warren_broker::StepRoute::for_tenant(
         &config.pipelines[0],
         "hello",
@@ -532,7 +562,7 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
     let url = management_url();
     let mut row = Value::Null;
     for _ in 0..40 {
-        let out = ns.warren_with_management(&["queues", "--json"], &url);
+        let out = warren_with_management(&ns, &["queues", "--json"], &url);
         assert!(out.status.success(), "{out:?}");
         assert!(
             out.stderr.is_empty(),
@@ -554,7 +584,7 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
     assert_eq!(row["consumers"], json!(1), "{row}");
 
     // And the table shows the queue (it holds work, though none is ready) and the step's total
-    let out = ns.warren_with_management(&["queues"], &url);
+    let out = warren_with_management(&ns, &["queues"], &url);
     let table = text(&out.stdout);
     let line: Vec<_> = table
         .lines()
@@ -566,7 +596,7 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
 
     // And with wrong credentials the ready counts still come, unacked is null, and stderr says why
     let wrong = url.replacen("://", "://nobody:wrong@", 1);
-    let out = ns.warren_with_management(&["queues", "--json"], &wrong);
+    let out = warren_with_management(&ns, &["queues", "--json"], &wrong);
     assert!(out.status.success(), "{out:?}");
     assert!(text(&out.stderr).contains("401"), "{out:?}");
     assert!(

@@ -251,6 +251,7 @@ async fn run(
         config_path,
         config,
         client,
+        admin: admin.clone(),
         workers,
         raw,
         running: Mutex::new(None),
@@ -340,6 +341,8 @@ pub(super) struct Bench {
     /// The bench config in warren's namespace.
     config: Config,
     client: Client,
+    /// A connection of the bench's own, for what the SDK does not offer (queue consumers).
+    admin: Broker,
     /// The runtime the in-process workers run on.
     workers: Handle,
     raw: Raw,
@@ -351,7 +354,7 @@ impl Bench {
     /// The warren step queue a tenant's message for `pipeline`/`step` goes to.
     fn queue(&self, pipeline: &str, step: &str, priority: Priority, tenant: &str) -> String {
         let pipeline = self.config.pipeline(pipeline).expect("bench pipeline");
-        StepRoute::for_tenant(pipeline, step, priority, tenant).queue(self.client.broker().names())
+        StepRoute::for_tenant(pipeline, step, priority, tenant).queue(self.admin.names())
     }
 
     /// The lane a tenant's jobs take in the `work` pipeline.
@@ -378,7 +381,7 @@ impl Bench {
         if let Some(old) = old {
             old.stop(Duration::from_secs(10)).await?;
         }
-        warren_side::consuming(self.client.broker(), queue, Duration::from_secs(60)).await
+        warren_side::consuming(&self.admin, queue, Duration::from_secs(60)).await
     }
 
     async fn stop_worker(&self) -> anyhow::Result<()> {

@@ -500,7 +500,7 @@ async fn s6(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let pid = b.spawn_worker_process(&log)?;
     let measured = async {
         super::warren_side::consuming(
-            b.client.broker(),
+            &b.admin,
             &b.queue(pipeline, step, Priority::Normal, tenant),
             Duration::from_secs(60),
         )

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use warren_broker::depth::Probe;
 use warren_broker::Broker;
-use warren_common::{now_ms, Config, JobId, JobStatus};
-use warren_producer::Client;
+use warren_common::{Config, JobId, JobStatus};
+use warren_producer::{Client, Since};
 use warren_worker::{handler_fn, StepContext, StepError, Worker, WorkerError};
 
 /// The no-op step: its output is its input, so a chain carries the payload along.
@@ -98,7 +98,9 @@ async fn consumed(
     }
 }
 
-/// Reads the results stream in a task of its own and notes when each result arrived.
+/// Reads every job's final result ([`warren_producer::ResultStream::settled`]) in a task of its
+/// own and notes when each arrived, so the instants are those of arrival however late a
+/// `wait_all` comes to look; a wait then counts the completions of its jobs among them.
 pub(super) struct Watcher {
     rx: mpsc::UnboundedReceiver<(JobId, Instant, bool)>,
     seen: HashMap<JobId, (Instant, bool)>,
@@ -108,16 +110,16 @@ pub(super) struct Watcher {
 }
 
 impl Watcher {
+    /// Start it before submitting the jobs it is to see: it reads from the stream's end on,
+    /// as the raw side's reader does.
     pub(super) async fn start(client: &Client) -> anyhow::Result<Self> {
-        // The stream starts at the chunk holding this second, so it misses nothing published
-        // from now on; older results are skipped by id.
-        let mut stream = client.results(now_ms().saturating_sub(1_000)).await?;
+        let mut settled = client.results(Since::Now).await?.settled();
         let (tx, rx) = mpsc::unbounded_channel();
         let (stop, mut stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             loop {
                 let event = tokio::select! {
-                    event = stream.next() => event,
+                    event = settled.next() => event,
                     _ = &mut stopped => break,
                 };
                 let Ok(Some(event)) = event else { break };
@@ -126,7 +128,7 @@ impl Watcher {
                     break;
                 }
             }
-            stream.close().await;
+            settled.close().await;
         });
         Ok(Self {
             rx,
