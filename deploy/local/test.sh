@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: makes sure the local RabbitMQ the integration tests talk to answers
 # (installing and starting it when needed, with its management plugin for the unacked-count
-# tests) and that Prometheus is installed (the dashboard test runs one), then
+# tests), that Prometheus is installed (the dashboard test runs one) and python3 (the custom worker
+# example's steps), then
 # `cargo test --workspace`. Extra arguments go to
 # cargo test, e.g. `deploy/local/test.sh -p warren-common` or `deploy/local/test.sh -- --nocapture`.
 set -euo pipefail
@@ -13,5 +14,6 @@ command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://
 ensure_broker
 ensure_management
 ensure_prometheus
+ensure_python3
 
 exec cargo test --workspace "$@"
