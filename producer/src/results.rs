@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use warren_broker::{Broker, BrokerError};
@@ -82,22 +82,10 @@ impl std::fmt::Debug for ResultStream {
 impl ResultStream {
     pub(crate) async fn open(broker: &Broker, since: Since) -> Result<Self, BrokerError> {
         let channel = broker.channel().await?;
-        channel
-            .basic_qos(PREFETCH, BasicQosOptions::default())
-            .await
-            .map_err(BrokerError::amqp("set results prefetch"))?;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), since.offset());
         let stream = broker.names().results_stream();
-        let consumer = channel
-            .basic_consume(
-                stream.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
-            .await
-            .map_err(BrokerError::amqp(format!("read {stream}")))?;
+        let consumer = warren_broker::consume(&channel, &stream, PREFETCH, args).await?;
         Ok(Self {
             channel,
             events: events(consumer).boxed(),
