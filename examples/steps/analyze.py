@@ -13,7 +13,8 @@ import json
 import re
 import sys
 
-EX_DATAERR = 65
+from step_io import fail, read_object
+
 WORDS_PER_MINUTE = 200
 STOPWORDS = set(
     "a an and are as at be but by for from in is it its of on or since so that the their this "
@@ -21,17 +22,9 @@ STOPWORDS = set(
 )
 
 
-def fail(message):
-    print(f"analyze: {message}", file=sys.stderr)
-    sys.exit(EX_DATAERR)
-
-
 def main():
-    try:
-        doc = json.load(sys.stdin)
-    except json.JSONDecodeError as e:
-        fail(f"input is not JSON: {e}")
-    if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+    doc = read_object("the output of fetch")
+    if not isinstance(doc.get("text"), str):
         fail("input must be an object with a `text` string (the output of fetch)")
 
     text = doc["text"]

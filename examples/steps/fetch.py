@@ -24,8 +24,7 @@ import random
 import sys
 import time
 
-EX_DATAERR = 65  # permanent: bad input will not get better by retrying
-EX_TEMPFAIL = 75  # retryable
+from step_io import EX_TEMPFAIL, fail, read_object
 
 WORDS = (
     "system data network energy market customer value service process growth cost risk "
@@ -34,21 +33,6 @@ WORDS = (
 ).split()
 LINKS = "and or but while because so although whereas since".split()
 FILLER = "the a of in to for with on by from at this that its their more less".split()
-
-
-def fail(message, code=EX_DATAERR):
-    print(f"fetch: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def read_input():
-    try:
-        payload = json.load(sys.stdin)
-    except json.JSONDecodeError as e:
-        fail(f"input is not JSON: {e}")
-    if not isinstance(payload, dict):
-        fail(f"input must be a JSON object, got {type(payload).__name__}")
-    return payload
 
 
 def int_field(payload, key, default, lo, hi):
@@ -73,7 +57,7 @@ def sentence(rng, topic):
 
 
 def main():
-    payload = read_input()
+    payload = read_object()
     topic = payload.get("topic")
     if not isinstance(topic, str) or not 1 <= len(topic.strip()) <= 80:
         fail(f"`topic` must be text of 1-80 characters, got {json.dumps(topic)}")

@@ -9,12 +9,7 @@ import json
 import os
 import sys
 
-EX_DATAERR = 65
-
-
-def fail(message):
-    print(f"render: {message}", file=sys.stderr)
-    sys.exit(EX_DATAERR)
+from step_io import fail, read_object
 
 
 def plural(n, word):
@@ -22,11 +17,8 @@ def plural(n, word):
 
 
 def main():
-    try:
-        data = json.load(sys.stdin)
-    except json.JSONDecodeError as e:
-        fail(f"input is not JSON: {e}")
-    if not isinstance(data, dict) or not isinstance(data.get("stats"), dict):
+    data = read_object("the output of analyze")
+    if not isinstance(data.get("stats"), dict):
         fail("input must be an object with `stats` (the output of analyze)")
 
     stats = data["stats"]
