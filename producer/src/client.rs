@@ -16,7 +16,7 @@ use crate::results::{ResultStream, Since, Waiting};
 
 /// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
 /// enough to keep the broker busy, small enough that a failure leaves a short list to redo.
-const CONFIRM_WINDOW: usize = 1000;
+pub const CONFIRM_WINDOW: usize = 1000;
 
 /// One job to submit.
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ mod dlq;
 mod error;
 mod results;
 
-pub use client::{Client, Job};
+pub use client::{Client, Job, CONFIRM_WINDOW};
 pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};
 pub use error::{ConnectError, SubmitError, WaitError};
 pub use results::{ResultStream, Since, Waiting};

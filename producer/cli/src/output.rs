@@ -17,7 +17,7 @@ pub(crate) fn line(args: fmt::Arguments<'_>) {
     }
 }
 
-/// `println!` for the CLI's results, through [`line`].
+/// `println!` for the CLI's results, through [`line()`].
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::output::line(format_args!($($arg)*))

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 use warren_broker::{consume, Broker, Names, StepRoute};
 use warren_common::{now_ms, Config, JobStatus, Priority};
 
-/// Confirms in flight per batch: the same as `Client::submit_many`'s window.
-pub(super) const CONFIRM_WINDOW: usize = 1000;
+/// Confirms in flight per batch: `Client::submit_many`'s own window, so both sides publish alike.
+pub(super) use warren_producer::CONFIRM_WINDOW;
 
 /// Credit of the results-stream reader, and how many events it acks at once: the same as the
 /// SDK's `ResultStream`.

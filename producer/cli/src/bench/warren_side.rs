@@ -173,7 +173,7 @@ impl Watcher {
     }
 }
 
-/// VmRSS and VmHWM of a process, in MiB, from /proc/<pid>/status.
+/// VmRSS and VmHWM of a process, in MiB, from `/proc/<pid>/status`.
 pub(super) fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("read /proc/{pid}/status"))?;
