@@ -335,6 +335,25 @@ handler = "resize"
     }
 
     #[test]
+    fn connect_timeout_defaults_and_is_checked() {
+        assert_eq!(
+            parse("").unwrap().broker.connect_timeout,
+            Duration::from_secs(10)
+        );
+        let c = parse("[broker]\nconnect_timeout = \"1500ms\"\n").unwrap();
+        assert_eq!(c.broker.connect_timeout, Duration::from_millis(1500));
+        let e = err("[broker]\nnamespace = \"w\"\nconnect_timeout = \"0s\"\n");
+        assert!(
+            e.starts_with("warren.toml:3:") && e.contains("`connect_timeout` must be more"),
+            "{e}"
+        );
+        let e = err("[broker]\nconnect_timeout = \"soon\"\n");
+        assert!(e.starts_with("warren.toml:2:"), "{e}");
+        let e = err("[broker]\nconnect_timeout = 10\n");
+        assert!(e.starts_with("warren.toml:2:"), "{e}");
+    }
+
+    #[test]
     fn env_wins() {
         let env = HashMap::from([
             (

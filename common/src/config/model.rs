@@ -45,6 +45,11 @@ pub struct BrokerConfig {
     /// alone. Credentials default to the AMQP URL's. Env `WARREN_MANAGEMENT_URL` wins.
     #[serde(default, deserialize_with = "management_url")]
     pub management_url: Option<String>,
+    /// Longest one connection attempt may take: the TCP connect, then the TLS and AMQP
+    /// handshake. Past it the attempt fails with an error instead of waiting forever on a broker
+    /// that accepted the socket but never answers (one out of file handles, typically).
+    #[serde(default = "default_connect_timeout", deserialize_with = "connect_timeout")]
+    pub connect_timeout: Duration,
 }
 
 // By hand, so the password in the URL never reaches a log line through `{:?}`.
@@ -63,6 +68,7 @@ impl std::fmt::Debug for BrokerConfig {
                     .as_deref()
                     .map(crate::telemetry::redact_url),
             )
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -121,6 +127,7 @@ impl Default for BrokerConfig {
             max_payload_bytes: default_max_payload(),
             tls: None,
             management_url: None,
+            connect_timeout: default_connect_timeout(),
         }
     }
 }
@@ -352,6 +359,9 @@ fn default_namespace() -> String {
 fn default_max_payload() -> usize {
     1024 * 1024
 }
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_shards() -> u16 {
     4
 }
@@ -446,6 +456,16 @@ pub(crate) fn check_management_url(url: &str) -> Result<(), String> {
             crate::telemetry::redact_url(url)
         ))
     }
+}
+
+fn connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = humantime_serde::deserialize(d)?;
+    if value == Duration::ZERO {
+        return Err(serde::de::Error::custom(
+            "`connect_timeout` must be more than zero",
+        ));
+    }
+    Ok(value)
 }
 
 fn ranged<'de, D: Deserializer<'de>>(d: D, key: &str, min: u64, max: u64) -> Result<u64, D::Error> {
