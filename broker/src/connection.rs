@@ -1,16 +1,18 @@
-//! Pooled AMQP connections (deadpool), over TLS when the URL is `amqps://`. A [`Broker`] is
-//! cheap to clone; every clone shares the pool.
+//! Pooled AMQP connections (deadpool), over TLS when the URL is `amqps://`, each opened within
+//! `[broker] connect_timeout` (see `dial`). A [`Broker`] is cheap to clone; every clone shares
+//! the pool.
 
 use std::time::Duration;
 
-use deadpool::managed::{self, Metrics, Pool, RecycleError, RecycleResult};
+use deadpool::managed::{self, Metrics, Pool, PoolError, RecycleError, RecycleResult};
 use deadpool::Runtime;
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::{Channel, Connect, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
 use warren_common::config::{BrokerConfig, TlsConfig};
 use warren_common::telemetry::redact_url;
 
+use crate::dial::{dial, DialError};
 use crate::error::BrokerError;
 use crate::names::Names;
 
@@ -33,26 +35,36 @@ impl std::fmt::Debug for Broker {
     }
 }
 
-/// Opens connections for the pool, with the TLS settings of the config.
+/// Opens connections for the pool, with the TLS settings and the deadline of the config.
 struct Manager {
     url: String,
     tls: OwnedTLSConfig,
+    patience: Duration,
 }
 
 impl managed::Manager for Manager {
     type Type = Connection;
-    type Error = lapin::Error;
+    type Error = BrokerError;
 
-    async fn create(&self) -> Result<Connection, lapin::Error> {
-        let properties = ConnectionProperties::default().with_connection_name("warren".into());
-        let runtime = lapin::runtime::default_runtime()?;
-        self.url
-            .as_str()
-            .connect_with_config(properties, self.tls.clone(), runtime)
+    async fn create(&self) -> Result<Connection, BrokerError> {
+        let url = redact_url(&self.url);
+        dial(&self.url, &self.tls, self.patience)
             .await
+            .map_err(|e| match e {
+                DialError::TimedOut(stage) => BrokerError::ConnectTimeout {
+                    url,
+                    stage,
+                    waited: self.patience,
+                },
+                // lapin's message never includes the URL.
+                DialError::Failed(e) => BrokerError::Connect {
+                    url,
+                    reason: e.to_string(),
+                },
+            })
     }
 
-    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<lapin::Error> {
+    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<BrokerError> {
         if conn.status().connected() {
             Ok(())
         } else {
@@ -105,6 +117,7 @@ impl Broker {
         let manager = Manager {
             url: url.clone(),
             tls,
+            patience: config.connect_timeout,
         };
         let pool = Pool::builder(manager)
             .runtime(Runtime::Tokio1)
@@ -130,10 +143,12 @@ impl Broker {
 
     /// A fresh channel on a pooled connection.
     pub async fn channel(&self) -> Result<Channel, BrokerError> {
-        let conn = self.pool.get().await.map_err(|e| BrokerError::Connect {
-            url: redact_url(&self.url),
-            // deadpool's message wraps lapin's, which never includes the URL.
-            reason: e.to_string(),
+        let conn = self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => e,
+            other => BrokerError::Connect {
+                url: redact_url(&self.url),
+                reason: other.to_string(),
+            },
         })?;
         conn.create_channel()
             .await

@@ -1,5 +1,7 @@
 //! Errors of the broker layer. Messages never contain the AMQP password.
 
+use std::time::Duration;
+
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 
 #[derive(Debug, thiserror::Error)]
@@ -7,6 +9,13 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 pub enum BrokerError {
     #[error("cannot connect to RabbitMQ at {url}: {reason}")]
     Connect { url: String, reason: String },
+    /// A connection attempt that did not finish within `[broker] connect_timeout`.
+    #[error("cannot connect to RabbitMQ at {url}: {}", stage.explain(*waited))]
+    ConnectTimeout {
+        url: String,
+        stage: ConnectStage,
+        waited: Duration,
+    },
     // The lapin error is in the message, not exposed as `source()`, so a `{:#}` chain does not
     // print it twice.
     #[error("{action}: {cause}")]
@@ -25,12 +34,48 @@ impl BrokerError {
     /// True when the connection (not just one call) is gone: the caller should reconnect.
     pub fn is_connection_lost(&self) -> bool {
         match self {
-            BrokerError::Connect { .. } => true,
+            BrokerError::Connect { .. } | BrokerError::ConnectTimeout { .. } => true,
             BrokerError::Management { .. } => false,
             BrokerError::Amqp { cause, .. } => {
                 cause.is_io_error() || cause.is_amqp_hard_error() || !cause.can_be_recovered()
             }
         }
+    }
+}
+
+/// How far a connection attempt got before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectStage {
+    /// No TCP connection: the host does not answer (a firewall dropping packets looks like this).
+    Tcp,
+    /// The broker took the TCP connection but did not complete the TLS and AMQP handshake.
+    Handshake,
+}
+
+impl ConnectStage {
+    /// What did not finish, and what commonly causes it.
+    fn explain(self, waited: Duration) -> String {
+        match self {
+            ConnectStage::Tcp => format!(
+                "the TCP connect did not complete within {waited:?}; is the host up and the port \
+                 open (a firewall that drops packets looks like this)?"
+            ),
+            ConnectStage::Handshake => format!(
+                "the broker accepted the TCP connection but did not complete the AMQP handshake \
+                 within {waited:?}; a common cause is the broker's open-files limit (each quorum \
+                 queue holds file handles; see docs/deploy.md, 'Open files')"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ConnectStage::Tcp => "TCP connect",
+            ConnectStage::Handshake => "AMQP handshake",
+        })
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod consume;
 pub mod depth;
+mod dial;
 pub mod error;
 pub mod management;
 pub mod names;
@@ -18,7 +19,7 @@ pub mod topology;
 
 pub use connection::Broker;
 pub use consume::consume;
-pub use error::{BrokerError, PublishError, TopologyError};
+pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};
 pub use lapin;
 pub use management::Management;
 pub use names::Names;

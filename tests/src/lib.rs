@@ -1,5 +1,6 @@
 //! Helpers for warren's integration tests: a throw-away namespace on the real broker (deleted on
-//! drop), worker processes to start and kill, and result collection.
+//! drop), worker processes to start and kill, result collection, and a broker that never
+//! answers ([`SilentBroker`]).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -11,6 +12,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use warren_broker::{Broker, Topology};
 use warren_producer::{Client, Config, JobId, ResultEvent, Since};
+
+mod silent;
+pub use silent::SilentBroker;
 
 /// Env var through which the test worker's `work` handler learns where to write its markers.
 pub const ENV_TEST_DIR: &str = "WARREN_TEST_DIR";
