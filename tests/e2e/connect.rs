@@ -146,30 +146,39 @@ async fn nothing_listening_still_fails_at_once() {
     assert!(err.to_string().contains("refused"), "{err}");
 }
 
+/// Writes `ns`'s config pointing at `silent` with a 1 s `connect_timeout` to `file` in its
+/// folder; returns the path.
+fn silent_config(ns: &TestNamespace, silent: &SilentBroker, file: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&ns.config_path).unwrap().replace(
+        &format!("url = {:?}", ns.config.broker.url),
+        &format!("url = {:?}\nconnect_timeout = \"1s\"", silent.url()),
+    );
+    let path = ns.dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Lines of `log` that contain `message` and name the handshake and its usual cause.
+fn attempts(log: &str, message: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter(|l| l.contains("AMQP handshake") && l.contains("open-files limit"))
+        .count()
+}
+
 #[tokio::test]
 async fn a_worker_retries_a_silent_broker_and_logs_each_attempt() {
     // Given a worker whose broker accepts TCP and never answers, with a 1 s deadline
     let ns = TestNamespace::undeclared(crate::THREE_STEPS);
     let silent = SilentBroker::start();
-    let text = std::fs::read_to_string(&ns.config_path).unwrap().replace(
-        &format!("url = {:?}", ns.config.broker.url),
-        &format!("url = {:?}\nconnect_timeout = \"1s\"", silent.url()),
-    );
-    let path = ns.dir.join("silent.toml");
-    std::fs::write(&path, text).unwrap();
+    let path = silent_config(&ns, &silent, "silent.toml");
 
     // When it runs
     let mut worker = ns.spawn_worker_with_config(&path, &[]);
 
     // Then it keeps trying, one log line per attempt, each naming the cause
-    let attempts = |log: &str| {
-        log.lines()
-            .filter(|l| l.contains("Lost the broker; reconnecting."))
-            .filter(|l| l.contains("AMQP handshake") && l.contains("open-files limit"))
-            .count()
-    };
     let retried = eventually(Duration::from_secs(60), || async {
-        attempts(&worker.log_text()) >= 3
+        attempts(&worker.log_text(), "Lost the broker; reconnecting.") >= 3
     })
     .await;
     assert!(retried, "{}", worker.log_text());
@@ -178,4 +187,32 @@ async fn a_worker_retries_a_silent_broker_and_logs_each_attempt() {
     assert!(silent.closed() + 1 >= silent.accepted(), "{silent:?}");
     // And it still stops on a signal, mid-retry
     assert_eq!(worker.terminate(Duration::from_secs(20)), Some(0));
+}
+
+#[tokio::test]
+async fn the_supervisor_logs_each_failed_connect_of_its_depth_reads() {
+    // Given a supervisor (and no workers) whose broker never answers, with a 1 s deadline
+    let ns = TestNamespace::undeclared(crate::THREE_STEPS);
+    let silent = SilentBroker::start();
+    std::fs::copy(silent_config(&ns, &silent, "silent.toml"), &ns.config_path).unwrap();
+
+    // When it runs
+    let mut sup = ns.spawn_supervisor(&[
+        "--min",
+        "0",
+        "--max",
+        "1",
+        "--target-backlog",
+        "10",
+        "--interval",
+        "300ms",
+    ]);
+
+    // Then each tick's connect attempt is a log line naming the cause
+    let retried = eventually(Duration::from_secs(60), || async {
+        attempts(&sup.log_text(), "Cannot connect to read queue depths") >= 2
+    })
+    .await;
+    assert!(retried, "{}", sup.log_text());
+    assert_eq!(sup.terminate(Duration::from_secs(20)), Some(0));
 }

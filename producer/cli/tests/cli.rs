@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use warren_producer::JobStatus;
-use warren_tests::{collect_results, eventually, management_url, TestNamespace};
+use warren_tests::{collect_results, eventually, management_url, SilentBroker, TestNamespace};
 use warren_worker::{handler_fn, StepContext, StepError, Worker, WorkerError};
 
 const WARREN: &str = env!("CARGO_BIN_EXE_warren");
@@ -396,6 +396,43 @@ fn bad_config_exits_64_naming_the_line() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(text(&out.stderr).contains("/nonexistent/warren.toml"));
+}
+
+#[test]
+fn a_broker_that_never_answers_fails_the_command_after_the_connect_timeout() {
+    // Given a broker that takes the TCP connection and never answers, and a 1 s connect_timeout
+    let ns = TestNamespace::undeclared(GREET);
+    let silent = SilentBroker::start();
+    let text_of_config = std::fs::read_to_string(&ns.config_path).unwrap();
+    let path = ns.dir.join("silent.toml");
+    std::fs::write(
+        &path,
+        text_of_config.replace("[broker]\n", "[broker]\nconnect_timeout = \"1s\"\n"),
+    )
+    .unwrap();
+
+    // When a one-shot command runs against it (the URL from the environment)
+    let started = std::time::Instant::now();
+    let submit = ["submit", "--pipeline", "greet", "--tenant", "acme", "--payload", "{}"];
+    let out = warren_command(&path, &submit)
+        .env("WARREN_AMQP_URL", silent.url())
+        .output()
+        .unwrap();
+
+    // Then it exits 1 soon after the deadline, saying which stage hung and why it usually does
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = text(&out.stderr);
+    for part in [
+        "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1",
+        "AMQP handshake within 1s",
+        "open-files limit",
+        "docs/deploy.md",
+    ] {
+        assert!(stderr.contains(part), "{part:?} missing: {stderr}");
+    }
+    assert!(silent.accepted() >= 1);
 }
 
 /// `submit --pipeline greet --tenant acme --payload <payload> <extra>`.

@@ -1,7 +1,8 @@
 //! Reads the depth of the supervised step queues each tick: ready messages by passive declare
 //! (see `warren_broker::depth`), plus, when `[broker] management_url` is set, the messages
-//! workers hold unacked. A broker or management API that cannot be read is logged once, and
-//! once again when it can be read again.
+//! workers hold unacked. Each failed attempt to connect is logged with its cause (one a tick,
+//! the tick being the retry pace); a connected broker or a management API that cannot be read
+//! is logged once, and once again when it can be read again.
 
 use std::time::Duration;
 
@@ -15,6 +16,8 @@ pub(crate) struct Depths {
     queues: Vec<StepRoute>,
     /// Connected at the first read, and again after a lost connection.
     broker: Option<Broker>,
+    /// Connection attempts failed in a row.
+    connect_failures: u32,
     broker_down_logged: bool,
     /// Where unacked counts come from, if configured.
     management: Option<Management>,
@@ -26,6 +29,7 @@ impl Depths {
         Self {
             queues,
             broker: None,
+            connect_failures: 0,
             broker_down_logged: false,
             management,
             management_down_logged: false,
@@ -33,12 +37,17 @@ impl Depths {
     }
 
     /// The depth of each queue, in the order of the queues it was given, or `None` if the broker
-    /// could not be read within `patience` this time.
+    /// could not be reached (within `[broker] connect_timeout`) or read (within `patience`) this
+    /// time.
     pub(crate) async fn read(
         &mut self,
         config: &Config,
         patience: Duration,
     ) -> Option<Vec<QueueDepth>> {
+        if self.broker.is_none() {
+            // Outside `patience`: the connect has its own deadline, and its error says why.
+            self.broker = Some(self.connect(config).await?);
+        }
         match tokio::time::timeout(patience, self.read_once(config)).await {
             Ok(depths) => depths,
             Err(_) => {
@@ -49,16 +58,27 @@ impl Depths {
         }
     }
 
-    async fn read_once(&mut self, config: &Config) -> Option<Vec<QueueDepth>> {
-        if self.broker.is_none() {
-            match Broker::connect(&config.broker).await {
-                Ok(b) => self.broker = Some(b),
-                Err(e) => {
-                    self.broker_unreadable(&e.to_string());
-                    return None;
+    async fn connect(&mut self, config: &Config) -> Option<Broker> {
+        match Broker::connect(&config.broker).await {
+            Ok(broker) => {
+                if self.connect_failures > 0 {
+                    info!(tries = self.connect_failures, "Connected to the broker again.");
                 }
+                self.connect_failures = 0;
+                Some(broker)
+            }
+            Err(e) => {
+                self.connect_failures += 1;
+                warn!(error = %e, tries = self.connect_failures,
+                    "Cannot connect to read queue depths; keeping the pools as they are, trying again next tick.");
+                // So that the next good read says so.
+                self.broker_down_logged = true;
+                None
             }
         }
+    }
+
+    async fn read_once(&mut self, config: &Config) -> Option<Vec<QueueDepth>> {
         let broker = self.broker.as_ref()?;
         let mut depths = match read_depths(broker, &self.queues).await {
             Ok(d) => d,
