@@ -127,3 +127,33 @@ pub(crate) fn server_reply(err: &lapin::Error) -> Option<(Option<AMQPSoftError>,
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(stage: ConnectStage) -> BrokerError {
+        BrokerError::ConnectTimeout {
+            url: "amqp://guest:***@rabbit:5672/%2f".into(),
+            stage,
+            waited: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn a_connect_timeout_names_broker_stage_wait_and_cause_and_is_retried() {
+        let tcp = timeout(ConnectStage::Tcp);
+        let text = tcp.to_string();
+        assert!(text.starts_with("cannot connect to RabbitMQ at amqp://guest:***@rabbit:5672/%2f: the TCP connect did not complete within 10s"), "{text}");
+        assert!(text.contains("firewall"), "{text}");
+        let text = timeout(ConnectStage::Handshake).to_string();
+        assert!(
+            text.contains("AMQP handshake within 10s")
+                && text.contains("open-files limit")
+                && text.contains("docs/deploy.md, 'Open files'"),
+            "{text}"
+        );
+        assert!(tcp.is_connection_lost());
+        assert!(timeout(ConnectStage::Handshake).is_connection_lost());
+    }
+}

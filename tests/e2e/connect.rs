@@ -43,7 +43,10 @@ async fn connecting_to_a_silent_broker_times_out_naming_the_handshake() {
         ),
         "{err:?}"
     );
-    assert!(err.is_connection_lost(), "a long-running process retries it");
+    assert!(
+        err.is_connection_lost(),
+        "a long-running process retries it"
+    );
     // And the message names the broker (password hidden), the stage, the wait and the usual cause
     let text = err.to_string();
     for part in [

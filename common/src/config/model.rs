@@ -48,7 +48,10 @@ pub struct BrokerConfig {
     /// Longest one connection attempt may take: the TCP connect, then the TLS and AMQP
     /// handshake. Past it the attempt fails with an error instead of waiting forever on a broker
     /// that accepted the socket but never answers (one out of file handles, typically).
-    #[serde(default = "default_connect_timeout", deserialize_with = "connect_timeout")]
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "connect_timeout"
+    )]
     pub connect_timeout: Duration,
 }
 

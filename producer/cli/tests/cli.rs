@@ -413,7 +413,15 @@ fn a_broker_that_never_answers_fails_the_command_after_the_connect_timeout() {
 
     // When a one-shot command runs against it (the URL from the environment)
     let started = std::time::Instant::now();
-    let submit = ["submit", "--pipeline", "greet", "--tenant", "acme", "--payload", "{}"];
+    let submit = [
+        "submit",
+        "--pipeline",
+        "greet",
+        "--tenant",
+        "acme",
+        "--payload",
+        "{}",
+    ];
     let out = warren_command(&path, &submit)
         .env("WARREN_AMQP_URL", silent.url())
         .output()

@@ -62,7 +62,10 @@ impl Depths {
         match Broker::connect(&config.broker).await {
             Ok(broker) => {
                 if self.connect_failures > 0 {
-                    info!(tries = self.connect_failures, "Connected to the broker again.");
+                    info!(
+                        tries = self.connect_failures,
+                        "Connected to the broker again."
+                    );
                 }
                 self.connect_failures = 0;
                 Some(broker)
