@@ -98,10 +98,14 @@ pub(crate) async fn dial(
         };
         {
             let mut attempt = lock(&shared);
-            if matches!(*attempt, Attempt::Abandoned) {
-                return Err(io::Error::from(io::ErrorKind::ConnectionAborted).into());
+            match *attempt {
+                Attempt::Abandoned => {
+                    return Err(io::Error::from(io::ErrorKind::ConnectionAborted).into())
+                }
+                Attempt::Connecting => *attempt = Attempt::Handshaking(socket),
+                // Only the first connect of the connection is watched.
+                _ => {}
             }
-            *attempt = Attempt::Handshaking(socket);
         }
         match uri.scheme {
             AMQPScheme::AMQPS => Ok(stream.into_tls(&uri.authority.host, tls.as_ref()).await?),
