@@ -22,7 +22,7 @@ pub use connection::Broker;
 pub use consume::consume;
 pub use error::{BrokerError, PublishError, TopologyError};
 pub use lapin;
-pub use management::{Management, NodeFiles};
+pub use management::{Management, NodeFiles, QueueInfo};
 pub use names::Names;
 pub use publish::{Outgoing, PendingConfirm, Publisher};
 pub use route::{Lane, StepRoute};

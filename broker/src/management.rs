@@ -1,6 +1,7 @@
 //! RabbitMQ's management API, for the figures AMQP cannot give: messages delivered to a
-//! consumer but not yet acked (a worker's prefetch and the steps it is running), and each node's
-//! open-files limit and use ([`Management::file_descriptors`]).
+//! consumer but not yet acked (a worker's prefetch and the steps it is running), each node's
+//! open-files limit and use ([`Management::file_descriptors`]), and every queue of the broker
+//! with its type and nodes ([`Management::queues`]).
 //!
 //! Optional (`[broker] management_url`); it needs the `rabbitmq_management` plugin. The
 //! broker refreshes these counts every few seconds (`collect_statistics_interval`, 5 s by
@@ -27,6 +28,9 @@ pub struct Management {
     queues_url: String,
     /// `<management_url>/api/nodes`
     nodes_url: String,
+    /// `<management_url>/api/queues`: every vhost's.
+    all_queues_url: String,
+    vhost: String,
     user: String,
     password: String,
 }
@@ -48,8 +52,22 @@ pub struct NodeFiles {
     pub node: String,
     /// The node's open-files limit (`fd_total`): the `nofile` ulimit it runs with.
     pub total: u64,
-    /// Handles in use (`fd_used`).
+    /// Open files (`fd_used`): on RabbitMQ 3.10 the process's open files, which leaves out
+    /// the handles quorum queues take from its file-handle cache (see `capacity`).
     pub used: u64,
+}
+
+/// One queue of the broker, any vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QueueInfo {
+    pub vhost: String,
+    pub name: String,
+    /// `quorum`, `classic` or `stream`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The nodes with a replica (quorum queues and streams); empty for a classic queue.
+    #[serde(default)]
+    pub members: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -113,6 +131,8 @@ impl Management {
             http,
             queues_url: api(&["queues", &amqp.vhost]),
             nodes_url: api(&["nodes"]),
+            all_queues_url: api(&["queues"]),
+            vhost: amqp.vhost,
             user,
             password,
         }))
@@ -128,6 +148,17 @@ impl Management {
             .filter(|q| q.name.starts_with(prefix))
             .map(|q| (q.name, q.messages_unacknowledged))
             .collect())
+    }
+
+    /// The vhost of the AMQP URL, where the namespace's queues live.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    /// Every queue of every vhost, with its type and the nodes that host it.
+    pub async fn queues(&self) -> Result<Vec<QueueInfo>, BrokerError> {
+        self.get_json(&self.all_queues_url, "vhost,name,type,members")
+            .await
     }
 
     /// The open-files limit and use of every running node of the cluster.

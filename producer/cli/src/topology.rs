@@ -4,6 +4,8 @@
 //! connection hang, so `apply` warns first.
 
 use crate::output::outln;
+use std::collections::HashSet;
+
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use lapin::uri::AMQPUri;
@@ -121,7 +123,8 @@ fn report(json: bool, what: &str, ns: &str, plan: &Topology) {
 }
 
 /// The management API to ask for the broker's open-files figures: the configured one, else the
-/// local default when the broker is local (and then only if it answers: no error when not).
+/// local default when the broker is the local default one, 127.0.0.1:5672 (and then only if it
+/// answers: no error when not).
 /// The flag says whether it was configured, so that its failures are worth a word.
 fn management_for(config: &Config) -> Option<(Management, bool)> {
     match Management::from_config(&config.broker) {
@@ -132,8 +135,9 @@ fn management_for(config: &Config) -> Option<(Management, bool)> {
             return None;
         }
     }
-    let host = config.broker.url.parse::<AMQPUri>().ok()?.authority.host;
-    if host != "127.0.0.1" && host != "localhost" {
+    let authority = config.broker.url.parse::<AMQPUri>().ok()?.authority;
+    let local = matches!(authority.host.as_str(), "127.0.0.1" | "localhost");
+    if !local || authority.port != 5672 {
         return None;
     }
     let mut local = config.broker.clone();
@@ -145,8 +149,14 @@ fn management_for(config: &Config) -> Option<(Management, bool)> {
 /// that do already hold their handles), or `None` when the management API does not tell.
 async fn open_files(config: &Config, plan: &Topology) -> Option<FileCheck> {
     let (management, configured) = management_for(config)?;
-    let nodes = match management.file_descriptors().await {
-        Ok(nodes) => nodes,
+    let read = async {
+        Ok::<_, warren_broker::BrokerError>((
+            management.file_descriptors().await?,
+            management.queues().await?,
+        ))
+    };
+    let (nodes, queues) = match read.await {
+        Ok(read) => read,
         Err(e) => {
             if configured {
                 eprintln!("warren: cannot check the broker's open-files limit: {e}");
@@ -154,20 +164,22 @@ async fn open_files(config: &Config, plan: &Topology) -> Option<FileCheck> {
             return None;
         }
     };
-    // Every queue name of the namespace starts with `<ns>.`.
-    let prefix = format!("{}.", config.broker.namespace);
-    let existing = management.unacked(&prefix).await.unwrap_or_default();
+    let existing: HashSet<&str> = queues
+        .iter()
+        .filter(|q| q.vhost == management.vhost())
+        .map(|q| q.name.as_str())
+        .collect();
     let new = Topology {
         exchanges: vec![],
         queues: plan
             .queues
             .iter()
-            .filter(|q| !existing.contains_key(&q.name))
+            .filter(|q| !existing.contains(q.name.as_str()))
             .cloned()
             .collect(),
     };
     let needed = QueueCounts::of(&new, &Names::new(&config.broker.namespace)).handles();
-    capacity::check_files(&nodes, needed)
+    capacity::check_files(&nodes, &queues, needed)
 }
 
 /// The lines `plan` and `apply` print about the namespace's size and the broker's files.
@@ -202,7 +214,7 @@ fn summary<'a>(
         counts.delay, counts.dead_letter, counts.results
     );
     let handles = format!(
-        "open files: about {} handles on each broker node ({} per quorum queue, as measured on RabbitMQ 3.10; {} per stream and {} per classic queue, cautious guesses)",
+        "open files: about {} handles on each broker node ({} per quorum queue, {} per stream, {} per classic queue: RabbitMQ 3.10 figures)",
         counts.handles(),
         capacity::HANDLES_PER_QUORUM_QUEUE,
         capacity::HANDLES_PER_STREAM,
@@ -210,11 +222,13 @@ fn summary<'a>(
     );
     let broker = match files {
         Some(check) => format!(
-            "broker {}: {} of {} open files in use ({} usable); {} more for the queues not there yet, {} left after",
+            "broker {}: open-files limit {} ({} usable), about {} in use ({} open files + {} per quorum queue there); {} more for the queues not there yet, {} left after",
             check.node.node,
-            check.node.used,
             check.node.total,
             check.usable,
+            check.in_use,
+            check.node.used,
+            capacity::HANDLES_PER_QUORUM_QUEUE,
             check.needed,
             check.left()
         ),
@@ -235,10 +249,10 @@ fn warn_if_exhausted(files: Option<&FileCheck>) {
 
 fn exhausted_message(check: &FileCheck) -> String {
     format!(
-        "this namespace needs about {} more file handles, but broker node {} has {} of its {} usable in use (limit {}): once they run out, every new connection hangs in the AMQP handshake. Raise the broker's open-files limit first: see {}",
+        "this namespace needs about {} more file handles, but broker node {} has about {} of its {} usable in use (limit {}): once they run out, every new connection hangs in the AMQP handshake. Raise the broker's open-files limit first: see {}",
         check.needed,
         check.node.node,
-        check.node.used,
+        check.in_use,
         check.usable,
         check.node.total,
         capacity::DOCS
@@ -283,6 +297,7 @@ fn files_json(check: &FileCheck) -> Value {
         "node": check.node.node,
         "fd_total": check.node.total,
         "fd_used": check.node.used,
+        "in_use": check.in_use,
         "usable": check.usable,
         "needed": check.needed,
         "left": check.left(),
@@ -322,6 +337,7 @@ mod tests {
                 total: 1024,
                 used: 40,
             }],
+            &[],
             233,
         );
         let lines: Vec<_> = summary("ns", &counts(), files.as_ref()).collect();
@@ -336,7 +352,7 @@ mod tests {
         assert!(lines[2].contains("delay queues: 4"), "{lines:?}");
         assert!(lines[3].contains("about 233 handles"), "{lines:?}");
         assert!(
-            lines[4].contains("40 of 1024 open files in use (921 usable)")
+            lines[4].contains("limit 1024 (921 usable), about 40 in use (40 open files")
                 && lines[4].ends_with("648 left after"),
             "{lines:?}"
         );
@@ -351,7 +367,7 @@ mod tests {
             total,
             used: 40,
         };
-        let tight = check_files(&[node(1024)], 2_175).unwrap();
+        let tight = check_files(&[node(1024)], &[], 2_175).unwrap();
         assert!(tight.exhausts());
         let message = exhausted_message(&tight);
         assert!(
@@ -361,7 +377,7 @@ mod tests {
                 && message.contains("docs/deploy.md, \"Open files\""),
             "{message}"
         );
-        assert!(!check_files(&[node(20_000)], 2_175).unwrap().exhausts());
+        assert!(!check_files(&[node(20_000)], &[], 2_175).unwrap().exhausts());
     }
 
     #[test]
