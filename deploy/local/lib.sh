@@ -253,6 +253,10 @@ broker_nofile_now() {
             fi
         fi
     fi
+    # That needs root; never ask for a password just to report a figure.
+    if [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
+        return 1
+    fi
     pid=$(as_root rabbitmq-diagnostics -q status --formatter json 2>/dev/null |
         grep -o '"pid":[0-9]*' | head -n 1 | cut -d: -f2 || true)
     [ -n "$pid" ] || return 1
