@@ -3,9 +3,9 @@
 //! holds them ([`warren_broker::capacity`]): a namespace too big for it makes every later
 //! connection hang, so `apply` warns first.
 
-use crate::output::outln;
 use std::collections::HashSet;
 
+use crate::output::outln;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use lapin::uri::AMQPUri;
