@@ -1,11 +1,13 @@
 //! RabbitMQ for warren: where a step message goes ([`route`]: [`StepRoute`], [`Lane`]), every
 //! other exchange and queue name ([`names`]), the topology a config implies and its declaration
 //! ([`topology`]), pooled connections ([`Broker`]), publishing that waits for the broker's
-//! confirm ([`publish`]), consumer set-up ([`consume()`]), queue-depth reads ([`depth`]), and the
-//! unacked counts only the management API has ([`management`]).
+//! confirm ([`publish`]), consumer set-up ([`consume()`]), queue-depth reads ([`depth`]), the
+//! unacked counts and open-files figures only the management API has ([`management`]), and
+//! whether a namespace fits the broker's open-files limit ([`capacity`]).
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
+pub mod capacity;
 pub mod connection;
 pub mod consume;
 pub mod depth;
@@ -21,7 +23,7 @@ pub use connection::Broker;
 pub use consume::consume;
 pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};
 pub use lapin;
-pub use management::Management;
+pub use management::{Management, NodeFiles, QueueInfo};
 pub use names::Names;
 pub use publish::{Outgoing, PendingConfirm, Publisher};
 pub use route::{Lane, StepRoute};

@@ -1,5 +1,7 @@
-//! RabbitMQ's management API, for the one figure AMQP cannot give: messages delivered to a
-//! consumer but not yet acked (a worker's prefetch and the steps it is running).
+//! RabbitMQ's management API, for the figures AMQP cannot give: messages delivered to a
+//! consumer but not yet acked (a worker's prefetch and the steps it is running), each node's
+//! open-files limit and use ([`Management::file_descriptors`]), and every queue of the broker
+//! with its type and nodes ([`Management::queues`]).
 //!
 //! Optional (`[broker] management_url`); it needs the `rabbitmq_management` plugin. The
 //! broker refreshes these counts every few seconds (`collect_statistics_interval`, 5 s by
@@ -24,6 +26,11 @@ pub struct Management {
     http: reqwest::Client,
     /// `<management_url>/api/queues/<vhost>`
     queues_url: String,
+    /// `<management_url>/api/nodes`
+    nodes_url: String,
+    /// `<management_url>/api/queues`: every vhost's.
+    all_queues_url: String,
+    vhost: String,
     user: String,
     password: String,
 }
@@ -32,9 +39,43 @@ impl std::fmt::Debug for Management {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Management")
             .field("queues_url", &self.queues_url)
+            .field("nodes_url", &self.nodes_url)
             .field("user", &self.user)
             .finish_non_exhaustive()
     }
+}
+
+/// One node's open-files figures, as `/api/nodes` reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFiles {
+    /// `rabbit@host`
+    pub node: String,
+    /// The node's open-files limit (`fd_total`): the `nofile` ulimit it runs with.
+    pub total: u64,
+    /// Open files (`fd_used`): on RabbitMQ 3.10 the process's open files, which leaves out
+    /// the handles quorum queues take from its file-handle cache (see `capacity`).
+    pub used: u64,
+}
+
+/// One queue of the broker, any vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QueueInfo {
+    pub vhost: String,
+    pub name: String,
+    /// `quorum`, `classic` or `stream`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The nodes with a replica (quorum queues and streams); empty for a classic queue.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct NodeStats {
+    name: String,
+    /// Absent on a node that is down, or on a version that does not report them.
+    fd_total: Option<u64>,
+    fd_used: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -74,14 +115,24 @@ impl Management {
         url.path_segments_mut()
             .map_err(|()| invalid("not a base URL".into()))?
             .pop_if_empty()
-            .extend(["api", "queues", &amqp.vhost]);
+            .push("api");
+        let api = |segments: &[&str]| {
+            let mut url = url.clone();
+            url.path_segments_mut()
+                .expect("checked above: a base URL")
+                .extend(segments);
+            url.to_string()
+        };
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| invalid(e.to_string()))?;
         Ok(Some(Self {
             http,
-            queues_url: url.to_string(),
+            queues_url: api(&["queues", &amqp.vhost]),
+            nodes_url: api(&["nodes"]),
+            all_queues_url: api(&["queues"]),
+            vhost: amqp.vhost,
             user,
             password,
         }))
@@ -89,14 +140,58 @@ impl Management {
 
     /// Unacked messages of every queue of the vhost whose name starts with `prefix`.
     pub async fn unacked(&self, prefix: &str) -> Result<HashMap<String, u64>, BrokerError> {
+        let queues: Vec<QueueStats> = self
+            .get_json(&self.queues_url, "name,messages_unacknowledged")
+            .await?;
+        Ok(queues
+            .into_iter()
+            .filter(|q| q.name.starts_with(prefix))
+            .map(|q| (q.name, q.messages_unacknowledged))
+            .collect())
+    }
+
+    /// The vhost of the AMQP URL, where the namespace's queues live.
+    pub fn vhost(&self) -> &str {
+        &self.vhost
+    }
+
+    /// Every queue of every vhost, with its type and the nodes that host it.
+    pub async fn queues(&self) -> Result<Vec<QueueInfo>, BrokerError> {
+        self.get_json(&self.all_queues_url, "vhost,name,type,members")
+            .await
+    }
+
+    /// The open-files limit and use of every running node of the cluster.
+    pub async fn file_descriptors(&self) -> Result<Vec<NodeFiles>, BrokerError> {
+        let nodes: Vec<NodeStats> = self
+            .get_json(&self.nodes_url, "name,fd_total,fd_used")
+            .await?;
+        Ok(nodes
+            .into_iter()
+            .filter_map(|n| {
+                Some(NodeFiles {
+                    total: n.fd_total?,
+                    used: n.fd_used?,
+                    node: n.name,
+                })
+            })
+            .collect())
+    }
+
+    /// GET `url` (only `columns`), authenticated, and its JSON answer.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: &str,
+        columns: &str,
+    ) -> Result<T, BrokerError> {
         let failed = |reason: String| BrokerError::Management {
-            url: self.queues_url.clone(),
+            url: url.to_string(),
             reason,
         };
         let response = self
             .http
-            .get(&self.queues_url)
-            .query(&[("columns", "name,messages_unacknowledged")])
+            .get(url)
+            .query(&[("columns", columns)])
             .basic_auth(&self.user, Some(&self.password))
             .send()
             .await
@@ -111,15 +206,10 @@ impl Management {
             };
             return Err(failed(format!("HTTP {status}{hint}")));
         }
-        let queues: Vec<QueueStats> = response
+        response
             .json()
             .await
-            .map_err(|e| failed(format!("unexpected answer: {e}")))?;
-        Ok(queues
-            .into_iter()
-            .filter(|q| q.name.starts_with(prefix))
-            .map(|q| (q.name, q.messages_unacknowledged))
-            .collect())
+            .map_err(|e| failed(format!("unexpected answer: {e}")))
     }
 }
 

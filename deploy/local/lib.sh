@@ -11,6 +11,12 @@ WARREN_BROKER_PORT=5672
 WARREN_MANAGEMENT_PORT=15672
 # How long to wait for a broker we started before giving up.
 WARREN_BROKER_WAIT_SECS=${WARREN_BROKER_WAIT_SECS:-60}
+# The open-files limit a broker we start gets. A quorum queue holds about 3 file handles, and a
+# node out of handles hangs every new connection in the AMQP handshake (docs/deploy.md "Open
+# files"): the usual default of 1,024 fills at about 300 quorum queues, 65,536 holds some 19,000.
+WARREN_BROKER_NOFILE=${WARREN_BROKER_NOFILE:-65536}
+# Below this limit, a running local broker is reported as too small (about 3,000 quorum queues).
+WARREN_BROKER_NOFILE_MIN=${WARREN_BROKER_NOFILE_MIN:-10000}
 
 # The repo root, whichever directory the calling script was started from.
 # shellcheck disable=SC2034 # used by the scripts that source this file
@@ -167,6 +173,125 @@ _ensure_localhost_resolves() {
     as_root sh -c "printf '127.0.0.1\tlocalhost\n' >> /etc/hosts"
 }
 
+_has_systemd() {
+    [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1
+}
+
+# Writes $2 and a newline to file $1 as root, unless the file holds exactly that already (so a
+# rerun changes nothing). True when it wrote.
+_write_root_file() {
+    local path=$1 content=$2
+    if [ -r "$path" ] && [ "$(cat "$path")" = "$content" ]; then
+        return 1
+    fi
+    as_root mkdir -p "$(dirname "$path")"
+    printf '%s\n' "$content" | as_root tee "$path" >/dev/null
+}
+
+# Where the open-files limit of a broker we start is set (variables, so a test can point them
+# elsewhere): PAM's limits for the rabbitmq user without systemd, a drop-in with it.
+_warren_limits_conf=/etc/security/limits.d/warren-rabbitmq.conf
+_warren_systemd_dropin=/etc/systemd/system/rabbitmq-server.service.d/limits.conf
+
+# The open-files limit a broker started without systemd can get: WARREN_BROKER_NOFILE, capped at
+# root's hard limit (in a container root may not raise it, and PAM then ignores a higher value).
+broker_nofile_target() {
+    local hard
+    hard=$(as_root sh -c 'ulimit -Hn')
+    if [ "$hard" != unlimited ] && [ "$hard" -lt "$WARREN_BROKER_NOFILE" ]; then
+        echo "$hard"
+    else
+        echo "$WARREN_BROKER_NOFILE"
+    fi
+}
+
+# Without systemd, rabbitmq-server run as root switches to the rabbitmq user with `su`, whose PAM
+# session (pam_limits) resets the open-files limit from /etc/security/limits.*: a `ulimit -n`
+# before it is lost, a limits.d entry for the rabbitmq user is not. Prints the limit it set.
+_raise_broker_nofile_pam() {
+    local n
+    n=$(broker_nofile_target)
+    if _write_root_file "$_warren_limits_conf" "# written by warren deploy/local/lib.sh: open files for RabbitMQ (docs/deploy.md \"Open files\")
+rabbitmq soft nofile $n
+rabbitmq hard nofile $n"; then
+        log "set the rabbitmq user's open-files limit to $n in $_warren_limits_conf"
+    fi
+    if [ "$n" -lt "$WARREN_BROKER_NOFILE" ]; then
+        log "open files for RabbitMQ: $n, not $WARREN_BROKER_NOFILE: root's hard limit here (ulimit -Hn) is $n and cannot be raised from inside (a container: see docs/deploy.md \"Open files\")"
+    fi
+    echo "$n"
+}
+
+# With systemd the unit's LimitNOFILE counts (Debian's unit sets 65536); a drop-in raises a lower
+# one. systemd may set any limit, so no cap applies.
+_raise_broker_nofile_systemd() {
+    local current
+    current=$(as_root systemctl show -p LimitNOFILE rabbitmq-server 2>/dev/null || true)
+    current=${current#LimitNOFILE=}
+    if [ "$current" = infinity ] || { [ -n "$current" ] && [ "$current" -ge "$WARREN_BROKER_NOFILE" ] 2>/dev/null; }; then
+        return 0
+    fi
+    if _write_root_file "$_warren_systemd_dropin" "# written by warren deploy/local/lib.sh: open files for RabbitMQ (docs/deploy.md \"Open files\")
+[Service]
+LimitNOFILE=$WARREN_BROKER_NOFILE"; then
+        log "set LimitNOFILE=$WARREN_BROKER_NOFILE for rabbitmq-server in $_warren_systemd_dropin"
+        as_root systemctl daemon-reload
+    fi
+}
+
+# The open-files limit the running local node has: fd_total from the management API when it
+# answers (no root needed), else the beam process's own limit in /proc. Fails when unknown.
+broker_nofile_now() {
+    local answer limit pid
+    if command -v curl >/dev/null 2>&1 && port_answers "$WARREN_BROKER_HOST" "$WARREN_MANAGEMENT_PORT"; then
+        if answer=$(curl -fsS --max-time 5 -u guest:guest \
+            "http://$WARREN_BROKER_HOST:$WARREN_MANAGEMENT_PORT/api/nodes?columns=fd_total" 2>/dev/null); then
+            limit=$(printf '%s' "$answer" | grep -o '"fd_total":[0-9]*' | head -n 1 | cut -d: -f2 || true)
+            if [ -n "$limit" ]; then
+                echo "$limit"
+                return 0
+            fi
+        fi
+    fi
+    # That needs root; never ask for a password just to report a figure.
+    if [ "$(id -u)" -ne 0 ] && ! sudo -n true 2>/dev/null; then
+        return 1
+    fi
+    pid=$(as_root rabbitmq-diagnostics -q status --formatter json 2>/dev/null |
+        grep -o '"pid":[0-9]*' | head -n 1 | cut -d: -f2 || true)
+    [ -n "$pid" ] || return 1
+    as_root cat "/proc/$pid/limits" 2>/dev/null |
+        awk '/^Max open files/ { print $4; found = 1 } END { exit !found }'
+}
+
+# Set when this script started the broker (start_rabbitmq): only then may it say the limit is ours.
+_warren_started_broker=0
+
+# Logs how big a namespace the local broker's open-files limit holds, and, when it is low, what
+# to do. A broker this script did not start is never restarted: it only says how.
+check_broker_nofile() {
+    local limit queues
+    if ! limit=$(broker_nofile_now) || [ -z "$limit" ]; then
+        log "could not read the local RabbitMQ's open-files limit; check it with: rabbitmqctl status (File Descriptors), or warren topology plan"
+        return 0
+    fi
+    # About 90% of the limit is usable, at about 3 handles per quorum queue; a pipeline of 3
+    # steps with the default 3 priorities and 8 shards is 72 queues.
+    queues=$((limit * 9 / 10 / 3))
+    if [ "$limit" -ge "$WARREN_BROKER_NOFILE_MIN" ]; then
+        log "RabbitMQ's open-files limit is $limit: room for about $queues quorum queues ($((queues / 72)) pipelines of 3 steps with 8 shards)"
+        return 0
+    fi
+    log "warning: the local RabbitMQ's open-files limit is only $limit: about $queues quorum queues ($((queues / 72)) pipelines of 3 steps with 8 shards) fill it, and then every new connection hangs (docs/deploy.md \"Open files\")"
+    if [ "$_warren_started_broker" -eq 1 ]; then
+        log "this script started it but could not raise the limit; see the lines above and docs/deploy.md \"Open files\""
+    elif _has_systemd; then
+        log "to raise it: stop it (as root: systemctl stop rabbitmq-server), then run deploy/local/rabbitmq.sh again (it restarts RabbitMQ with LimitNOFILE=$WARREN_BROKER_NOFILE); queues and messages are kept"
+    else
+        log "to raise it: stop it (as root: rabbitmqctl stop), then run deploy/local/rabbitmq.sh again (it restarts RabbitMQ with a limit of up to $WARREN_BROKER_NOFILE); queues and messages are kept"
+    fi
+}
+
 start_rabbitmq() {
     # A node that is running but not (yet) listening must not be started twice.
     if _rabbitmq_booted; then
@@ -174,13 +299,18 @@ start_rabbitmq() {
         return 0
     fi
     _ensure_localhost_resolves
-    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    _warren_started_broker=1
+    if _has_systemd; then
+        _raise_broker_nofile_systemd
         log "starting RabbitMQ (systemctl start rabbitmq-server)"
         as_root systemctl start rabbitmq-server
     else
+        local nofile
+        nofile=$(_raise_broker_nofile_pam)
         # No systemd (a container): run it as a daemon. Its own logs are in /var/log/rabbitmq/.
-        log "starting RabbitMQ (rabbitmq-server -detached)"
-        as_root rabbitmq-server -detached >/dev/null 2>&1 ||
+        # The ulimit serves a `su` without pam_limits, which keeps the caller's limits.
+        log "starting RabbitMQ (rabbitmq-server -detached, open files $nofile)"
+        as_root sh -c "ulimit -n $nofile 2>/dev/null; exec rabbitmq-server -detached" >/dev/null 2>&1 ||
             die "rabbitmq-server -detached failed; see /var/log/rabbitmq/"
     fi
 }
@@ -219,7 +349,8 @@ _broker_is_local() {
 }
 
 # Makes sure a RabbitMQ answers on 127.0.0.1:5672: nothing to do when one does (the fast path),
-# else install it if missing, start it and wait for it.
+# else install it if missing, start it with an open-files limit fit for thousands of queues and
+# wait for it. Either way, logs how many queues the broker's limit holds.
 ensure_broker() {
     if ! _broker_is_local; then
         log "WARREN_AMQP_URL points elsewhere; not managing a local broker"
@@ -227,6 +358,7 @@ ensure_broker() {
     fi
     if port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; then
         log "RabbitMQ answers on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"
+        check_broker_nofile
         return 0
     fi
     if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
@@ -234,4 +366,5 @@ ensure_broker() {
     fi
     start_rabbitmq
     wait_for_rabbitmq
+    check_broker_nofile
 }

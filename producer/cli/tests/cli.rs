@@ -659,3 +659,60 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
     channel.close(200, "done".into()).await.unwrap();
     broker.close().await;
 }
+
+#[test]
+fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
+    // Given a namespace of one pipeline, 1 step x 3 priorities x 2 shards, not applied yet
+    let ns = TestNamespace::undeclared(GREET);
+    let url = management_url();
+
+    // When `topology plan --json` runs with the management API
+    let out = warren_with_management(&ns, &["--json", "topology", "plan"], &url);
+    assert!(out.status.success(), "{out:?}");
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // Then it counts the queues: 6 step queues, the delay queues, the DLQ and the results stream
+    let counts = &plan["counts"];
+    let queues = plan["queues"].as_array().unwrap().len() as u64;
+    assert_eq!(counts["queues"], json!(queues), "{plan}");
+    assert_eq!(counts["step_queues"], json!(6), "{plan}");
+    assert_eq!(
+        counts["pipelines"],
+        json!([{"pipeline": "greet", "queues": 6, "steps": 1, "priorities": 3, "shards": 2}])
+    );
+    let delay = counts["delay"].as_u64().unwrap();
+    assert_eq!(queues, 6 + delay + 2, "{plan}");
+    assert_eq!(
+        (counts["quorum"].as_u64(), counts["stream"].as_u64()),
+        (Some(queues - 1), Some(1))
+    );
+    // And the broker's open files, with every queue still to come
+    let handles = counts["handles"].as_u64().unwrap();
+    assert_eq!(handles, 3 * (queues - 1) + 2, "{plan}");
+    let files = &plan["open_files"];
+    assert!(files["fd_total"].as_u64().unwrap() > 0, "{plan}");
+    assert_eq!(files["needed"], json!(handles), "{plan}");
+    assert_eq!(files["exhausts"], json!(false), "{plan}");
+
+    // When it is applied, then the text output says the same before the usual line
+    let out = warren_with_management(&ns, &["topology", "apply"], &url);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "needs {queues} queues ({} quorum, 1 stream)",
+            queues - 1
+        )) && stdout.contains("pipeline greet: 6 step queues (1 steps x 3 priorities x 2 shards)")
+            && stdout.contains(&format!("{handles} more for the queues not there yet")),
+        "{stdout}"
+    );
+
+    // And a plan of the applied namespace needs no more handles: its queues hold theirs already,
+    // 3 per quorum queue on top of the node's open files (other namespaces may add more)
+    let out = warren_with_management(&ns, &["--json", "topology", "plan"], &url);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let files = &plan["open_files"];
+    assert_eq!(files["needed"], json!(0), "{plan}");
+    let (in_use, fd_used) = (files["in_use"].as_u64(), files["fd_used"].as_u64());
+    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 1)), "{plan}");
+}
