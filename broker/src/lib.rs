@@ -14,6 +14,7 @@ pub mod management;
 pub mod names;
 pub mod publish;
 pub mod route;
+mod spread;
 pub mod topology;
 
 pub use connection::Broker;
