@@ -17,6 +17,7 @@ pub mod management;
 pub mod names;
 pub mod publish;
 pub mod route;
+mod spread;
 pub mod topology;
 
 pub use connection::Broker;

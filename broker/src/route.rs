@@ -95,12 +95,13 @@ impl StepRoute {
         format!("{}{}", names.step_queue_prefix(), self.routing_key())
     }
 
-    /// Every route of `step` of `pipeline`, in plan order (priority, then lane).
+    /// Every route of `step` of `pipeline`, in plan order (priority, then lane): the
+    /// priorities the pipeline declares, each with every lane.
     pub fn of_step<'a>(
         pipeline: &'a PipelineConfig,
         step: &'a str,
     ) -> impl Iterator<Item = StepRoute> + 'a {
-        Priority::ALL.into_iter().flat_map(move |priority| {
+        pipeline.priorities.iter().flat_map(move |&priority| {
             Lane::all(pipeline)
                 .map(move |lane| StepRoute::new(&pipeline.name, step, priority, lane))
         })
@@ -186,6 +187,23 @@ mod tests {
                 assert!(all.contains(&r), "{r:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_pipeline_enumerates_only_its_priorities() {
+        let mut config = config();
+        config.pipelines[0].priorities = vec![Priority::Normal];
+        let p = config.pipeline("p").unwrap();
+        let of_a: Vec<_> = StepRoute::of_step(p, "a").collect();
+        assert_eq!(
+            of_a,
+            [
+                route("p", "a", Priority::Normal, 0),
+                route("p", "a", Priority::Normal, 1)
+            ]
+        );
+        // The other pipeline keeps all three.
+        assert_eq!(StepRoute::all(&config).len(), 2 * 2 + 3 * 8);
     }
 
     fn name() -> impl Strategy<Value = String> {

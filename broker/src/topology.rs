@@ -3,19 +3,21 @@
 //! queue that exists with other arguments is a [`TopologyError::Conflict`] naming it.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::ExchangeKind;
+use lapin::{Channel, ExchangeKind};
 use warren_common::config::{Config, QueueType};
 
-use crate::connection::{Broker, ReopenedChannel};
+use crate::connection::Broker;
 use crate::error::{server_reply, BrokerError, TopologyError};
 use crate::names::Names;
 use crate::route::StepRoute;
+use crate::spread::spread;
 
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
@@ -187,92 +189,25 @@ impl Topology {
         Self { exchanges, queues }
     }
 
-    /// Declares every exchange, queue and binding. Safe to run any number of times.
+    /// Declares every exchange, queue and binding. Safe to run any number of times. The
+    /// declares are spread over a few channels ([`spread`]); when some conflict, every other one
+    /// is still made, and the first conflict in plan order is the error.
     pub async fn declare(&self, broker: &Broker) -> Result<(), TopologyError> {
-        let mut channel = ReopenedChannel::new(broker);
-        let declared = self.declare_on(&mut channel).await;
-        channel.close().await;
-        declared
-    }
-
-    async fn declare_on(&self, channel: &mut ReopenedChannel<'_>) -> Result<(), TopologyError> {
-        for exchange in &self.exchanges {
-            channel
-                .get()
-                .await?
-                .exchange_declare(
-                    exchange.name.as_str().into(),
-                    exchange.kind.kind(),
-                    ExchangeDeclareOptions {
-                        durable: true,
-                        ..ExchangeDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| conflict_or("exchange", &exchange.name, e))?;
-        }
-        for queue in &self.queues {
-            let channel = channel.get().await?;
-            channel
-                .queue_declare(
-                    queue.name.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    arguments(&queue.arguments),
-                )
-                .await
-                .map_err(|e| conflict_or("queue", &queue.name, e))?;
-            for (exchange, key) in &queue.bindings {
-                channel
-                    .queue_bind(
-                        queue.name.as_str().into(),
-                        exchange.as_str().into(),
-                        key.as_str().into(),
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
-                    .map_err(BrokerError::amqp(format!(
-                        "bind {} to {exchange}",
-                        queue.name
-                    )))?;
-            }
-        }
-        Ok(())
+        // Exchanges first: the queues' bindings need them.
+        let exchanges: Vec<_> = self.exchanges.iter().collect();
+        declare_all(broker, &exchanges, declare_exchange).await?;
+        let queues: Vec<_> = self.queues.iter().collect();
+        declare_all(broker, &queues, declare_queue).await
     }
 
     /// Deletes every queue and exchange of the plan, messages included. Missing ones are fine.
     pub async fn delete(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let mut channel = ReopenedChannel::new(broker);
-        let deleted = self.delete_on(&mut channel).await;
-        channel.close().await;
-        deleted
-    }
-
-    async fn delete_on(&self, channel: &mut ReopenedChannel<'_>) -> Result<(), BrokerError> {
-        for queue in &self.queues {
-            // Deleting a missing queue is a no-op in RabbitMQ 3.x.
-            channel
-                .get()
-                .await?
-                .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(BrokerError::amqp(format!("delete queue {}", queue.name)))?;
-        }
-        for exchange in &self.exchanges {
-            channel
-                .get()
-                .await?
-                .exchange_delete(
-                    exchange.name.as_str().into(),
-                    ExchangeDeleteOptions::default(),
-                )
-                .await
-                .map_err(BrokerError::amqp(format!(
-                    "delete exchange {}",
-                    exchange.name
-                )))?;
-        }
+        let queues: Vec<_> = self.queues.iter().collect();
+        let deleted = spread(broker, &queues, delete_queue).await?;
+        deleted.into_iter().find(Result::is_err).transpose()?;
+        let exchanges: Vec<_> = self.exchanges.iter().collect();
+        let deleted = spread(broker, &exchanges, delete_exchange).await?;
+        deleted.into_iter().find(Result::is_err).transpose()?;
         Ok(())
     }
 
@@ -301,6 +236,150 @@ pub fn retry_delays_ms(config: &Config) -> Vec<u64> {
         .filter(|ms| *ms > 0)
         .collect();
     delays.into_iter().collect()
+}
+
+/// Declares every one of `items` with `declare`, spread over channels. A conflict closes its
+/// channel, and the declares queued behind it there fail with it: those are made again, on
+/// fresh channels, until only conflicts are left; the first of them in `items` order is the
+/// error.
+async fn declare_all<'a, T, F, Fut>(
+    broker: &Broker,
+    items: &[&'a T],
+    declare: F,
+) -> Result<(), TopologyError>
+where
+    F: Fn(Channel, &'a T) -> Fut,
+    Fut: Future<Output = Result<(), TopologyError>>,
+{
+    // The items still to declare, and their places in `items`.
+    let (mut todo, mut places): (Vec<&'a T>, Vec<usize>) =
+        (items.to_vec(), (0..items.len()).collect());
+    let mut first_conflict: Option<(usize, TopologyError)> = None;
+    while !todo.is_empty() {
+        let results = spread(broker, &todo, &declare).await?;
+        match next_round(places.iter().copied().zip(results).collect()) {
+            Round::Done => break,
+            Round::Failed(e) => return Err(e),
+            Round::Again { retry, conflict } => {
+                if first_conflict.as_ref().is_none_or(|(i, _)| conflict.0 < *i) {
+                    first_conflict = Some(conflict);
+                }
+                (todo, places) = places
+                    .iter()
+                    .zip(&todo)
+                    .filter(|(place, _)| retry.contains(place))
+                    .map(|(place, item)| (*item, *place))
+                    .unzip();
+            }
+        }
+    }
+    match first_conflict {
+        Some((_, conflict)) => Err(conflict),
+        None => Ok(()),
+    }
+}
+
+/// What a round of declares leads to.
+#[derive(Debug)]
+enum Round {
+    /// Every declare succeeded.
+    Done,
+    /// A failure that is no conflict, with no conflict that explains it: the error.
+    Failed(TopologyError),
+    /// Some conflicted (the first of them, by index): the other failures may be their
+    /// channels' closing, so those indices are declared again.
+    Again {
+        retry: Vec<usize>,
+        conflict: (usize, TopologyError),
+    },
+}
+
+/// Pure: sorts one round's outcomes (item index, result), in index order.
+fn next_round(outcomes: Vec<(usize, Result<(), TopologyError>)>) -> Round {
+    let mut conflict = None;
+    let mut retry = Vec::new();
+    let mut failure = None;
+    for (i, outcome) in outcomes {
+        match outcome {
+            Ok(()) => {}
+            Err(e @ TopologyError::Conflict { .. }) => {
+                conflict.get_or_insert((i, e));
+            }
+            Err(e) => {
+                retry.push(i);
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    match (conflict, failure) {
+        (Some(conflict), _) => Round::Again { retry, conflict },
+        (None, Some(e)) => Round::Failed(e),
+        (None, None) => Round::Done,
+    }
+}
+
+async fn declare_exchange(channel: Channel, exchange: &ExchangeSpec) -> Result<(), TopologyError> {
+    channel
+        .exchange_declare(
+            exchange.name.as_str().into(),
+            exchange.kind.kind(),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| conflict_or("exchange", &exchange.name, e))
+}
+
+async fn declare_queue(channel: Channel, queue: &QueueSpec) -> Result<(), TopologyError> {
+    channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments(&queue.arguments),
+        )
+        .await
+        .map_err(|e| conflict_or("queue", &queue.name, e))?;
+    for (exchange, key) in &queue.bindings {
+        channel
+            .queue_bind(
+                queue.name.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::amqp(format!(
+                "bind {} to {exchange}",
+                queue.name
+            )))?;
+    }
+    Ok(())
+}
+
+async fn delete_queue(channel: Channel, queue: &QueueSpec) -> Result<(), BrokerError> {
+    // Deleting a missing queue is a no-op in RabbitMQ 3.x.
+    channel
+        .queue_delete(queue.name.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(BrokerError::amqp(format!("delete queue {}", queue.name)))
+}
+
+async fn delete_exchange(channel: Channel, exchange: &ExchangeSpec) -> Result<(), BrokerError> {
+    channel
+        .exchange_delete(
+            exchange.name.as_str().into(),
+            ExchangeDeleteOptions::default(),
+        )
+        .await
+        .map_err(BrokerError::amqp(format!(
+            "delete exchange {}",
+            exchange.name
+        )))
 }
 
 fn arguments(args: &[(&'static str, Arg)]) -> FieldTable {
@@ -351,6 +430,48 @@ name = "b"
 handler = "h"
 "#;
         Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap()
+    }
+
+    fn conflict(name: &str) -> TopologyError {
+        TopologyError::Conflict {
+            kind: "queue",
+            name: name.into(),
+            detail: "PRECONDITION_FAILED".into(),
+        }
+    }
+
+    fn closed() -> TopologyError {
+        TopologyError::Broker(BrokerError::Connect {
+            url: "u".into(),
+            reason: "channel closed".into(),
+        })
+    }
+
+    #[test]
+    fn a_round_retries_what_failed_beside_a_conflict_and_keeps_the_first_conflict() {
+        assert!(matches!(
+            next_round(vec![(0, Ok(())), (1, Ok(()))]),
+            Round::Done
+        ));
+        let round = next_round(vec![
+            (0, Ok(())),
+            (1, Err(closed())),
+            (2, Err(conflict("b"))),
+            (3, Err(conflict("c"))),
+            (4, Err(closed())),
+        ]);
+        let Round::Again { retry, conflict } = round else {
+            panic!("{round:?}");
+        };
+        assert_eq!(retry, [1, 4]);
+        assert_eq!(conflict.0, 2);
+        assert!(matches!(conflict.1, TopologyError::Conflict { name, .. } if name == "b"));
+        // A failure with no conflict beside it is the error.
+        let round = next_round(vec![(0, Ok(())), (5, Err(closed()))]);
+        assert!(
+            matches!(round, Round::Failed(TopologyError::Broker(_))),
+            "{round:?}"
+        );
     }
 
     #[test]

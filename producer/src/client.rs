@@ -239,6 +239,13 @@ impl Client {
             .config
             .pipeline(&job.pipeline)
             .ok_or_else(|| SubmitError::UnknownPipeline(job.pipeline.clone()))?;
+        if !pipeline.has_priority(job.priority) {
+            return Err(SubmitError::PriorityNotDeclared {
+                pipeline: pipeline.name.clone(),
+                priority: job.priority,
+                priorities: pipeline.priorities.clone(),
+            });
+        }
         let first = &pipeline.first_step().name;
         let route = StepRoute::for_tenant(pipeline, first, job.priority, tenant.as_str());
         let mut envelope = Envelope::new_job(

@@ -195,7 +195,8 @@ impl Client {
     /// Publishes each matching dead letter to the step that failed, with its input as it was
     /// (the steps before it do not run again), and removes it from the DLQ once the broker has
     /// confirmed the publish. Dead letters that cannot be replayed (not an envelope, a pipeline
-    /// or step no longer in the config, a full step queue) stay, listed in `skipped`.
+    /// or step no longer in the config, a priority the pipeline no longer declares, a full step
+    /// queue) stay, listed in `skipped`.
     pub async fn dlq_replay(
         &self,
         filter: &DlqFilter,
@@ -264,6 +265,13 @@ impl Client {
             return Err(format!(
                 "pipeline {:?} has no step {step:?} in the config",
                 pipeline.name
+            ));
+        }
+        if !pipeline.has_priority(priority) {
+            return Err(crate::error::no_such_priority(
+                &pipeline.name,
+                priority,
+                &pipeline.priorities,
             ));
         }
         let tenant = warren_common::TenantId::parse(tenant.as_str()).map_err(|e| e.to_string())?;

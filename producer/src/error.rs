@@ -1,7 +1,7 @@
 //! Errors of the producer SDK.
 
 use warren_broker::{BrokerError, PublishError};
-use warren_common::{ConfigError, JobId};
+use warren_common::{ConfigError, JobId, Priority};
 
 /// A job that was not submitted. Nothing was published unless the variant says so.
 #[derive(Debug, thiserror::Error)]
@@ -11,6 +11,13 @@ pub enum SubmitError {
     Invalid(String),
     #[error("unknown pipeline {0:?}: it is not in the config")]
     UnknownPipeline(String),
+    /// The pipeline has no queues for the job's priority (its `priorities` key leaves it out).
+    #[error("{}", no_such_priority(pipeline, *priority, priorities))]
+    PriorityNotDeclared {
+        pipeline: String,
+        priority: Priority,
+        priorities: Vec<Priority>,
+    },
     #[error("payload is {size} bytes (MessagePack), more than max_payload_bytes = {max}")]
     PayloadTooLarge { size: usize, max: usize },
     /// The tenant's shard holds `max_queue_length` jobs already; nothing was stored. Retry
@@ -45,6 +52,19 @@ impl SubmitError {
             _ => false,
         }
     }
+}
+
+/// Why a job's priority cannot be submitted or replayed to `pipeline`.
+pub(crate) fn no_such_priority(
+    pipeline: &str,
+    priority: Priority,
+    priorities: &[Priority],
+) -> String {
+    let list: Vec<String> = priorities.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "pipeline {pipeline:?} has no {priority} priority: it declares priorities = [{}]",
+        list.join(", ")
+    )
 }
 
 /// The tail of a batch error: how many jobs before it the broker confirmed, when any.
@@ -135,5 +155,15 @@ mod tests {
         }
         .is_retryable());
         assert!(!SubmitError::UnknownPipeline("p".into()).is_retryable());
+        let undeclared = SubmitError::PriorityNotDeclared {
+            pipeline: "p".into(),
+            priority: Priority::High,
+            priorities: vec![Priority::Normal, Priority::Low],
+        };
+        assert!(!undeclared.is_retryable());
+        assert_eq!(
+            undeclared.to_string(),
+            "pipeline \"p\" has no high priority: it declares priorities = [\"normal\", \"low\"]"
+        );
     }
 }

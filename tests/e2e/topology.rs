@@ -1,10 +1,15 @@
-//! Declaring is idempotent, and a conflicting broker state is reported by name.
+//! Declaring is idempotent, a conflicting broker state is reported by name, and a pipeline
+//! declares only the priorities it names.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::Duration;
 
+use serde_json::json;
+use warren_broker::depth::ready_messages;
 use warren_broker::{Topology, TopologyError};
-use warren_common::Config;
+use warren_common::{Config, JobStatus, Priority};
+use warren_producer::{Job, SubmitError};
 use warren_tests::TestNamespace;
 
 use crate::THREE_STEPS;
@@ -35,4 +40,56 @@ async fn apply_twice_is_fine_and_a_conflict_names_the_queue() {
     assert_eq!(name, &format!("{}.q.chain.a.high.0", ns.name));
     assert!(detail.contains("inequivalent arg"), "{detail}");
     assert!(err.to_string().contains("delete it"), "{err}");
+}
+
+#[tokio::test]
+async fn a_pipeline_declares_only_its_priorities_and_refuses_the_others() {
+    // Given the 3-step pipeline with `priorities = ["normal"]`
+    let only_normal =
+        THREE_STEPS.replacen("shards = 4\n", "shards = 4\npriorities = [\"normal\"]\n", 1);
+    let ns = TestNamespace::new(&only_normal).await;
+    let all = Config::parse(THREE_STEPS, "all.toml", Path::new("."), &HashMap::new()).unwrap();
+
+    // Then a third of the step queues are planned and declared: normal's, not high's
+    let plan = Topology::plan(&ns.config);
+    assert_eq!(
+        plan.step_queues().count() * 3,
+        Topology::plan(&all).step_queues().count()
+    );
+    assert!(plan
+        .step_queues()
+        .all(|q| q.route.as_ref().unwrap().priority == Priority::Normal));
+    let broker = ns.broker().await;
+    let queue = |p: &str| format!("{}.q.chain.a.{p}.0", ns.name);
+    assert_eq!(
+        ready_messages(&broker, &queue("normal")).await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(ready_messages(&broker, &queue("high")).await.unwrap(), None);
+    broker.close().await;
+
+    // When a worker serves it and a normal job is submitted, then it runs through
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let id = client
+        .submit(Job::new("chain", "acme", json!({"n": 1})))
+        .await
+        .unwrap();
+    let result = client.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+
+    // When a high job is submitted, then it is refused, with the pipeline and its priorities
+    let err = client
+        .submit(Job::new("chain", "acme", json!({})).priority(Priority::High))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SubmitError::PriorityNotDeclared { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "pipeline \"chain\" has no high priority: it declares priorities = [\"normal\"]"
+    );
+    client.close().await;
 }

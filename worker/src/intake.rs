@@ -39,27 +39,41 @@ pub(crate) struct Control {
 
 /// Deliveries received but not started, one buffer per route of the step.
 struct Buffers {
-    /// Lanes per priority level: slot `priority.index() * lanes + lane` (plan order).
+    /// Lanes per priority level: every level the pipeline declares has the same lanes.
     lanes: usize,
+    /// Where each level's buffers start (`first[priority.index()] + lane`), for the levels the
+    /// pipeline declares.
+    first: [Option<usize>; 3],
     routes: Vec<Arc<StepRoute>>,
     queues: Mutex<Vec<VecDeque<Delivery>>>,
     ready: Notify,
 }
 
 impl Buffers {
-    /// Buffers for `routes`, in plan order: every priority, each with the same lanes.
+    /// Buffers for `routes`, in plan order: the step's priorities, each with the same lanes.
     fn new(routes: Vec<StepRoute>) -> Self {
-        let lanes = routes.len() / Priority::ALL.len();
+        let mut first = [None; 3];
+        for (slot, route) in routes.iter().enumerate() {
+            first[route.priority.index()].get_or_insert(slot);
+        }
+        let levels = first.iter().flatten().count().max(1);
+        let lanes = routes.len() / levels;
         debug_assert!(routes
             .iter()
             .enumerate()
-            .all(|(slot, r)| r.priority == Priority::ALL[slot / lanes]));
+            .all(|(slot, r)| first[r.priority.index()] == Some(slot - slot % lanes)));
         Self {
             lanes,
+            first,
             queues: Mutex::new(routes.iter().map(|_| VecDeque::new()).collect()),
             routes: routes.into_iter().map(Arc::new).collect(),
             ready: Notify::new(),
         }
+    }
+
+    /// The buffer of `lane` at `priority`, when the step has that priority.
+    fn slot(&self, priority: Priority, lane: usize) -> Option<usize> {
+        self.first[priority.index()].map(|first| first + lane)
     }
 
     fn push(&self, slot: usize, delivery: Delivery) {
@@ -70,9 +84,9 @@ impl Buffers {
     /// The next delivery to run, with the route it came by.
     fn take(&self, picker: &mut Picker) -> Option<(Arc<StepRoute>, Delivery)> {
         let mut queues = self.queues.lock().expect("buffers lock");
-        let lanes = self.lanes;
-        let (priority, lane) = picker.pick(|p, l| !queues[p.index() * lanes + l].is_empty())?;
-        let slot = priority.index() * lanes + lane;
+        let (priority, lane) =
+            picker.pick(|p, l| self.slot(p, l).is_some_and(|slot| !queues[slot].is_empty()))?;
+        let slot = self.slot(priority, lane)?;
         let delivery = queues[slot].pop_front()?;
         Some((Arc::clone(&self.routes[slot]), delivery))
     }
@@ -209,6 +223,38 @@ impl Dispatcher {
                 process(session, served, route, delivery).await;
                 drop(permit);
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_broker::Lane;
+
+    fn routes(priorities: &[Priority], lanes: u16) -> Vec<StepRoute> {
+        priorities
+            .iter()
+            .flat_map(|&p| (0..lanes).map(move |l| StepRoute::new("p", "s", p, Lane::Shard(l))))
+            .collect()
+    }
+
+    #[test]
+    fn buffers_place_every_route_whatever_priorities_the_step_has() {
+        for priorities in [
+            &Priority::ALL[..],
+            &[Priority::Normal],
+            &[Priority::High, Priority::Low],
+        ] {
+            let buffers = Buffers::new(routes(priorities, 3));
+            assert_eq!(buffers.lanes, 3);
+            for (slot, route) in buffers.routes.iter().enumerate() {
+                let lane = route.lane.shard().expect("a shard").into();
+                assert_eq!(buffers.slot(route.priority, lane), Some(slot));
+            }
+            for p in Priority::ALL {
+                assert_eq!(buffers.slot(p, 0).is_some(), priorities.contains(&p));
+            }
         }
     }
 }

@@ -242,6 +242,37 @@ handler = "resize"
     }
 
     #[test]
+    fn priorities_default_to_all_and_are_checked_by_line() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.pipelines[0].priorities, crate::Priority::ALL);
+        let with = |list: &str| {
+            EXAMPLE.replace(
+                "shards = 8\n",
+                &format!("shards = 8\npriorities = {list}\n"),
+            )
+        };
+        let c = parse(&with("[\"low\", \"high\"]")).unwrap();
+        let p = &c.pipelines[0];
+        assert_eq!(p.priorities, [crate::Priority::High, crate::Priority::Low]);
+        assert!(p.has_priority(crate::Priority::High) && !p.has_priority(crate::Priority::Normal));
+        let e = err(&with("[]"));
+        assert!(
+            e.starts_with("warren.toml:9:") && e.contains("`priorities` needs"),
+            "{e}"
+        );
+        let e = err(&with("[\"normal\", \"normal\"]"));
+        assert!(
+            e.starts_with("warren.toml:9:") && e.contains("normal twice"),
+            "{e}"
+        );
+        let e = err(&with("[\"urgent\"]"));
+        assert!(
+            e.starts_with("warren.toml:9:") && e.contains("urgent"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn step_kind_must_be_one() {
         let e = err(&EXAMPLE.replace("handler = \"resize\"", ""));
         assert!(e.contains("set `command` or `handler`"), "{e}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::ids::validate_name;
+use crate::priority::Priority;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
@@ -163,6 +164,8 @@ pub struct PipelineConfig {
     pub pins: BTreeMap<String, u16>,
     /// Most messages one step queue holds; publishing into a full one is refused (backpressure).
     pub max_queue_length: u32,
+    /// The priorities its jobs may have, most urgent first: one set of step queues each.
+    pub priorities: Vec<Priority>,
     pub steps: Vec<StepConfig>,
 }
 
@@ -185,6 +188,11 @@ impl PipelineConfig {
     pub fn shard_of(&self, tenant: &str) -> u16 {
         crate::shard::shard_for(tenant, self.shards, &self.pins)
     }
+
+    /// Whether its jobs may have `priority` (it has queues for it).
+    pub fn has_priority(&self, priority: Priority) -> bool {
+        self.priorities.contains(&priority)
+    }
 }
 
 #[derive(Deserialize)]
@@ -201,6 +209,8 @@ struct RawPipeline {
         deserialize_with = "max_queue_length"
     )]
     max_queue_length: u32,
+    #[serde(default = "default_priorities", deserialize_with = "priorities")]
+    priorities: Vec<Priority>,
     #[serde(default)]
     steps: Vec<StepConfig>,
 }
@@ -237,6 +247,7 @@ impl TryFrom<RawPipeline> for PipelineConfig {
             shards: raw.shards,
             pins: raw.pins,
             max_queue_length: raw.max_queue_length,
+            priorities: raw.priorities,
             steps: raw.steps,
         })
     }
@@ -368,6 +379,9 @@ fn default_connect_timeout() -> Duration {
 fn default_shards() -> u16 {
     4
 }
+fn default_priorities() -> Vec<Priority> {
+    Priority::ALL.to_vec()
+}
 fn default_max_queue_length() -> u32 {
     100_000
 }
@@ -483,6 +497,24 @@ fn ranged<'de, D: Deserializer<'de>>(d: D, key: &str, min: u64, max: u64) -> Res
 
 fn shards<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
     ranged(d, "shards", 1, 1024).map(|v| v as u16)
+}
+
+/// At least one, none twice; kept most urgent first, whatever order the file lists them in.
+fn priorities<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Priority>, D::Error> {
+    let mut list = Vec::<Priority>::deserialize(d)?;
+    if list.is_empty() {
+        return Err(serde::de::Error::custom(
+            "`priorities` needs at least one of high, normal, low",
+        ));
+    }
+    list.sort();
+    if let Some(twice) = list.windows(2).find(|w| w[0] == w[1]) {
+        return Err(serde::de::Error::custom(format!(
+            "`priorities` lists {} twice",
+            twice[0]
+        )));
+    }
+    Ok(list)
 }
 
 fn max_queue_length<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

@@ -74,3 +74,63 @@ async fn bench_reports_every_scenario_and_cleans_up() {
     }
     broker.close().await;
 }
+
+/// S7 is not in the default set (it takes minutes at its default sizes): here it runs with one
+/// pipeline and a 1 s window.
+#[tokio::test]
+async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
+    let out = Command::new(WARREN)
+        .args(["--json", "bench", "--scenarios", "s7"])
+        .args(["--scale-pipelines", "1", "--scale-window", "1s"])
+        .args(["--settle", "0s", "--patience", "60s"])
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    let figure = |metric: &str| {
+        rows.iter()
+            .find(|r| r["metric"] == metric)
+            .and_then(|r| r["warren"].as_f64())
+            .unwrap_or_else(|| panic!("no {metric:?} in {report:#}"))
+    };
+    assert_eq!(rows.len(), 12, "two sets of 6 rows: {report:#}");
+    // 3 steps x 3 priorities x 4 shards, and a third of that with only `normal`.
+    assert_eq!(figure("1 pipeline: consumers of the worker"), 36.0);
+    assert_eq!(
+        figure("1 pipeline, normal only: consumers of the worker"),
+        12.0
+    );
+    for set in ["1 pipeline", "1 pipeline, normal only"] {
+        assert!(figure(&format!("{set}: worker start to every consumer")) > 0.0);
+        assert!(figure(&format!("{set}: worker RSS idle")) > 0.0);
+        assert!(figure(&format!("{set}: worker CPU idle")) >= 0.0);
+    }
+    assert!(figure("1 pipeline: topology apply, 41 queues") > 0.0);
+    assert!(figure("1 pipeline, normal only: topology apply, 17 queues") > 0.0);
+
+    // Every namespace of the run was deleted.
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
+    if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
+        config.broker.url = url;
+    }
+    let broker = Broker::connect(&config.broker).await.unwrap();
+    for queue in [
+        format!("{ns}.q.one.noop.normal.0"),
+        format!("{ns}-s7-1.q.p0.a.high.0"),
+        format!("{ns}-s7-1n.q.p0.a.normal.0"),
+    ] {
+        assert_eq!(
+            ready_messages(&broker, &queue).await.unwrap(),
+            None,
+            "{queue} is left"
+        );
+    }
+    broker.close().await;
+}

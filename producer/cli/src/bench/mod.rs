@@ -6,6 +6,7 @@
 
 mod raw;
 mod report;
+mod scale;
 mod scenarios;
 mod warren_side;
 
@@ -38,11 +39,13 @@ pub(crate) enum Scenario {
     S4,
     S5,
     S6,
+    /// Not in the default set: about two minutes (docs/bench.md).
+    S7,
 }
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
-    /// Scenarios to run, comma-separated.
+    /// Scenarios to run, comma-separated (S7, the scale scenario, only when named).
     #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
     scenarios: Vec<Scenario>,
     /// S1 (and S6's load): one-step no-op jobs.
@@ -76,9 +79,21 @@ pub(crate) struct BenchArgs {
     /// Longest wait for any one phase.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     patience: Duration,
+    /// S7: how many 3-step pipelines each set declares (the largest also with only `normal`).
+    #[arg(long, value_delimiter = ',', default_value = "1,5,20")]
+    scale_pipelines: Vec<usize>,
+    /// S7: shards of its pipelines (default: the config's default).
+    #[arg(long)]
+    scale_shards: Option<u16>,
+    /// S7: how long the idle CPU of the worker and the broker is measured.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    scale_window: Duration,
     /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
     #[arg(long, hide = true, value_name = "NS")]
     serve_worker: Option<String>,
+    /// Internal: with `--serve-worker`, serve every pipeline of this file instead (S7).
+    #[arg(long, hide = true, value_name = "FILE")]
+    serve_config: Option<PathBuf>,
 }
 
 /// `WARREN_LOG` when set, else warnings only: info lines would tear the progress display.
@@ -102,7 +117,7 @@ pub(crate) fn main(args: BenchArgs, config_path: Option<PathBuf>, json: bool) ->
         }
     };
     if let Some(ns) = &args.serve_worker {
-        return serve_worker(&base, ns, args.concurrency);
+        return serve_worker(&base, ns, args.concurrency, args.serve_config.as_deref());
     }
     // Three runtimes, so neither side's message path shares threads with the driver (which
     // submits, reads results and draws progress): warren's workers get two threads, as a
@@ -167,12 +182,23 @@ fn bench_config(base: &Config, ns: &str, concurrency: u16) -> anyhow::Result<Con
     Ok(config)
 }
 
-/// S6's worker process: a real worker on its own, as `warren-worker run` would be, with the
-/// bench's Rust handlers. Stops on SIGTERM/SIGINT or when its stdin closes (the bench died).
-fn serve_worker(base: &Config, ns: &str, concurrency: u16) -> ExitCode {
-    let worker = bench_config(base, ns, concurrency)
-        .map_err(|e| e.to_string())
-        .and_then(|c| warren_side::worker(c, "one").map_err(|e| e.to_string()));
+/// S6's and S7's worker process: a real worker on its own, as `warren-worker run` would be,
+/// with the bench's Rust handlers: S6's serves the bench's `one` pipeline, S7's every pipeline
+/// of `scale_config`. Stops on SIGTERM/SIGINT or when its stdin closes (the bench died).
+fn serve_worker(
+    base: &Config,
+    ns: &str,
+    concurrency: u16,
+    scale_config: Option<&Path>,
+) -> ExitCode {
+    let worker = match scale_config {
+        None => bench_config(base, ns, concurrency)
+            .and_then(|c| Ok(warren_side::worker(c, Some("one"))?)),
+        Some(path) => {
+            scale::load_config(base, ns, path).and_then(|c| Ok(warren_side::worker(c, None)?))
+        }
+    }
+    .map_err(|e| format!("{e:#}"));
     let worker = match worker {
         Ok(w) => w,
         Err(e) => {
@@ -256,6 +282,7 @@ async fn run(
         raw,
         running: Mutex::new(None),
         child: Mutex::new(None),
+        more_plans: Mutex::new(Vec::new()),
     };
     let plans = [Topology::plan(&bench.config), Topology::plan(&raw_config)];
     let load_before = load_average();
@@ -281,7 +308,8 @@ async fn run(
     };
     // Workers first: a worker whose queues vanish reconnects and declares them again.
     bench.stop_everything().await;
-    for plan in &plans {
+    let more_plans = std::mem::take(&mut *bench.more_plans.lock().expect("lock"));
+    for plan in plans.iter().chain(&more_plans) {
         if let Err(e) = plan.delete(&admin).await {
             eprintln!("warren: could not delete a bench namespace: {e}");
         }
@@ -305,6 +333,8 @@ async fn run(
         "sizes": {
             "jobs": bench.args.jobs, "chain_jobs": bench.args.chain_jobs, "flood": bench.args.flood,
             "small": bench.args.small, "work_ms": bench.args.work_ms, "latency_jobs": bench.args.latency_jobs,
+            "scale_pipelines": bench.args.scale_pipelines, "scale_shards": bench.args.scale_shards,
+            "scale_window_s": bench.args.scale_window.as_secs_f64(),
         },
     });
     if json {
@@ -348,6 +378,9 @@ pub(super) struct Bench {
     raw: Raw,
     running: Mutex<Option<Running>>,
     child: Mutex<Option<tokio::process::Child>>,
+    /// Namespaces a scenario declared for itself (S7), deleted with the bench's own if the
+    /// scenario did not get to it (an error, Ctrl-C).
+    more_plans: Mutex<Vec<Topology>>,
 }
 
 impl Bench {
@@ -375,7 +408,7 @@ impl Bench {
 
     /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.
     async fn start_worker(&self, pipeline: &str, queue: &str) -> anyhow::Result<Instant> {
-        let worker = warren_side::worker(self.config.clone(), pipeline)?;
+        let worker = warren_side::worker(self.config.clone(), Some(pipeline))?;
         let running = Running::spawn(&self.workers, worker);
         let old = self.running.lock().expect("lock").replace(running);
         if let Some(old) = old {
@@ -392,14 +425,25 @@ impl Bench {
         }
     }
 
-    /// Starts S6's worker process: this binary again, as `warren bench --serve-worker NS`.
-    fn spawn_worker_process(&self, log: &Path) -> anyhow::Result<u32> {
+    /// Starts S6's worker process: this binary again, as `warren bench --serve-worker NS`; or
+    /// S7's, serving namespace `ns` with the pipelines of `scale_config`.
+    fn spawn_worker_process(
+        &self,
+        log: &Path,
+        scale: Option<(&str, &Path)>,
+    ) -> anyhow::Result<u32> {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         if let Some(path) = &self.config_path {
             command.arg("--config").arg(path);
         }
+        let ns = scale.map_or(self.config.broker.namespace.as_str(), |(ns, _)| ns);
+        if let Some((_, file)) = scale {
+            command.arg("bench").arg("--serve-config").arg(file);
+        } else {
+            command.arg("bench");
+        }
         let child = command
-            .args(["bench", "--serve-worker", &self.config.broker.namespace])
+            .args(["--serve-worker", ns])
             .arg("--concurrency")
             .arg(self.args.concurrency.to_string())
             .env(

@@ -33,7 +33,7 @@ impl Target {
 #[derive(Debug, Clone)]
 pub(super) struct Row {
     pub(super) scenario: &'static str,
-    pub(super) metric: &'static str,
+    pub(super) metric: String,
     pub(super) unit: &'static str,
     pub(super) warren: f64,
     /// The raw-lapin figure, or for S3/S4 warren's own on an idle system; none for S6.
@@ -45,7 +45,7 @@ pub(super) struct Row {
 impl Row {
     pub(super) fn new(
         scenario: &'static str,
-        metric: &'static str,
+        metric: impl Into<String>,
         unit: &'static str,
         warren: f64,
         baseline: Option<f64>,
@@ -54,7 +54,7 @@ impl Row {
         let ratio = baseline.filter(|b| *b > 0.0).map(|b| warren / b);
         Self {
             scenario,
-            metric,
+            metric: metric.into(),
             unit,
             warren,
             baseline,
@@ -126,8 +126,14 @@ fn number(v: f64) -> String {
 }
 
 pub(super) fn table(rows: &[Row]) -> String {
+    let width = rows
+        .iter()
+        .map(|r| r.metric.len() + r.unit.len() + 3)
+        .max()
+        .unwrap_or(0)
+        .max(52);
     let mut out = format!(
-        "{:<4} {:<52} {:>9} {:>9} {:>7}  {:<18} {}\n",
+        "{:<4} {:<width$} {:>9} {:>9} {:>7}  {:<18} {}\n",
         "", "metric", "warren", "raw|idle", "ratio", "target", "result"
     );
     for row in rows {
@@ -137,11 +143,16 @@ pub(super) fn table(rows: &[Row]) -> String {
             Some(true) => "pass",
             Some(false) => "FAIL",
         };
+        // A figure this machine cannot take (S7's broker CPU with a remote broker).
+        let warren = match row.warren.is_nan() {
+            true => "n/a".into(),
+            false => number(row.warren),
+        };
         out.push_str(&format!(
-            "{:<4} {:<52} {:>9} {:>9} {:>7}  {:<18} {}\n",
+            "{:<4} {:<width$} {:>9} {:>9} {:>7}  {:<18} {}\n",
             row.scenario,
             metric,
-            number(row.warren),
+            warren,
             row.baseline.map_or("-".into(), number),
             row.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
             row.target.text(row.unit),

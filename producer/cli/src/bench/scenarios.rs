@@ -27,6 +27,7 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
             Scenario::S4 => noisy_neighbour(b, &mut rows, true).await,
             Scenario::S5 => s5(b, &mut rows).await,
             Scenario::S6 => s6(b, &mut rows).await,
+            Scenario::S7 => super::scale::s7(b, &mut rows).await,
         }
         .with_context(|| format!("scenario {scenario:?}"))?;
     }
@@ -497,7 +498,7 @@ async fn s6(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let n = b.args.jobs;
     let (pipeline, step, tenant) = ("one", "noop", "memory");
     let log = std::env::temp_dir().join(format!("{}-worker.log", b.config.broker.namespace));
-    let pid = b.spawn_worker_process(&log)?;
+    let pid = b.spawn_worker_process(&log, None)?;
     let measured = async {
         super::warren_side::consuming(
             &b.admin,

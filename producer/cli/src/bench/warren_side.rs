@@ -28,10 +28,10 @@ async fn work(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
     Ok(Value::Null)
 }
 
-/// A worker serving one pipeline of the bench config, with the bench's handlers.
-pub(super) fn worker(config: Config, pipeline: &str) -> Result<Worker, WorkerError> {
+/// A worker serving one pipeline of `config` (or all), with the bench's handlers.
+pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, WorkerError> {
     Worker::builder(config)
-        .pipeline(Some(pipeline.to_string()))
+        .pipeline(pipeline.map(str::to_string))
         .shutdown_grace(Duration::from_secs(5))
         .handler("noop", handler_fn(noop))
         .handler("work", handler_fn(work))
