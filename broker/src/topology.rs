@@ -190,7 +190,7 @@ impl Topology {
     }
 
     /// Declares every exchange, queue and binding. Safe to run any number of times. The
-    /// declares are spread over a few channels ([`spread`]); when some conflict, every other one
+    /// declares are spread over a few channels (`spread.rs`); when some conflict, every other one
     /// is still made, and the first conflict in plan order is the error.
     pub async fn declare(&self, broker: &Broker) -> Result<(), TopologyError> {
         // Exchanges first: the queues' bindings need them.
