@@ -12,7 +12,6 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
-use warren_broker::{Broker, Topology};
 use warren_common::env::{ENV_WARREN_AMQP_URL, ENV_WARREN_NAMESPACE};
 use warren_common::{Config, JobStatus};
 use warren_producer::{Client, Job};
@@ -103,13 +102,6 @@ async fn example_namespace() -> TestNamespace {
         config_path,
         config,
     };
-    let broker = Broker::connect(&ns.config.broker)
-        .await
-        .expect("broker (is RabbitMQ up?)");
-    Topology::plan(&ns.config)
-        .declare(&broker)
-        .await
-        .expect("declare topology");
-    broker.close().await;
+    ns.declare().await;
     ns
 }

@@ -34,14 +34,20 @@ impl TestNamespace {
     /// topology declared.
     pub async fn new(pipelines: &str) -> Self {
         let ns = Self::undeclared(pipelines);
-        let broker = Broker::connect(&ns.config.broker)
+        ns.declare().await;
+        ns
+    }
+
+    /// Declares the namespace's topology.
+    pub async fn declare(&self) {
+        let broker = Broker::connect(&self.config.broker)
             .await
             .expect("broker (is RabbitMQ up?)");
-        Topology::plan(&ns.config)
+        Topology::plan(&self.config)
             .declare(&broker)
             .await
             .expect("declare topology");
-        ns
+        broker.close().await;
     }
 
     /// A namespace whose topology is not declared yet (a test declares it, or checks what

@@ -15,7 +15,7 @@ use warren_broker::{Broker, Topology};
 use warren_common::Config;
 
 use super::report::{Row, Target};
-use super::warren_side::memory_mib;
+use super::warren_side::{memory_mib, with_log_tail};
 use super::Bench;
 
 /// The `/proc/<pid>/stat` clock: USER_HZ, which Linux fixes at 100 for user space.
@@ -138,15 +138,7 @@ async fn one_set(b: &Bench, rows: &mut Vec<Row>, set: Set) -> anyhow::Result<()>
     }
     let (apply, start, consumers, rss, worker, broker) = match measured {
         Ok(m) => m,
-        Err(e) => {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            return Err(e.context(format!(
-                "worker process log ({}): {}",
-                log.display(),
-                tail.join(" | ")
-            )));
-        }
+        Err(e) => return Err(with_log_tail(e, &log)),
     };
     deleted.context("deleting the S7 namespace")?;
     let _ = std::fs::remove_file(&log);

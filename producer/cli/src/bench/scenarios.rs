@@ -11,7 +11,7 @@ use warren_producer::Job;
 
 use super::raw::{Done, Hop};
 use super::report::{Row, Target};
-use super::warren_side::{memory_mib, Watcher};
+use super::warren_side::{memory_mib, with_log_tail, Watcher};
 use super::{Bench, Scenario};
 
 pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
@@ -523,15 +523,7 @@ async fn s6(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     b.stop_worker_process().await;
     let (idle, peak, rate) = match measured {
         Ok(m) => m,
-        Err(e) => {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            return Err(e.context(format!(
-                "worker process log ({}): {}",
-                log.display(),
-                tail.join(" | ")
-            )));
-        }
+        Err(e) => return Err(with_log_tail(e, &log)),
     };
     let _ = std::fs::remove_file(&log);
     rows.push(Row::new(

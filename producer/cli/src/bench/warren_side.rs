@@ -189,3 +189,15 @@ pub(super) fn memory_mib(pid: u32) -> anyhow::Result<(f64, f64)> {
         _ => bail!("no VmRSS/VmHWM in /proc/{pid}/status"),
     }
 }
+
+/// `error` with the last lines of the worker process's log at `log`: what the process said
+/// before the measurement failed.
+pub(super) fn with_log_tail(error: anyhow::Error, log: &std::path::Path) -> anyhow::Error {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    error.context(format!(
+        "worker process log ({}): {}",
+        log.display(),
+        tail.join(" | ")
+    ))
+}
