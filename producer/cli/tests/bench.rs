@@ -57,22 +57,11 @@ async fn bench_reports_every_scenario_and_cleans_up() {
     let ns = report["conditions"]["namespace"]
         .as_str()
         .expect("namespace");
-    let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
-    if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
-        config.broker.url = url;
-    }
-    let broker = Broker::connect(&config.broker).await.unwrap();
-    for queue in [
+    assert_gone(&[
         format!("{ns}.q.one.noop.normal.0"),
         format!("{ns}-raw.q.one.noop.normal.0"),
-    ] {
-        assert_eq!(
-            ready_messages(&broker, &queue).await.unwrap(),
-            None,
-            "{queue} is left"
-        );
-    }
-    broker.close().await;
+    ])
+    .await;
 }
 
 /// S7 is not in the default set (it takes minutes at its default sizes): here it runs with one
@@ -116,18 +105,24 @@ async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
     let ns = report["conditions"]["namespace"]
         .as_str()
         .expect("namespace");
+    assert_gone(&[
+        format!("{ns}.q.one.noop.normal.0"),
+        format!("{ns}-s7-1.q.p0.a.high.0"),
+        format!("{ns}-s7-1n.q.p0.a.normal.0"),
+    ])
+    .await;
+}
+
+/// None of `queues` exists on the test broker any more.
+async fn assert_gone(queues: &[String]) {
     let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
     if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
         config.broker.url = url;
     }
     let broker = Broker::connect(&config.broker).await.unwrap();
-    for queue in [
-        format!("{ns}.q.one.noop.normal.0"),
-        format!("{ns}-s7-1.q.p0.a.high.0"),
-        format!("{ns}-s7-1n.q.p0.a.normal.0"),
-    ] {
+    for queue in queues {
         assert_eq!(
-            ready_messages(&broker, &queue).await.unwrap(),
+            ready_messages(&broker, queue).await.unwrap(),
             None,
             "{queue} is left"
         );
