@@ -354,7 +354,7 @@ mod tests {
             "  pipeline reports: 90 step queues (3 steps x 3 priorities x (8 shards + 2 hot lanes))"
         );
         assert!(lines[2].contains("delay queues: 4"), "{lines:?}");
-        assert!(lines[3].contains("about 233 handles"), "{lines:?}");
+        assert!(lines[3].contains("about 289 handles"), "{lines:?}");
         assert!(
             lines[4].contains("limit 1024 (921 usable), about 40 in use (40 open files")
                 && lines[4].ends_with("648 left after"),
