@@ -14,16 +14,28 @@ use lapin::types::{AMQPValue, FieldTable};
 use warren_common::{now_ms, PipelineConfig, Priority};
 
 use crate::connection::Broker;
-use crate::error::PublishError;
+use crate::error::{BrokerError, PublishError};
 use crate::hot::{HotMark, HotSet, HotTenant};
 use crate::publish::{Outgoing, Publisher};
 use crate::route::{Lane, StepRoute};
+use crate::tenants::LaneDigest;
 
 /// How long the control stream keeps marks: far more than a reader looks back.
 pub const CONTROL_MAX_AGE: &str = "1h";
 
-/// Routing key prefix of marks on the events exchange (the stream binds `control.#`).
+/// What the control stream takes from the events exchange: every `control.` key.
+pub const CONTROL_BINDING: &str = "control.#";
+
+/// Routing key prefix of hot marks on the events exchange.
 pub const HOT_KEY_PREFIX: &str = "control.hot.";
+
+/// Routing key prefix of lane digests (`tenants.rs`) on the events exchange.
+pub const LANES_KEY_PREFIX: &str = "control.lanes.";
+
+/// How long [`read_recent`] waits for one more entry before it counts the stream as read.
+const QUIET: Duration = Duration::from_millis(500);
+/// The longest [`read_recent`] reads a busy stream.
+const READ_AT_MOST: Duration = Duration::from_secs(5);
 
 /// Credit of the control stream's consumer (streams require a prefetch).
 const PREFETCH: u16 = 200;
@@ -115,13 +127,29 @@ impl HotRouter {
         self.read().list(now_ms())
     }
 
-    /// Publishes `mark` (with confirm) and applies it here at once, without waiting for the
-    /// stream to bring it back.
+    /// Publishes `mark` (with confirm) and, once the broker has it, applies it here without
+    /// waiting for the stream to bring it back. A mark the stream did not take is not applied:
+    /// routing stays by shard, as everywhere else.
     pub async fn mark(&self, publisher: &Publisher, mark: &HotMark) -> Result<(), PublishError> {
-        self.set.write().expect("hot set lock").apply(mark);
         let key = format!("{HOT_KEY_PREFIX}{}", mark.pipeline);
         let body = mark.encode();
         let id = format!("hot:{}:{}:{}", mark.pipeline, mark.tenant, mark.until);
+        publisher
+            .publish(Outgoing::persistent(&self.exchange, &key, &body, &id))
+            .await?;
+        self.set.write().expect("hot set lock").apply(mark);
+        Ok(())
+    }
+
+    /// Publishes a lane digest (with confirm).
+    pub async fn digest(
+        &self,
+        publisher: &Publisher,
+        digest: &LaneDigest,
+    ) -> Result<(), PublishError> {
+        let key = format!("{LANES_KEY_PREFIX}{}", digest.pipeline);
+        let body = digest.encode();
+        let id = format!("lanes:{}:{}", digest.by, digest.at);
         publisher
             .publish(Outgoing::persistent(&self.exchange, &key, &body, &id))
             .await
@@ -130,6 +158,40 @@ impl HotRouter {
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HotSet> {
         self.set.read().expect("hot set lock")
     }
+}
+
+/// What the control stream holds from `look_back` ago until now: the tenants hot now, and the
+/// lane digests. For a one-off look (`warren queues --tenants`), not for routing.
+pub async fn read_recent(
+    broker: &Broker,
+    look_back: Duration,
+) -> Result<(Vec<HotTenant>, Vec<LaneDigest>), BrokerError> {
+    let channel = broker.channel().await?;
+    let stream = broker.names().control_stream();
+    let from_ms = now_ms().saturating_sub(look_back.as_millis() as u64);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::Timestamp(from_ms / 1000),
+    );
+    let mut consumer = crate::consume(&channel, &stream, PREFETCH, args).await?;
+    let (mut set, mut digests) = (HotSet::default(), Vec::new());
+    let until = tokio::time::Instant::now() + READ_AT_MOST;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + QUIET),
+        consumer.next(),
+    )
+    .await
+    {
+        if let Ok(mark) = HotMark::decode(&delivery.data) {
+            set.apply(&mark);
+        } else if let Some(digest) = LaneDigest::decode(&delivery.data) {
+            digests.push(digest);
+        }
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+    let _ = channel.close(200, "read".into()).await;
+    Ok((set.list(now_ms()), digests))
 }
 
 /// Reads the stream into `set` for as long as the process runs, emptying the set whenever the

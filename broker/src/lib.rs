@@ -20,6 +20,7 @@ pub mod names;
 pub mod publish;
 pub mod route;
 mod spread;
+pub mod tenants;
 pub mod topology;
 
 pub use connection::Broker;

@@ -193,7 +193,7 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(crate::control::CONTROL_MAX_AGE)),
             ],
-            bindings: vec![(events, format!("{}#", crate::control::HOT_KEY_PREFIX))],
+            bindings: vec![(events, crate::control::CONTROL_BINDING.to_string())],
         });
         Self { exchanges, queues }
     }
@@ -528,7 +528,7 @@ handler = "h"
         let control = plan.queues.iter().find(|q| q.name == "ns.control").unwrap();
         assert_eq!(
             control.bindings,
-            vec![("ns.events".to_string(), "control.hot.#".to_string())]
+            vec![("ns.events".to_string(), "control.#".to_string())]
         );
         assert!(plan.queues.iter().any(|q| q.name == "ns.q.p.b.low.hot1"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");

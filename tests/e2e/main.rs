@@ -4,6 +4,7 @@
 mod bad_input;
 mod connect;
 mod dlq;
+mod fairness;
 mod flow;
 mod isolation;
 mod kill;
