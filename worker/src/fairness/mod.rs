@@ -149,7 +149,9 @@ impl Fairness {
     /// its top tenants, for `warren queues --tenants`.
     pub(crate) async fn publish_digests(session: &StepSession) {
         let fairness = &session.fairness;
-        let fresh: Vec<(StepRoute, u32, Vec<(String, u32)>)> = {
+        // (lane, deliveries in its window, top tenants)
+        type Fresh = (StepRoute, u32, Vec<(String, u32)>);
+        let fresh: Vec<Fresh> = {
             let mut watches = fairness.watches.lock().expect("watches lock");
             watches
                 .iter_mut()
