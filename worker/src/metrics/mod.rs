@@ -192,6 +192,9 @@ mod tests {
         let _running = m.running("p", "s");
         m.dead_letter(None, "undecodable");
         m.confirmed(PublishKind::Result, Duration::from_millis(2));
+        m.moved("p", "s");
+        m.hot_marked("p", "depth");
+        m.set_hot_tenants(["p"], &std::collections::HashMap::new());
         let mut code = exported(m.exposition());
         assert_eq!(
             names(&code),
