@@ -87,11 +87,11 @@ async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
             .unwrap_or_else(|| panic!("no {metric:?} in {report:#}"))
     };
     assert_eq!(rows.len(), 12, "two sets of 6 rows: {report:#}");
-    // 3 steps x 3 priorities x 4 shards, and a third of that with only `normal`.
-    assert_eq!(figure("1 pipeline: consumers of the worker"), 36.0);
+    // 3 steps x 3 priorities x (4 shards + 2 hot lanes), and a third of that with only `normal`.
+    assert_eq!(figure("1 pipeline: consumers of the worker"), 54.0);
     assert_eq!(
         figure("1 pipeline, normal only: consumers of the worker"),
-        12.0
+        18.0
     );
     for set in ["1 pipeline", "1 pipeline, normal only"] {
         assert!(figure(&format!("{set}: worker start to every consumer")) > 0.0);

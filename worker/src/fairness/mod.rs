@@ -86,7 +86,11 @@ impl Fairness {
         }
         let candidate = {
             let mut watches = fairness.watches.lock().expect("watches lock");
-            let watch = watches.entry(route.clone()).or_default();
+            // (no clone of the route per delivery: only the first of a lane inserts)
+            if !watches.contains_key(route) {
+                watches.insert(route.clone(), LaneWatch::default());
+            }
+            let watch = watches.get_mut(route).expect("just inserted");
             match watch.observe(tenant, settings.hot_share, now_ms()) {
                 Some(tenant) => tenant.to_string(),
                 None => return,

@@ -39,7 +39,10 @@ impl LaneWatch {
         }
         self.recent.push_back(tenant.to_string());
         self.fresh += 1;
-        let count = self.counts.entry(tenant.to_string()).or_default();
+        let count = match self.counts.get_mut(tenant) {
+            Some(count) => count,
+            None => self.counts.entry(tenant.to_string()).or_default(),
+        };
         *count += 1;
         let dominant =
             self.recent.len() >= MIN_SEEN && *count as f64 >= share * self.recent.len() as f64;
