@@ -89,6 +89,12 @@ impl HotRouter {
         }
     }
 
+    /// Stops reading, before the connection is closed on purpose (so its end is not reported as
+    /// a lost stream).
+    pub fn stop(&self) {
+        self.reader.abort();
+    }
+
     /// Whether the stream is being read (when not, nothing is hot).
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::Relaxed)

@@ -274,6 +274,7 @@ impl Client {
 
     /// Closes the connection cleanly. Dropping a client without it is safe too.
     pub async fn close(self) {
+        self.router.stop();
         self.broker.close().await;
     }
 

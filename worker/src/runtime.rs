@@ -224,6 +224,7 @@ impl Session {
         for intake in self.intakes {
             intake.close().await;
         }
+        self.steps.fairness.router.stop();
         self.broker.close().await;
         None
     }
@@ -249,6 +250,7 @@ impl Session {
         for intake in self.intakes {
             intake.close().await;
         }
+        self.steps.fairness.router.stop();
         self.broker.close().await;
     }
 }
