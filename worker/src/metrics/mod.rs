@@ -20,7 +20,7 @@ pub(crate) use http::{
     WORKER_DEFAULT_ADDR,
 };
 pub(crate) use supervisor::SupervisorMetrics;
-pub(crate) use worker::{Metrics, Outcome, PublishKind};
+pub(crate) use worker::{InFlight, Metrics, Outcome, PublishKind};
 
 /// One metric as docs/metrics.md lists it, written once: the registration reads it, and so does
 /// the test that holds the docs to the code.

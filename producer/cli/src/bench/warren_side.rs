@@ -28,6 +28,20 @@ async fn work(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
     Ok(Value::Null)
 }
 
+/// S8's step: takes `work_ms` of wall time and says when it ran, in µs of the system clock,
+/// so the bench can count how many ran at once across worker processes.
+async fn span(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    };
+    let ms = input.get("work_ms").and_then(Value::as_u64).unwrap_or(1);
+    let start_us = now_us();
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(serde_json::json!({"start_us": start_us, "end_us": now_us()}))
+}
+
 /// A worker serving one pipeline of `config` (or all), with the bench's handlers.
 pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, WorkerError> {
     Worker::builder(config)
@@ -35,6 +49,7 @@ pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, W
         .shutdown_grace(Duration::from_secs(5))
         .handler("noop", handler_fn(noop))
         .handler("work", handler_fn(work))
+        .handler("span", handler_fn(span))
         .build()
 }
 
