@@ -192,6 +192,9 @@ mod tests {
         let _running = m.running("p", "s");
         m.dead_letter(None, "undecodable");
         m.confirmed(PublishKind::Result, Duration::from_millis(2));
+        let _held = m.cap_held("p", "s", "step");
+        m.cap_wait("p", "s", "tenant");
+        m.cap_acquired("p", "s", Duration::from_millis(1));
         let mut code = exported(m.exposition());
         assert_eq!(
             names(&code),
