@@ -125,7 +125,10 @@ impl TokenQueue {
         let _turn = IN_PROCESS.lock().await;
         let lock = self.take_lock(broker).await?;
         let outcome = self.fill_unless_filled(broker).await;
-        let delete = lock.queue_delete(self.lock_name().as_str().into(), QueueDeleteOptions::default());
+        let delete = lock.queue_delete(
+            self.lock_name().as_str().into(),
+            QueueDeleteOptions::default(),
+        );
         let _ = delete.await;
         let _ = lock.close(200, "filled".into()).await;
         outcome
@@ -216,7 +219,10 @@ impl TokenQueue {
             confirm.wait().await.map_err(publish_failed(&name))?;
         }
         channel
-            .queue_delete(self.marker_name().as_str().into(), QueueDeleteOptions::default())
+            .queue_delete(
+                self.marker_name().as_str().into(),
+                QueueDeleteOptions::default(),
+            )
             .await
             .map_err(BrokerError::amqp(format!("delete {}", self.marker_name())))?;
         let _ = channel.close(200, "filled".into()).await;

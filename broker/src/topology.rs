@@ -213,7 +213,7 @@ impl Topology {
 
     /// Deletes every queue and exchange of the plan, messages included. Missing ones are fine.
     pub async fn delete(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let mut queues: Vec<_> = self.queues.iter().cloned().collect();
+        let mut queues = self.queues.clone();
         for tokens in &self.tokens {
             for name in [tokens.name(), tokens.marker_name()] {
                 queues.push(QueueSpec {

@@ -33,7 +33,11 @@ impl Span {
 
 /// The most spans running at one instant, and the first instant at or after `from` when
 /// `level` ran at once. Touching spans do not overlap.
-fn sweep<'a>(spans: impl IntoIterator<Item = &'a Span>, from: u64, level: usize) -> (usize, Option<u64>) {
+fn sweep<'a>(
+    spans: impl IntoIterator<Item = &'a Span>,
+    from: u64,
+    level: usize,
+) -> (usize, Option<u64>) {
     let mut edges: Vec<(u64, i32)> = spans
         .into_iter()
         .flat_map(|s| [(s.start, 1), (s.end, -1)])
@@ -105,7 +109,7 @@ async fn step_cap_holds_across_workers_and_comes_back_after_sigkill() {
     let client = ns.client().await;
     let jobs = |n: usize| -> Vec<Job> {
         (0..n)
-            .map(|i| Job::new("capped", &format!("t{}", i % 8), json!({"sleep_ms": 300})))
+            .map(|i| Job::new("capped", format!("t{}", i % 8), json!({"sleep_ms": 300})))
             .collect()
     };
 
@@ -170,7 +174,9 @@ impl Drop for TenantQueues {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                let broker = warren_broker::Broker::connect(&config.broker).await.expect("broker");
+                let broker = warren_broker::Broker::connect(&config.broker)
+                    .await
+                    .expect("broker");
                 let channel = broker.channel().await.expect("channel");
                 for q in queues {
                     for name in [q.name(), q.marker_name()] {
@@ -234,14 +240,24 @@ async fn a_tenant_at_its_cap_does_not_hold_up_the_tenants_behind_it() {
     let t0 = timeline[0].0;
     let timeline: Vec<_> = timeline
         .iter()
-        .map(|(s, e, t, l)| format!("{t} {}-{} ms (latency {l})", (s - t0) / 1000, (e - t0) / 1000))
+        .map(|(s, e, t, l)| {
+            format!(
+                "{t} {}-{} ms (latency {l})",
+                (s - t0) / 1000,
+                (e - t0) / 1000
+            )
+        })
         .collect();
     assert!(
         b_slowest <= idle.max(Duration::from_millis(250)) * 5,
         "a small tenant took {b_slowest:?} behind A's flood, {idle:?} alone: {timeline:#?}"
     );
     // ...while A's all finished too, never more than one at a time
-    let a_spans: Vec<Span> = events.iter().map(Span::of).filter(|s| s.tenant == "a").collect();
+    let a_spans: Vec<Span> = events
+        .iter()
+        .map(Span::of)
+        .filter(|s| s.tenant == "a")
+        .collect();
     assert_eq!(a_spans.len(), 16);
     assert_eq!(sweep(&a_spans, 0, 1).0, 1, "{a_spans:?}");
     // and the small tenants ran beside A, not after it

@@ -289,7 +289,10 @@ handler = "resize"
         };
         let c = parse(EXAMPLE).unwrap();
         let fetch = c.pipeline("thumbnails").unwrap().step("fetch").unwrap();
-        assert_eq!((fetch.max_in_flight, fetch.tenant_max_in_flight), (None, None));
+        assert_eq!(
+            (fetch.max_in_flight, fetch.tenant_max_in_flight),
+            (None, None)
+        );
         let c = parse(&with("max_in_flight = 3\ntenant_max_in_flight = 1")).unwrap();
         let fetch = c.pipeline("thumbnails").unwrap().step("fetch").unwrap();
         assert_eq!(

@@ -215,9 +215,15 @@ impl Caps {
         }
         let got = self
             .channel
-            .basic_get(queue.name().as_str().into(), BasicGetOptions { no_ack: false })
+            .basic_get(
+                queue.name().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
             .await
-            .map_err(BrokerError::amqp(format!("take a token from {}", queue.name())))?;
+            .map_err(BrokerError::amqp(format!(
+                "take a token from {}",
+                queue.name()
+            )))?;
         Ok(got.map(|message| message.delivery))
     }
 

@@ -50,7 +50,9 @@ mod tests {
     fn jitter_stays_within_ten_percent() {
         for j in [0.0, 0.3, 0.999, 1.0, 7.0] {
             let w = next_wait(1, j);
-            assert!(w.delay >= Duration::from_millis(900) && w.delay <= Duration::from_millis(1_100));
+            assert!(
+                w.delay >= Duration::from_millis(900) && w.delay <= Duration::from_millis(1_100)
+            );
         }
     }
 }

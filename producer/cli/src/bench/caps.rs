@@ -151,7 +151,8 @@ async fn measure(
     workers: &mut [tokio::process::Child],
 ) -> anyhow::Result<Figures> {
     let pipeline = config.pipeline("capped").context("S8 pipeline")?;
-    let queue = StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any").queue(b.admin.names());
+    let queue =
+        StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any").queue(b.admin.names());
     every_worker_consumes(b, &queue).await?;
     let (n, work_ms) = (b.args.cap_jobs, b.args.cap_step_ms);
     let jobs = |phase: usize| -> Vec<Job> {
@@ -159,7 +160,11 @@ async fn measure(
             .map(|i| {
                 // Tenants spread over the shards, so every consumer has work.
                 let tenant = format!("t{}", i % 16);
-                Job::new("capped", &tenant, json!({"phase": phase, "work_ms": work_ms}))
+                Job::new(
+                    "capped",
+                    &tenant,
+                    json!({"phase": phase, "work_ms": work_ms}),
+                )
             })
             .collect()
     };
@@ -208,7 +213,9 @@ async fn every_worker_consumes(b: &Bench, queue: &str) -> anyhow::Result<()> {
             Ok(Some(c)) if c.consumers as usize >= WORKERS => break Ok(()),
             Err(e) => break Err(e.into()),
             _ if tokio::time::Instant::now() > deadline => {
-                break Err(anyhow::anyhow!("{WORKERS} workers did not all consume {queue}"))
+                break Err(anyhow::anyhow!(
+                    "{WORKERS} workers did not all consume {queue}"
+                ))
             }
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -218,10 +225,7 @@ async fn every_worker_consumes(b: &Bench, queue: &str) -> anyhow::Result<()> {
 }
 
 /// The spans of the next `n` results.
-async fn collect(
-    waiting: &mut warren_producer::Waiting,
-    n: usize,
-) -> anyhow::Result<Vec<Span>> {
+async fn collect(waiting: &mut warren_producer::Waiting, n: usize) -> anyhow::Result<Vec<Span>> {
     let mut spans = Vec::with_capacity(n);
     while spans.len() < n {
         let Some(event) = waiting.next().await? else {
