@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use serde_json::json;
 use warren_broker::depth::Probe;
-use warren_broker::{StepRoute, Topology};
+use warren_broker::{Names, StepRoute, Topology};
 use warren_common::{JobId, JobStatus, Priority};
 use warren_producer::{Client, Job};
 
@@ -152,7 +152,7 @@ async fn measure(
 ) -> anyhow::Result<Figures> {
     let pipeline = config.pipeline("capped").context("S8 pipeline")?;
     let queue =
-        StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any").queue(b.admin.names());
+        StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any").queue(&Names::new(&config.broker.namespace));
     every_worker_consumes(b, &queue).await?;
     let (n, work_ms) = (b.args.cap_jobs, b.args.cap_step_ms);
     let jobs = |phase: usize| -> Vec<Job> {
