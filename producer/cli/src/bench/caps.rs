@@ -20,7 +20,8 @@ use super::Bench;
 
 const CAP: u32 = 4;
 const WORKERS: usize = 3;
-/// Results of the second phase seen before the kill: the cap is busy by then.
+/// Results of the second phase seen before the kill: the cap is busy by then. The worker
+/// killed is the one that ran the last of them.
 const BEFORE_KILL: usize = 12;
 
 /// When one execution ran, in µs of the system clock.
@@ -128,6 +129,14 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
     rows.push(Row::new(
         "S8",
+        "steps the killed worker was running",
+        "steps",
+        figures.killed_held as f64,
+        None,
+        Target::Info,
+    ));
+    rows.push(Row::new(
+        "S8",
         "SIGKILL to the cap whole again",
         "s",
         figures.recovery.as_secs_f64(),
@@ -140,6 +149,8 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 struct Figures {
     peak: usize,
     throughput: f64,
+    /// Steps (so tokens) the killed worker was running when it was killed.
+    killed_held: usize,
     peak_after_kill: usize,
     recovery: Duration,
 }
@@ -151,20 +162,20 @@ async fn measure(
     workers: &mut [tokio::process::Child],
 ) -> anyhow::Result<Figures> {
     let pipeline = config.pipeline("capped").context("S8 pipeline")?;
-    let queue =
-        StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any").queue(&Names::new(&config.broker.namespace));
+    let queue = StepRoute::for_tenant(pipeline, "work", Priority::Normal, "any")
+        .queue(&Names::new(&config.broker.namespace));
     every_worker_consumes(b, &queue).await?;
     let (n, work_ms) = (b.args.cap_jobs, b.args.cap_step_ms);
+    let running_dir = std::env::temp_dir().join(format!("{}-running", config.broker.namespace));
+    std::fs::create_dir_all(&running_dir)?;
+    let dir = running_dir.to_string_lossy().into_owned();
     let jobs = |phase: usize| -> Vec<Job> {
         (0..n)
             .map(|i| {
                 // Tenants spread over the shards, so every consumer has work.
                 let tenant = format!("t{}", i % 16);
-                Job::new(
-                    "capped",
-                    &tenant,
-                    json!({"phase": phase, "work_ms": work_ms}),
-                )
+                let input = json!({"phase": phase, "work_ms": work_ms, "running_dir": dir});
+                Job::new("capped", &tenant, input)
             })
             .collect()
     };
@@ -187,11 +198,18 @@ async fn measure(
     let mut waiting = client.wait_all(&ids, b.args.patience).await?;
     client.submit_many(batch).await?;
     let mut spans = collect(&mut waiting, BEFORE_KILL.min(ids.len())).await?;
-    workers[0].start_kill().context("SIGKILL a worker")?;
+    // The process running the most steps right now: it holds that many tokens.
+    let (busy, held) = busiest(&running_dir).await?;
+    let doomed = workers
+        .iter_mut()
+        .find(|w| w.id().is_some_and(|pid| u64::from(pid) == busy))
+        .context("the worker running steps")?;
+    doomed.start_kill().context("SIGKILL a worker")?;
     let killed_at = now_us();
     let rest = ids.len() - spans.len();
     spans.extend(collect(&mut waiting, rest).await?);
     waiting.close().await;
+    let _ = std::fs::remove_dir_all(&running_dir);
     let (peak_after_kill, whole) = sweep(&spans, killed_at, CAP as usize);
     let Some(whole) = whole else {
         bail!("the cap never ran {CAP} at once after the kill");
@@ -199,9 +217,32 @@ async fn measure(
     Ok(Figures {
         peak,
         throughput,
+        killed_held: held,
         peak_after_kill,
         recovery: Duration::from_micros(whole.saturating_sub(killed_at)),
     })
+}
+
+/// The worker process with the most steps running now (files in `dir` named `<pid>.<job>`),
+/// and how many it runs; waits until some process runs one.
+async fn busiest(dir: &std::path::Path) -> anyhow::Result<(u64, usize)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut counts = std::collections::HashMap::<u64, usize>::new();
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.split('.').next().and_then(|p| p.parse().ok()) {
+                *counts.entry(pid).or_default() += 1;
+            }
+        }
+        if let Some((pid, n)) = counts.into_iter().max_by_key(|(_, n)| *n) {
+            return Ok((pid, n));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no worker is running a step");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Waits until the S8 step queue has a consumer from each worker process.

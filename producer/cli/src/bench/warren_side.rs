@@ -30,7 +30,7 @@ async fn work(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
 
 /// S8's step: takes `work_ms` of wall time and says when it ran, in µs of the system clock,
 /// so the bench can count how many ran at once across worker processes.
-async fn span(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+async fn span(input: Value, ctx: StepContext) -> Result<Value, StepError> {
     let now_us = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -38,8 +38,20 @@ async fn span(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
     };
     let ms = input.get("work_ms").and_then(Value::as_u64).unwrap_or(1);
     let start_us = now_us();
+    // `running_dir`: a file per running execution, named by process, for the bench to see
+    // which worker runs steps right now.
+    let running = input.get("running_dir").and_then(Value::as_str).map(|dir| {
+        std::path::Path::new(dir).join(format!("{}.{}", std::process::id(), ctx.job_id))
+    });
+    if let Some(path) = &running {
+        let _ = std::fs::write(path, b"");
+    }
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    Ok(serde_json::json!({"start_us": start_us, "end_us": now_us()}))
+    let end_us = now_us();
+    if let Some(path) = &running {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(serde_json::json!({"start_us": start_us, "end_us": end_us}))
 }
 
 /// A worker serving one pipeline of `config` (or all), with the bench's handlers.
