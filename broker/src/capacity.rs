@@ -34,14 +34,15 @@ pub const USABLE_PERCENT: u64 = 90;
 /// Where the fix is documented.
 pub const DOCS: &str = "docs/deploy.md, \"Open files\"";
 
-/// The step queues of one pipeline: `steps × priorities × shards`.
+/// The step queues of one pipeline: `steps × priorities × (shards + hot lanes)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PipelineQueues {
     pub pipeline: String,
     pub steps: usize,
     pub priorities: usize,
     pub shards: usize,
-    /// Step queues of the pipeline (the product of the three, today).
+    pub hot_lanes: usize,
+    /// Step queues of the pipeline.
     pub queues: usize,
 }
 
@@ -56,6 +57,8 @@ pub struct QueueCounts {
     pub dead_letter: usize,
     /// The results stream.
     pub results: usize,
+    /// The control stream (hot-tenant marks).
+    pub control: usize,
     pub quorum: usize,
     pub classic: usize,
     pub stream: usize,
@@ -84,6 +87,7 @@ impl QueueCounts {
                             steps: 0,
                             priorities: 0,
                             shards: 0,
+                            hot_lanes: 0,
                             queues: 0,
                         });
                         counts.pipelines.len() - 1
@@ -94,6 +98,8 @@ impl QueueCounts {
                 counts.dead_letter += 1;
             } else if queue.name == names.results_stream() {
                 counts.results += 1;
+            } else if queue.name == names.control_stream() {
+                counts.control += 1;
             } else {
                 counts.delay += 1;
             }
@@ -106,7 +112,9 @@ impl QueueCounts {
             };
             p.steps = routes().map(|r| &r.step).collect::<BTreeSet<_>>().len();
             p.priorities = routes().map(|r| r.priority).collect::<BTreeSet<_>>().len();
-            p.shards = routes().map(|r| r.lane).collect::<BTreeSet<_>>().len();
+            let lanes: BTreeSet<_> = routes().map(|r| r.lane).collect();
+            p.hot_lanes = lanes.iter().filter(|l| l.is_hot()).count();
+            p.shards = lanes.len() - p.hot_lanes;
         }
         counts
     }
@@ -204,18 +212,26 @@ mod tests {
         assert_eq!(counts.total(), plan.queues.len());
         assert_eq!(counts.step_queues(), plan.step_queues().count());
         let p = &counts.pipelines[0];
-        assert_eq!(p.queues, p.steps * p.priorities * p.shards, "{counts:?}");
-        assert_eq!((p.steps, p.priorities, p.shards), (2, 3, 2), "{counts:?}");
-        assert_eq!((counts.dead_letter, counts.results), (1, 1));
+        let lanes = p.shards + p.hot_lanes;
+        assert_eq!(p.queues, p.steps * p.priorities * lanes, "{counts:?}");
+        assert_eq!(
+            (p.steps, p.priorities, p.shards, p.hot_lanes),
+            (2, 3, 2, 2),
+            "{counts:?}"
+        );
+        assert_eq!(
+            (counts.dead_letter, counts.results, counts.control),
+            (1, 1, 1)
+        );
         assert_eq!(
             counts.delay,
             crate::topology::retry_delays_ms(&config).len()
         );
-        assert_eq!(counts.stream, 1, "the results stream");
-        assert_eq!(counts.quorum, counts.total() - 1, "quorum by default");
+        assert_eq!(counts.stream, 2, "the results and control streams");
+        assert_eq!(counts.quorum, counts.total() - 2, "quorum by default");
         assert_eq!(
             counts.handles(),
-            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + HANDLES_PER_STREAM
+            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + 2 * HANDLES_PER_STREAM
         );
     }
 
@@ -225,7 +241,7 @@ mod tests {
         config.broker.queue_type = QueueType::Classic;
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &Names::new(&config.broker.namespace));
-        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 1));
+        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 2));
     }
 
     #[test]

@@ -11,20 +11,25 @@
 pub mod capacity;
 pub mod connection;
 pub mod consume;
+pub mod control;
 pub mod depth;
 mod dial;
 pub mod error;
+pub mod hot;
 pub mod management;
 pub mod names;
 pub mod publish;
 pub mod route;
 mod spread;
+pub mod tenants;
 pub mod tokens;
 pub mod topology;
 
 pub use connection::Broker;
 pub use consume::consume;
+pub use control::HotRouter;
 pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};
+pub use hot::{HotMark, HotReason, HotSet, HotTenant};
 pub use lapin;
 pub use management::{Management, NodeFiles, QueueInfo};
 pub use names::Names;

@@ -36,6 +36,11 @@ impl Names {
         format!("{}.results", self.ns)
     }
 
+    /// Stream of control messages (hot-tenant marks) every producer and worker reads.
+    pub fn control_stream(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+
     /// Where messages that cannot or must not run any more are set aside.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.ns)

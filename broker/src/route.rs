@@ -4,8 +4,8 @@
 //!
 //! The names are an external contract (`docs/wire-format.md`): routing key
 //! `<pipeline>.<step>.<priority>.<lane>`, queue `{ns}.q.<routing key>`, where a shard's lane
-//! part is the shard number. A new kind of lane is a change in this file only: its variant, its
-//! name part (`Display`), and its place in [`Lane::all`].
+//! part is the shard number and a hot lane's is `hot<n>`. A new kind of lane is a change in this
+//! file only: its variant, its name part (`Display`), and its place in [`Lane::all`].
 
 use std::fmt;
 
@@ -18,6 +18,9 @@ use crate::names::Names;
 pub enum Lane {
     /// Shard `n` of the pipeline's `shards`: the tenants the stable hash (or a pin) maps to it.
     Shard(u16),
+    /// Overflow lane `n` of the pipeline's `hot_lanes`: the jobs of tenants marked hot (flooding),
+    /// moved out of their shards so the tenants behind them are not stuck (`hot.rs`).
+    Hot(u16),
 }
 
 impl Lane {
@@ -26,15 +29,41 @@ impl Lane {
         Lane::Shard(pipeline.shard_of(tenant))
     }
 
-    /// Every lane of a step of `pipeline`, in plan order.
+    /// The hot lane `tenant` takes in `pipeline` while it is hot, or `None` when the pipeline
+    /// has no hot lanes or the tenant is pinned (a pin is a dedicated shard: it stays there).
+    pub fn hot_for(pipeline: &PipelineConfig, tenant: &str) -> Option<Lane> {
+        if pipeline.hot_lanes == 0 || pipeline.pins.contains_key(tenant) {
+            return None;
+        }
+        let h = warren_common::shard::fnv1a64(tenant.as_bytes());
+        Some(Lane::Hot((h % u64::from(pipeline.hot_lanes)) as u16))
+    }
+
+    /// Every lane of a step of `pipeline`, in plan order: the shards, then the hot lanes.
     pub fn all(pipeline: &PipelineConfig) -> impl Iterator<Item = Lane> {
-        (0..pipeline.shards).map(Lane::Shard)
+        (0..pipeline.shards)
+            .map(Lane::Shard)
+            .chain((0..pipeline.hot_lanes).map(Lane::Hot))
     }
 
     /// The shard this lane is, when it is one.
     pub fn shard(self) -> Option<u16> {
         match self {
             Lane::Shard(shard) => Some(shard),
+            Lane::Hot(_) => None,
+        }
+    }
+
+    /// Whether this is a hot (overflow) lane.
+    pub fn is_hot(self) -> bool {
+        matches!(self, Lane::Hot(_))
+    }
+
+    /// Its place in [`Lane::all`] of `pipeline`.
+    pub fn index(self, pipeline: &PipelineConfig) -> usize {
+        match self {
+            Lane::Shard(shard) => usize::from(shard),
+            Lane::Hot(n) => usize::from(pipeline.shards) + usize::from(n),
         }
     }
 }
@@ -44,6 +73,7 @@ impl fmt::Display for Lane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Lane::Shard(shard) => write!(f, "{shard}"),
+            Lane::Hot(n) => write!(f, "hot{n}"),
         }
     }
 }
@@ -133,6 +163,7 @@ mod tests {
             shards: 8,
             pins: BTreeMap::from([("big-customer".to_string(), 7)]),
             steps: p.steps[..1].to_vec(),
+            hot_lanes: 0,
             ..p.clone()
         };
         config.pipelines.push(pinned);
@@ -169,16 +200,26 @@ mod tests {
     fn enumeration_is_in_plan_order() {
         let config = config();
         let all = StepRoute::all(&config);
-        assert_eq!(all.len(), 2 * 3 * 2 + 3 * 8);
-        // Step b (second), low (third level), shard 1: 1*6 + 2*2 + 1.
-        assert_eq!(all[11], route("p", "b", Priority::Low, 1));
+        // `p`: 2 steps x 3 priorities x (2 shards + 2 hot lanes); `pinned`: 3 x 8 shards.
+        assert_eq!(all.len(), 2 * 3 * 4 + 3 * 8);
+        // Step b (second), low (third level), shard 1: 1*12 + 2*4 + 1.
+        assert_eq!(all[21], route("p", "b", Priority::Low, 1));
         assert_eq!(all[0], route("p", "a", Priority::High, 0));
-        assert_eq!(all[12], route("pinned", "a", Priority::High, 0));
+        let hot1 = StepRoute::new("p", "a", Priority::High, Lane::Hot(1));
+        assert_eq!(all[3], hot1);
+        assert_eq!(hot1.routing_key(), "p.a.high.hot1");
+        assert_eq!(all[24], route("pinned", "a", Priority::High, 0));
         let p = config.pipeline("p").unwrap();
         let of_b: Vec<_> = StepRoute::of_step(p, "b").collect();
-        assert_eq!(of_b, all[6..12]);
+        assert_eq!(of_b, all[12..24]);
         let lanes: Vec<_> = Lane::all(p).collect();
-        assert_eq!(lanes, [Lane::Shard(0), Lane::Shard(1)]);
+        assert_eq!(
+            lanes,
+            [Lane::Shard(0), Lane::Shard(1), Lane::Hot(0), Lane::Hot(1)]
+        );
+        for (i, lane) in lanes.iter().enumerate() {
+            assert_eq!(lane.index(p), i);
+        }
         // Every tenant's route is one of the enumerated ones.
         for tenant in ["acme", "globex", "big-customer", "t-42"] {
             for pipeline in &config.pipelines {
@@ -199,11 +240,13 @@ mod tests {
             of_a,
             [
                 route("p", "a", Priority::Normal, 0),
-                route("p", "a", Priority::Normal, 1)
+                route("p", "a", Priority::Normal, 1),
+                StepRoute::new("p", "a", Priority::Normal, Lane::Hot(0)),
+                StepRoute::new("p", "a", Priority::Normal, Lane::Hot(1)),
             ]
         );
         // The other pipeline keeps all three.
-        assert_eq!(StepRoute::all(&config).len(), 2 * 2 + 3 * 8);
+        assert_eq!(StepRoute::all(&config).len(), 2 * 4 + 3 * 8);
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -211,8 +254,12 @@ mod tests {
     }
 
     fn any_route() -> impl Strategy<Value = StepRoute> {
-        (name(), name(), 0..3usize, any::<u16>())
-            .prop_map(|(p, s, i, shard)| route(&p, &s, Priority::ALL[i], shard))
+        let lane = prop_oneof![
+            any::<u16>().prop_map(Lane::Shard),
+            any::<u16>().prop_map(Lane::Hot)
+        ];
+        (name(), name(), 0..3usize, lane)
+            .prop_map(|(p, s, i, lane)| StepRoute::new(&p, &s, Priority::ALL[i], lane))
     }
 
     proptest! {
@@ -234,7 +281,9 @@ mod tests {
             let lane = Lane::for_tenant(&pipeline, &tenant);
             prop_assert!(Lane::all(&pipeline).any(|l| l == lane));
             let all: HashSet<_> = Lane::all(&pipeline).collect();
-            prop_assert_eq!(all.len(), usize::from(shards));
+            prop_assert_eq!(all.len(), usize::from(shards) + usize::from(pipeline.hot_lanes));
+            let hot = Lane::hot_for(&pipeline, &tenant).expect("hot lanes by default");
+            prop_assert!(all.contains(&hot) && hot.is_hot());
         }
     }
 }

@@ -187,7 +187,16 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(RESULTS_MAX_AGE)),
             ],
-            bindings: vec![(events, "result.#".to_string())],
+            bindings: vec![(events.clone(), "result.#".to_string())],
+        });
+        queues.push(QueueSpec {
+            name: names.control_stream(),
+            route: None,
+            arguments: vec![
+                ("x-queue-type", str_arg("stream")),
+                ("x-max-age", str_arg(crate::control::CONTROL_MAX_AGE)),
+            ],
+            bindings: vec![(events, crate::control::CONTROL_BINDING.to_string())],
         });
         Self {
             exchanges,
@@ -538,8 +547,14 @@ handler = "h"
                 .iter()
                 .any(|e| e.name == name && e.kind == ExchangeType::Fanout));
         }
-        assert_eq!(plan.work_queues().count(), plan.queues.len() - 1);
+        assert_eq!(plan.work_queues().count(), plan.queues.len() - 2);
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));
+        let control = plan.queues.iter().find(|q| q.name == "ns.control").unwrap();
+        assert_eq!(
+            control.bindings,
+            vec![("ns.events".to_string(), "control.#".to_string())]
+        );
+        assert!(plan.queues.iter().any(|q| q.name == "ns.q.p.b.low.hot1"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");
     }
 }

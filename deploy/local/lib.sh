@@ -276,13 +276,13 @@ check_broker_nofile() {
         return 0
     fi
     # About 90% of the limit is usable, at about 3 handles per quorum queue; a pipeline of 3
-    # steps with the default 3 priorities and 4 shards is 36 queues.
+    # steps with the default 3 priorities, 4 shards and 2 hot lanes is 54 queues.
     queues=$((limit * 9 / 10 / 3))
     if [ "$limit" -ge "$WARREN_BROKER_NOFILE_MIN" ]; then
-        log "RabbitMQ's open-files limit is $limit: room for about $queues quorum queues ($((queues / 36)) pipelines of 3 steps with the default 4 shards)"
+        log "RabbitMQ's open-files limit is $limit: room for about $queues quorum queues ($((queues / 54)) pipelines of 3 steps with the default 4 shards and 2 hot lanes)"
         return 0
     fi
-    log "warning: the local RabbitMQ's open-files limit is only $limit: about $queues quorum queues ($((queues / 36)) pipelines of 3 steps with the default 4 shards) fill it, and then every new connection hangs (docs/deploy.md \"Open files\")"
+    log "warning: the local RabbitMQ's open-files limit is only $limit: about $queues quorum queues ($((queues / 54)) pipelines of 3 steps with the default 4 shards and 2 hot lanes) fill it, and then every new connection hangs (docs/deploy.md \"Open files\")"
     if [ "$_warren_started_broker" -eq 1 ]; then
         log "this script started it but could not raise the limit; see the lines above and docs/deploy.md \"Open files\""
     elif _has_systemd; then

@@ -1,17 +1,21 @@
 //! [`Client`]: connect from a config, submit jobs, wait for results.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
-use warren_broker::{Broker, BrokerError, Outgoing, PublishError, Publisher, StepRoute};
+use warren_broker::{
+    Broker, BrokerError, HotMark, HotRouter, HotTenant, Lane, Outgoing, PublishError, Publisher,
+};
 use warren_common::backoff::Backoff;
 use warren_common::env::ProcessEnv;
 use warren_common::trace::TraceParent;
-use warren_common::{Config, Envelope, JobId, Priority, ResultEvent, TenantId};
+use warren_common::{now_ms, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 
 use crate::error::{ConnectError, SubmitError, WaitError};
+use crate::flood::Floods;
 use crate::results::{ResultStream, Since, Waiting};
 
 /// How many publishes a bulk submit keeps in flight before it settles their confirms. Large
@@ -62,6 +66,10 @@ pub struct Client {
     broker: Broker,
     publisher: Publisher,
     tasks_exchange: String,
+    /// Hot tenants, read from the control stream: their jobs take a hot lane.
+    router: HotRouter,
+    /// This producer's own submits per tenant, to see a flood coming.
+    floods: Mutex<Floods>,
 }
 
 /// A validated job, ready to publish.
@@ -80,6 +88,8 @@ impl Client {
         let publisher = Publisher::new(&broker).await?;
         Ok(Self {
             tasks_exchange: broker.names().tasks_exchange(),
+            router: HotRouter::start(&broker, config.fairness.hot_for),
+            floods: Mutex::new(Floods::default()),
             config: Arc::new(config),
             broker,
             publisher,
@@ -111,6 +121,7 @@ impl Client {
 
     /// Validates and publishes one job; returns its id once the broker has confirmed it.
     pub async fn submit(&self, job: Job) -> Result<JobId, SubmitError> {
+        self.notice_floods(std::slice::from_ref(&job)).await;
         let prepared = self.prepare(job)?;
         let result = self.publisher.publish(self.outgoing(&prepared)).await;
         if let Err(cause) = result {
@@ -125,6 +136,8 @@ impl Client {
         &self,
         jobs: impl IntoIterator<Item = Job>,
     ) -> Result<Vec<JobId>, SubmitError> {
+        let jobs: Vec<Job> = jobs.into_iter().collect();
+        self.notice_floods(&jobs).await;
         let prepared = jobs
             .into_iter()
             .enumerate()
@@ -206,6 +219,59 @@ impl Client {
         ResultStream::open(&self.broker, since).await
     }
 
+    /// The tenants hot now, as the control stream says (those this client marked included).
+    pub fn hot_tenants(&self) -> Vec<HotTenant> {
+        self.router.list()
+    }
+
+    /// Counts `jobs` per tenant and marks the tenants they make a flood of hot, before any is
+    /// published, so their jobs take a hot lane from the first one. A mark that cannot be
+    /// published leaves routing by shard, as without fairness.
+    async fn notice_floods(&self, jobs: &[Job]) {
+        let mut groups: HashMap<(&str, &str), u64> = HashMap::new();
+        for job in jobs {
+            *groups.entry((&job.pipeline, &job.tenant)).or_default() += 1;
+        }
+        let settings = &self.config.fairness;
+        let hot_for_ms = settings.hot_for.as_millis() as u64;
+        let now = now_ms();
+        let floods: Vec<_> = {
+            let mut counts = self.floods.lock().expect("floods lock");
+            groups
+                .into_iter()
+                .filter_map(|((pipeline, tenant), n)| {
+                    let reason = counts.count(pipeline, tenant, n, now, settings.hot_depth)?;
+                    Some((pipeline, tenant, reason))
+                })
+                .collect()
+        };
+        for (pipeline, tenant, reason) in floods {
+            let Some(pipeline) = self.config.pipeline(pipeline) else {
+                continue;
+            };
+            // A mark with more than half its life left needs no renewal yet.
+            let fresh = self
+                .router
+                .until(&pipeline.name, tenant)
+                .is_some_and(|until| until > now + hot_for_ms / 2);
+            if fresh || TenantId::parse(tenant.to_string()).is_err() {
+                continue;
+            }
+            let by = format!("producer/{}", std::process::id());
+            let Some(mark) = HotMark::new(pipeline, tenant, now, hot_for_ms, reason, &by) else {
+                continue;
+            };
+            match self.router.mark(&self.publisher, &mark).await {
+                Ok(()) => {
+                    tracing::info!(tenant, pipeline = %pipeline.name, reason = reason.as_str(),
+                    lane = %Lane::Hot(mark.lane), "Tenant marked hot: its jobs take a hot lane.")
+                }
+                Err(error) => tracing::warn!(%error, tenant, pipeline = %pipeline.name,
+                    "Cannot publish a hot mark; the tenant's jobs go to its shard."),
+            }
+        }
+    }
+
     /// Closes the connection cleanly. Dropping a client without it is safe too.
     pub async fn close(self) {
         self.broker.close().await;
@@ -247,7 +313,9 @@ impl Client {
             });
         }
         let first = &pipeline.first_step().name;
-        let route = StepRoute::for_tenant(pipeline, first, job.priority, tenant.as_str());
+        let route = self
+            .router
+            .route(pipeline, first, job.priority, tenant.as_str());
         let mut envelope = Envelope::new_job(
             job.id,
             tenant,

@@ -21,13 +21,14 @@
 mod client;
 mod dlq;
 mod error;
+mod flood;
 mod results;
 
 pub use client::{Client, Job, CONFIRM_WINDOW};
 pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};
 pub use error::{ConnectError, SubmitError, WaitError};
 pub use results::{ResultStream, Since, Waiting};
-pub use warren_broker::{BrokerError, PublishError};
+pub use warren_broker::{BrokerError, HotTenant, PublishError};
 pub use warren_common::env::{Env, ProcessEnv};
 pub use warren_common::trace::TraceParent;
 pub use warren_common::{Config, ConfigError, JobId, JobStatus, Priority, ResultEvent, TenantId};

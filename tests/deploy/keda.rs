@@ -153,13 +153,14 @@ fn keda_regex_matches_every_step_queue_of_its_pipeline_and_nothing_else() {
                 )
             });
         // The pipeline's step queues, as the topology declares them: one per step, priority and
-        // shard.
+        // lane (the shards and the hot lanes).
         let expected: BTreeSet<String> = topology
             .step_queues()
             .filter(|q| q.route.as_ref().is_some_and(|r| r.pipeline == p.name))
             .map(|q| q.name.clone())
             .collect();
-        assert_eq!(expected.len(), p.steps.len() * 3 * usize::from(p.shards));
+        let lanes = usize::from(p.shards) + usize::from(p.hot_lanes);
+        assert_eq!(expected.len(), p.steps.len() * 3 * lanes);
 
         let mut problems = Vec::new();
         for queue in &topology.queues {

@@ -5,6 +5,7 @@ mod bad_input;
 mod caps;
 mod connect;
 mod dlq;
+mod fairness;
 mod flow;
 mod isolation;
 mod kill;

@@ -21,6 +21,7 @@ use warren_common::Priority;
 
 use crate::cap::{self, Admission, Caps};
 use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
+use crate::fairness::move_delivery;
 use crate::step::{process, ServedStep, StepSession};
 
 /// Longest wait for one part of tearing an intake down (a consumer cancel, a channel close):
@@ -130,10 +131,27 @@ impl Intake {
                 warren_broker::consume(&channel, &queue, prefetch, FieldTable::default()).await?;
             consumer_tags.push(consumer.tag().to_string());
             let (buffers, control) = (Arc::clone(&buffers), control.clone());
+            let (session, served, route) = (
+                Arc::clone(session),
+                Arc::clone(served),
+                Arc::clone(&buffers.routes[slot]),
+            );
             tokio::spawn(async move {
                 let reason = loop {
                     match consumer.next().await {
-                        Some(Ok(delivery)) => buffers.push(slot, delivery),
+                        // A hot tenant's message moves on at once, without waiting for a slot.
+                        Some(Ok(delivery)) => {
+                            match session.fairness.diversion(&served, &route, &delivery) {
+                                Some(to) => {
+                                    control.tracker.spawn(move_delivery(
+                                        Arc::clone(&session),
+                                        to,
+                                        delivery,
+                                    ));
+                                }
+                                None => buffers.push(slot, delivery),
+                            }
+                        }
                         Some(Err(e)) => break format!("consumer of {queue}: {e}"),
                         None => {
                             break format!(
@@ -223,8 +241,19 @@ impl Dispatcher {
                 permit = Arc::clone(&self.slots).acquire_owned() => permit.expect("semaphore never closed"),
             };
             let (route, delivery) = loop {
-                if let Some(taken) = self.buffers.take(&mut picker) {
-                    break taken;
+                if let Some((route, delivery)) = self.buffers.take(&mut picker) {
+                    // Buffered before its tenant was marked hot: it moves instead of running.
+                    match self
+                        .session
+                        .fairness
+                        .diversion(&self.served, &route, &delivery)
+                    {
+                        Some(to) => {
+                            tracker.spawn(move_delivery(Arc::clone(&self.session), to, delivery));
+                            continue;
+                        }
+                        None => break (route, delivery),
+                    }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -285,7 +314,7 @@ mod tests {
             let buffers = Buffers::new(routes(priorities, 3));
             assert_eq!(buffers.lanes, 3);
             for (slot, route) in buffers.routes.iter().enumerate() {
-                let lane = route.lane.shard().expect("a shard").into();
+                let lane = usize::from(route.lane.shard().expect("a shard"));
                 assert_eq!(buffers.slot(route.priority, lane), Some(slot));
             }
             for p in Priority::ALL {

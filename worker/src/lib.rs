@@ -18,7 +18,8 @@
 //! custom worker binary with its own handlers) and [`shutdown`] signals. Inside: `builder` and
 //! `runtime` (the worker and its sessions), `intake` (one served step's consumers, buffers and
 //! dispatcher), `dispatch` (which queue to serve next: pure), `step` (one delivery from decode
-//! to ack: pure decisions in `step::fate`, effects in `step::outbox`), `registry` (name ->
+//! to ack: pure decisions in `step::fate`, effects in `step::outbox`), `fairness` (noticing hot
+//! tenants and moving their queued messages to hot lanes), `registry` (name ->
 //! handler), `command` (command steps), `metrics`, and `supervisor` (the autoscaling supervisor
 //! behind `warren-worker supervise`).
 
@@ -27,6 +28,7 @@ mod cap;
 pub mod cli;
 mod command;
 mod dispatch;
+mod fairness;
 mod handler;
 mod intake;
 mod metrics;

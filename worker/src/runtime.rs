@@ -19,6 +19,7 @@ use warren_common::backoff::Backoff;
 use warren_common::Config;
 
 use crate::builder::{WorkerBuilder, WorkerError};
+use crate::fairness::{Fairness, REPORT_EVERY};
 use crate::intake::{Control, Intake, TEARDOWN_PATIENCE};
 use crate::metrics::Metrics;
 use crate::step::{Outbox, ServedStep, StepSession};
@@ -120,6 +121,8 @@ impl Worker {
         let lost = CancellationToken::new();
         let steps = Arc::new(StepSession {
             config: Arc::clone(&self.config),
+            broker: broker.clone(),
+            fairness: Fairness::start(&broker, &self.config),
             outbox: Outbox::new(&broker, lost.clone(), Arc::clone(&self.metrics)).await?,
             lost,
             metrics: Arc::clone(&self.metrics),
@@ -137,6 +140,10 @@ impl Worker {
             },
             fatal_rx,
         };
+        tokio::spawn(fairness_reports(
+            Arc::clone(&session.steps),
+            session.control.cancel.clone(),
+        ));
         for served in &self.served {
             let started =
                 Intake::start(&session.broker, &session.steps, served, &session.control).await;
@@ -158,6 +165,21 @@ impl Worker {
         info!(broker = %session.broker.redacted_url(), namespace = %self.config.broker.namespace,
             steps = ?self.step_labels(), "Worker started.");
         Ok(session)
+    }
+}
+
+/// Keeps the hot-tenant gauge current and reports the lanes' tenants, until the session stops.
+async fn fairness_reports(steps: Arc<StepSession>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(REPORT_EVERY) => {}
+        }
+        steps.fairness.update_gauge(&steps.config, &steps.metrics);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = Fairness::publish_digests(&steps) => {}
+        }
     }
 }
 

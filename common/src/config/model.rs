@@ -18,6 +18,36 @@ pub struct Config {
     pub broker: BrokerConfig,
     #[serde(default, deserialize_with = "pipelines")]
     pub pipelines: Vec<PipelineConfig>,
+    #[serde(default)]
+    pub fairness: FairnessConfig,
+}
+
+/// `[fairness]`: when a tenant counts as hot (flooding) and for how long. A hot tenant's jobs
+/// take its pipeline's hot lanes instead of its shard, so the tenants that share the shard do
+/// not wait behind the flood (docs/ARCHITECTURE.md, "Fairness").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FairnessConfig {
+    /// A tenant that took at least this share of a lane's recent deliveries...
+    #[serde(default = "default_hot_share", deserialize_with = "hot_share")]
+    pub hot_share: f64,
+    /// ...while the lane has at least this many ready messages, is hot. Also what a producer
+    /// counts: this many jobs of one tenant in one bulk submit, or within `PRODUCER_WINDOW`.
+    #[serde(default = "default_hot_depth", deserialize_with = "hot_depth")]
+    pub hot_depth: u32,
+    /// How long a hot mark lasts unless renewed: a flood that ends cools down by itself.
+    #[serde(default = "default_hot_for", deserialize_with = "hot_for")]
+    pub hot_for: Duration,
+}
+
+impl Default for FairnessConfig {
+    fn default() -> Self {
+        Self {
+            hot_share: default_hot_share(),
+            hot_depth: default_hot_depth(),
+            hot_for: default_hot_for(),
+        }
+    }
 }
 
 /// `[broker]`: where RabbitMQ is and how names are scoped.
@@ -166,6 +196,9 @@ pub struct PipelineConfig {
     pub max_queue_length: u32,
     /// The priorities its jobs may have, most urgent first: one set of step queues each.
     pub priorities: Vec<Priority>,
+    /// Overflow lanes per step and priority that hot (flooding) tenants are moved to; 0 turns
+    /// hot-tenant isolation off for the pipeline.
+    pub hot_lanes: u16,
     pub steps: Vec<StepConfig>,
 }
 
@@ -211,6 +244,8 @@ struct RawPipeline {
     max_queue_length: u32,
     #[serde(default = "default_priorities", deserialize_with = "priorities")]
     priorities: Vec<Priority>,
+    #[serde(default = "default_hot_lanes", deserialize_with = "hot_lanes")]
+    hot_lanes: u16,
     #[serde(default)]
     steps: Vec<StepConfig>,
 }
@@ -248,6 +283,7 @@ impl TryFrom<RawPipeline> for PipelineConfig {
             pins: raw.pins,
             max_queue_length: raw.max_queue_length,
             priorities: raw.priorities,
+            hot_lanes: raw.hot_lanes,
             steps: raw.steps,
         })
     }
@@ -392,6 +428,18 @@ fn default_shards() -> u16 {
 fn default_priorities() -> Vec<Priority> {
     Priority::ALL.to_vec()
 }
+fn default_hot_lanes() -> u16 {
+    2
+}
+fn default_hot_share() -> f64 {
+    0.1
+}
+fn default_hot_depth() -> u32 {
+    500
+}
+fn default_hot_for() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_queue_length() -> u32 {
     100_000
 }
@@ -528,6 +576,32 @@ fn priorities<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Priority>, D::Error
         )));
     }
     Ok(list)
+}
+
+fn hot_lanes<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    ranged(d, "hot_lanes", 0, 64).map(|v| v as u16)
+}
+
+fn hot_share<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    let value = f64::deserialize(d)?;
+    if !(value > 0.0 && value <= 1.0) {
+        return Err(serde::de::Error::custom(format!(
+            "`hot_share` must be more than 0 and at most 1, got {value}"
+        )));
+    }
+    Ok(value)
+}
+
+fn hot_depth<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    ranged(d, "hot_depth", 1, 100_000_000).map(|v| v as u32)
+}
+
+fn hot_for<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value: Duration = humantime_serde::deserialize(d)?;
+    if value < Duration::from_secs(1) {
+        return Err(serde::de::Error::custom("`hot_for` must be at least 1s"));
+    }
+    Ok(value)
 }
 
 fn max_queue_length<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {

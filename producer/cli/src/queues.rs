@@ -1,14 +1,20 @@
 //! `warren queues`: the depth of every step queue. Ready messages and consumers come from passive
 //! declares (no management plugin needed); unacked messages from the management API, when
-//! `[broker] management_url` is set.
+//! `[broker] management_url` is set. With `--tenants`, the top tenants by backlog instead,
+//! estimated from what the workers report on the control stream, and which tenants are hot.
+
+use std::time::Duration;
 
 use crate::output::outln;
 use anyhow::bail;
 use clap::Args;
+use serde::Serialize;
 use serde_json::json;
+use warren_broker::control;
 use warren_broker::depth::{add_unacked, read_depths, QueueDepth};
-use warren_broker::{Broker, Management, Names, StepRoute};
-use warren_common::Config;
+use warren_broker::tenants::{estimate, TenantBacklog};
+use warren_broker::{Broker, HotTenant, Management, Names, StepRoute};
+use warren_common::{now_ms, Config};
 
 #[derive(Debug, Args)]
 pub(crate) struct QueuesArgs {
@@ -18,13 +24,26 @@ pub(crate) struct QueuesArgs {
     /// Also list queues with no ready messages (the table skips them by default).
     #[arg(long)]
     all: bool,
+    /// Show the top tenants by backlog per pipeline (estimated from the workers' reports of
+    /// the last minute) and which are hot, instead of the queues.
+    #[arg(long)]
+    tenants: bool,
+    /// With `--tenants`: how many tenants per pipeline.
+    #[arg(long, default_value_t = 10)]
+    top: usize,
 }
+
+/// How far back `--tenants` reads the workers' reports (they report every 10 s).
+const REPORTS_LOOK_BACK: Duration = Duration::from_secs(60);
 
 pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow::Result<()> {
     if let Some(p) = &args.pipeline {
         if !config.pipelines.iter().any(|c| &c.name == p) {
             bail!("pipeline {p:?} is not in the config");
         }
+    }
+    if args.tenants {
+        return tenants(&args, config, json).await;
     }
     let routes: Vec<_> = StepRoute::all(config)
         .into_iter()
@@ -58,6 +77,109 @@ pub(crate) async fn run(args: QueuesArgs, config: &Config, json: bool) -> anyhow
     Ok(())
 }
 
+/// `--tenants`: the top tenants of each pipeline by estimated backlog, hot ones marked.
+async fn tenants(args: &QueuesArgs, config: &Config, json: bool) -> anyhow::Result<()> {
+    let broker = Broker::connect(&config.broker).await?;
+    let read = control::read_recent(&broker, REPORTS_LOOK_BACK).await;
+    broker.close().await;
+    let (hot, digests) = read?;
+    let wanted = |pipeline: &str| args.pipeline.as_deref().is_none_or(|p| p == pipeline);
+    let mut rows: Vec<TenantRow> = Vec::new();
+    for backlog in estimate(&digests)
+        .into_iter()
+        .filter(|b| wanted(&b.pipeline))
+    {
+        let shown = rows
+            .iter()
+            .filter(|r| r.pipeline == backlog.pipeline)
+            .count();
+        if shown < args.top {
+            rows.push(TenantRow::new(backlog, &hot));
+        }
+    }
+    // Hot tenants with nothing reported (no worker has taken their work yet) are shown too.
+    for h in hot.iter().filter(|h| wanted(&h.pipeline)) {
+        if !rows
+            .iter()
+            .any(|r| r.pipeline == h.pipeline && r.tenant == h.tenant)
+        {
+            rows.push(TenantRow::new(
+                TenantBacklog {
+                    pipeline: h.pipeline.clone(),
+                    tenant: h.tenant.clone(),
+                    backlog: 0,
+                    lanes: vec![],
+                },
+                &hot,
+            ));
+        }
+    }
+    if json {
+        for row in &rows {
+            outln!("{}", serde_json::to_string(row)?);
+        }
+    } else {
+        print!("{}", tenants_table(&rows));
+        if digests.is_empty() {
+            eprintln!("warren: no worker reported a lane in the last minute (no work taken, or no worker running)");
+        }
+    }
+    Ok(())
+}
+
+/// One line of `--tenants`.
+#[derive(Debug, Serialize)]
+struct TenantRow {
+    pipeline: String,
+    tenant: String,
+    /// Estimated messages waiting.
+    backlog: u64,
+    hot: bool,
+    /// Seconds the hot mark has left.
+    hot_for_s: Option<u64>,
+    hot_lane: Option<String>,
+    lanes: Vec<String>,
+}
+
+impl TenantRow {
+    fn new(b: TenantBacklog, hot: &[HotTenant]) -> Self {
+        let mark = hot
+            .iter()
+            .find(|h| h.pipeline == b.pipeline && h.tenant == b.tenant);
+        Self {
+            hot: mark.is_some(),
+            hot_for_s: mark.map(|h| h.until.saturating_sub(now_ms()) / 1000),
+            hot_lane: mark.map(|h| h.lane.to_string()),
+            pipeline: b.pipeline,
+            tenant: b.tenant,
+            backlog: b.backlog,
+            lanes: b.lanes,
+        }
+    }
+}
+
+fn tenants_table(rows: &[TenantRow]) -> String {
+    let mut out = format!(
+        "{:<20} {:<24} {:>10} {:<16} lanes\n",
+        "pipeline", "tenant", "backlog~", "hot"
+    );
+    for r in rows {
+        let hot = match (&r.hot_lane, r.hot_for_s) {
+            (Some(lane), Some(s)) => format!("{lane} ({s}s)"),
+            _ => "-".to_string(),
+        };
+        out += &format!(
+            "{:<20} {:<24} {:>10} {:<16} {}\n",
+            r.pipeline,
+            r.tenant,
+            r.backlog,
+            hot,
+            r.lanes.join(",")
+        );
+    }
+    out
+}
+
 fn queue_json(d: &QueueDepth) -> serde_json::Value {
     json!({
         "queue": d.queue,
@@ -65,6 +187,7 @@ fn queue_json(d: &QueueDepth) -> serde_json::Value {
         "step": d.route.step,
         "priority": d.route.priority.as_str(),
         "shard": d.route.lane.shard(),
+        "lane": d.route.lane.to_string(),
         "exists": d.ready.is_some(),
         "ready": d.ready,
         "unacked": d.unacked,
@@ -190,6 +313,31 @@ mod tests {
         let fields: Vec<_> = a_total.split_whitespace().collect();
         assert_eq!(fields, ["p", "a", "7", "3", "0", "4", "-", "2"], "{text}");
         assert!(table(&depths, true).contains("ns.q.p.a.normal.1"));
+    }
+
+    #[test]
+    fn the_tenants_table_marks_the_hot_ones() {
+        let hot = vec![HotTenant {
+            pipeline: "p".into(),
+            tenant: "flood".into(),
+            lane: Lane::Hot(1),
+            until: now_ms() + 30_500,
+        }];
+        let backlog = |tenant: &str, n| TenantBacklog {
+            pipeline: "p".into(),
+            tenant: tenant.into(),
+            backlog: n,
+            lanes: vec!["a.normal.hot1".into()],
+        };
+        let rows = [
+            TenantRow::new(backlog("flood", 1200), &hot),
+            TenantRow::new(backlog("small", 3), &hot),
+        ];
+        let text = tenants_table(&rows);
+        let flood: Vec<_> = text.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(flood[..4], ["p", "flood", "1200", "hot1"], "{text}");
+        let small: Vec<_> = text.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(small[..4], ["p", "small", "3", "-"], "{text}");
     }
 
     #[test]

@@ -206,13 +206,13 @@ fn summary<'a>(
     );
     let pipelines = counts.pipelines.iter().map(|p| {
         format!(
-            "  pipeline {}: {} step queues ({} steps x {} priorities x {} shards)",
-            p.pipeline, p.queues, p.steps, p.priorities, p.shards
+            "  pipeline {}: {} step queues ({} steps x {} priorities x ({} shards + {} hot lanes))",
+            p.pipeline, p.queues, p.steps, p.priorities, p.shards, p.hot_lanes
         )
     });
     let others = format!(
-        "  delay queues: {}, dead-letter queue: {}, results stream: {}",
-        counts.delay, counts.dead_letter, counts.results
+        "  delay queues: {}, dead-letter queue: {}, results stream: {}, control stream: {}",
+        counts.delay, counts.dead_letter, counts.results, counts.control
     );
     let handles = format!(
         "open files: about {} handles on each broker node ({} per quorum queue, {} per stream, {} per classic queue: RabbitMQ 3.10 figures)",
@@ -282,10 +282,12 @@ fn counts_json(counts: &QueueCounts) -> Value {
             "steps": p.steps,
             "priorities": p.priorities,
             "shards": p.shards,
+            "hot_lanes": p.hot_lanes,
         })).collect::<Vec<_>>(),
         "delay": counts.delay,
         "dead_letter": counts.dead_letter,
         "results": counts.results,
+        "control": counts.control,
         "quorum": counts.quorum,
         "classic": counts.classic,
         "stream": counts.stream,
@@ -319,14 +321,16 @@ mod tests {
                 steps: 3,
                 priorities: 3,
                 shards: 8,
-                queues: 72,
+                hot_lanes: 2,
+                queues: 90,
             }],
             delay: 4,
             dead_letter: 1,
             results: 1,
-            quorum: 77,
+            control: 1,
+            quorum: 95,
             classic: 0,
-            stream: 1,
+            stream: 2,
         }
     }
 
@@ -344,14 +348,14 @@ mod tests {
         let lines: Vec<_> = summary("ns", &counts(), files.as_ref()).collect();
         assert_eq!(
             lines[0],
-            "namespace ns needs 78 queues (77 quorum, 1 stream)"
+            "namespace ns needs 97 queues (95 quorum, 2 stream)"
         );
         assert_eq!(
             lines[1],
-            "  pipeline reports: 72 step queues (3 steps x 3 priorities x 8 shards)"
+            "  pipeline reports: 90 step queues (3 steps x 3 priorities x (8 shards + 2 hot lanes))"
         );
         assert!(lines[2].contains("delay queues: 4"), "{lines:?}");
-        assert!(lines[3].contains("about 233 handles"), "{lines:?}");
+        assert!(lines[3].contains("about 289 handles"), "{lines:?}");
         assert!(
             lines[4].contains("limit 1024 (921 usable), about 40 in use (40 open files")
                 && lines[4].ends_with("648 left after"),

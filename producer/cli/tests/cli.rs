@@ -132,7 +132,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text(&out.stdout).contains("5 exchanges, 11 queues"),
+        text(&out.stdout).contains("5 exchanges, 18 queues"),
         "{}",
         text(&out.stdout)
     );
@@ -492,7 +492,11 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 3 * 2, "one line per priority x shard");
+    assert_eq!(
+        rows.len(),
+        3 * 4,
+        "one line per priority x lane (2 shards, 2 hot lanes)"
+    );
     assert!(rows
         .iter()
         .all(|r| r["exists"] == json!(false) && r["ready"].is_null()));
@@ -525,7 +529,11 @@ fn queues_reports_ready_messages_per_queue_and_step() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 12);
+    assert_eq!(
+        rows.iter().filter(|r| r["lane"] == json!("hot1")).count(),
+        3
+    );
     let ready = |priority: &str, shard: u16| {
         rows.iter()
             .find(|r| r["priority"] == json!(priority) && r["shard"] == json!(shard))
@@ -563,7 +571,7 @@ fn queues_reports_ready_messages_per_queue_and_step() {
             .lines()
             .filter(|l| l.contains(".q.greet."))
             .count(),
-        6
+        12
     );
 
     // And an unknown pipeline is an error
@@ -662,7 +670,8 @@ async fn queues_reports_unacked_messages_from_the_management_api() {
 
 #[test]
 fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
-    // Given a namespace of one pipeline, 1 step x 3 priorities x 2 shards, not applied yet
+    // Given a namespace of one pipeline, 1 step x 3 priorities x (2 shards + 2 hot lanes), not
+    // applied yet
     let ns = TestNamespace::undeclared(GREET);
     let url = management_url();
 
@@ -671,24 +680,25 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     assert!(out.status.success(), "{out:?}");
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
 
-    // Then it counts the queues: 6 step queues, the delay queues, the DLQ and the results stream
+    // Then it counts the queues: 12 step queues, the delay queues, the DLQ, the results and the
+    // control streams
     let counts = &plan["counts"];
     let queues = plan["queues"].as_array().unwrap().len() as u64;
     assert_eq!(counts["queues"], json!(queues), "{plan}");
-    assert_eq!(counts["step_queues"], json!(6), "{plan}");
+    assert_eq!(counts["step_queues"], json!(12), "{plan}");
     assert_eq!(
         counts["pipelines"],
-        json!([{"pipeline": "greet", "queues": 6, "steps": 1, "priorities": 3, "shards": 2}])
+        json!([{"pipeline": "greet", "queues": 12, "steps": 1, "priorities": 3, "shards": 2, "hot_lanes": 2}])
     );
     let delay = counts["delay"].as_u64().unwrap();
-    assert_eq!(queues, 6 + delay + 2, "{plan}");
+    assert_eq!(queues, 12 + delay + 3, "{plan}");
     assert_eq!(
         (counts["quorum"].as_u64(), counts["stream"].as_u64()),
-        (Some(queues - 1), Some(1))
+        (Some(queues - 2), Some(2))
     );
     // And the broker's open files, with every queue still to come
     let handles = counts["handles"].as_u64().unwrap();
-    assert_eq!(handles, 3 * (queues - 1) + 2, "{plan}");
+    assert_eq!(handles, 3 * (queues - 2) + 4, "{plan}");
     let files = &plan["open_files"];
     assert!(files["fd_total"].as_u64().unwrap() > 0, "{plan}");
     assert_eq!(files["needed"], json!(handles), "{plan}");
@@ -700,10 +710,11 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains(&format!(
-            "needs {queues} queues ({} quorum, 1 stream)",
-            queues - 1
-        )) && stdout.contains("pipeline greet: 6 step queues (1 steps x 3 priorities x 2 shards)")
-            && stdout.contains(&format!("{handles} more for the queues not there yet")),
+            "needs {queues} queues ({} quorum, 2 stream)",
+            queues - 2
+        )) && stdout.contains(
+            "pipeline greet: 12 step queues (1 steps x 3 priorities x (2 shards + 2 hot lanes))"
+        ) && stdout.contains(&format!("{handles} more for the queues not there yet")),
         "{stdout}"
     );
 
@@ -714,5 +725,5 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let files = &plan["open_files"];
     assert_eq!(files["needed"], json!(0), "{plan}");
     let (in_use, fd_used) = (files["in_use"].as_u64(), files["fd_used"].as_u64());
-    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 1)), "{plan}");
+    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 2)), "{plan}");
 }

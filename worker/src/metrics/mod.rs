@@ -195,6 +195,9 @@ mod tests {
         let _held = m.cap_held("p", "s", "step");
         m.cap_wait("p", "s", "tenant");
         m.cap_acquired("p", "s", Duration::from_millis(1));
+        m.moved("p", "s");
+        m.hot_marked("p", "depth");
+        m.set_hot_tenants(["p"], &std::collections::HashMap::new());
         let mut code = exported(m.exposition());
         assert_eq!(
             names(&code),

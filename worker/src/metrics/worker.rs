@@ -68,6 +68,22 @@ const CONNECTED: Def = Def {
     labels: &[],
 };
 
+const LANE_MOVES: Def = Def {
+    name: "warren_lane_moves_total",
+    help: "Step messages of hot tenants moved from a shard to a hot lane.",
+    labels: &["pipeline", "step"],
+};
+const HOT_MARKS: Def = Def {
+    name: "warren_hot_marks_total",
+    help: "Hot-tenant marks this worker published, by why.",
+    labels: &["pipeline", "reason"],
+};
+const HOT_TENANTS: Def = Def {
+    name: "warren_hot_tenants",
+    help: "Tenants hot now, as this worker reads the control stream.",
+    labels: &["pipeline"],
+};
+
 /// Every metric the worker exports.
 #[cfg(test)]
 pub(super) const DEFS: &[&Def] = &[
@@ -83,6 +99,9 @@ pub(super) const DEFS: &[&Def] = &[
     &CAP_ACQUIRE,
     &RECONNECTS,
     &CONNECTED,
+    &LANE_MOVES,
+    &HOT_MARKS,
+    &HOT_TENANTS,
 ];
 
 /// What happened to one attempt, as the `outcome` label says it.
@@ -115,6 +134,8 @@ pub(crate) enum PublishKind {
     Result,
     DeadLetter,
     CapWait,
+    /// A hot tenant's message moved to its hot lane, or a hot mark.
+    Fairness,
 }
 
 impl PublishKind {
@@ -125,6 +146,7 @@ impl PublishKind {
             PublishKind::Result => "result",
             PublishKind::DeadLetter => "dead_letter",
             PublishKind::CapWait => "cap_wait",
+            PublishKind::Fairness => "fairness",
         }
     }
 }
@@ -145,6 +167,9 @@ pub(crate) struct Metrics {
     cap_acquire: HistogramVec,
     reconnects: IntCounter,
     connected: IntGauge,
+    lane_moves: IntCounterVec,
+    hot_marks: IntCounterVec,
+    hot_tenants: IntGaugeVec,
 }
 
 /// Buckets from 1 ms to about 17 minutes: steps range from no-ops to long imports.
@@ -171,6 +196,9 @@ impl Metrics {
             cap_acquire: exposition.histogram_vec(&CAP_ACQUIRE, duration_buckets()),
             reconnects: exposition.counter(&RECONNECTS),
             connected: exposition.gauge(&CONNECTED),
+            lane_moves: exposition.counter_vec(&LANE_MOVES),
+            hot_marks: exposition.counter_vec(&HOT_MARKS),
+            hot_tenants: exposition.gauge_vec(&HOT_TENANTS),
             exposition,
         }
     }
@@ -263,6 +291,26 @@ impl Metrics {
         self.cap_acquire
             .with_label_values(&[pipeline, step])
             .observe(took.as_secs_f64());
+    }
+
+    pub(crate) fn moved(&self, pipeline: &str, step: &str) {
+        self.lane_moves.with_label_values(&[pipeline, step]).inc();
+    }
+
+    pub(crate) fn hot_marked(&self, pipeline: &str, reason: &str) {
+        self.hot_marks.with_label_values(&[pipeline, reason]).inc();
+    }
+
+    /// Sets the hot-tenant count of every pipeline in `counts` (the others read 0).
+    pub(crate) fn set_hot_tenants<'a>(
+        &self,
+        pipelines: impl IntoIterator<Item = &'a str>,
+        counts: &std::collections::HashMap<String, i64>,
+    ) {
+        for pipeline in pipelines {
+            let n = counts.get(pipeline).copied().unwrap_or(0);
+            self.hot_tenants.with_label_values(&[pipeline]).set(n);
+        }
     }
 
     pub(crate) fn reconnected(&self) {

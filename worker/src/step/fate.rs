@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use warren_broker::StepRoute;
+use warren_broker::{Lane, StepRoute};
 use warren_common::backoff::{nominal_retry_delay, retry_delay};
 use warren_common::{decode, encode, Config, Envelope, JobId, Oversized, Reason, ResultEvent};
 
@@ -157,6 +157,7 @@ pub(crate) fn fate(
     served: &ServedStep,
     max_payload: usize,
     jitter: f64,
+    hot: Option<Lane>,
 ) -> Fate {
     let error = match outcome {
         Ok(output) => match served.pipeline.next_step(&env.step) {
@@ -165,7 +166,7 @@ pub(crate) fn fate(
                 let envelope = env.next(&next.name, output);
                 match envelope.encode_within(max_payload) {
                     Ok(body) => {
-                        let route = route_of(served, &envelope);
+                        let route = route_of(served, &envelope, hot);
                         return Fate::Next {
                             envelope,
                             body,
@@ -189,7 +190,7 @@ pub(crate) fn fate(
         let envelope = env.retry();
         return Fate::Retry {
             body: encode(&envelope),
-            route: route_of(served, &envelope),
+            route: route_of(served, &envelope, hot),
             nominal: nominal_retry_delay(&step.backoff, env.attempt),
             delay: retry_delay(&step.backoff, env.attempt, jitter),
             envelope,
@@ -205,14 +206,18 @@ pub(crate) fn fate(
     }
 }
 
-/// Where `env` goes: its step's queue for its tenant and priority.
-fn route_of(served: &ServedStep, env: &Envelope) -> StepRoute {
-    StepRoute::for_tenant(
-        &served.pipeline,
-        &env.step,
-        env.priority,
-        env.tenant.as_str(),
-    )
+/// Where `env` goes: its step's queue for its tenant and priority, in the tenant's hot lane
+/// `hot` while it is hot, else in its shard.
+fn route_of(served: &ServedStep, env: &Envelope, hot: Option<Lane>) -> StepRoute {
+    match hot {
+        Some(lane) => StepRoute::new(&served.pipeline.name, &env.step, env.priority, lane),
+        None => StepRoute::for_tenant(
+            &served.pipeline,
+            &env.step,
+            env.priority,
+            env.tenant.as_str(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -222,10 +227,20 @@ mod tests {
 
     use proptest::prelude::*;
     use serde_json::json;
-    use warren_broker::Lane;
     use warren_common::{JobStatus, Priority, TenantId};
 
     use super::*;
+
+    /// Most decisions here are for a tenant that is not hot.
+    fn fate(
+        outcome: Result<Value, StepError>,
+        env: &Envelope,
+        served: &ServedStep,
+        max_payload: usize,
+        jitter: f64,
+    ) -> Fate {
+        super::fate(outcome, env, served, max_payload, jitter, None)
+    }
     use crate::command::CommandSpec;
     use crate::step::runner::Runner;
 
@@ -312,6 +327,24 @@ handler = "h"
         assert_eq!(envelope.input, json!({"n": 2}));
         assert_eq!(decode(&body).unwrap(), envelope);
         assert_eq!(to, route("b", 3));
+    }
+
+    #[test]
+    fn a_hot_tenant_hands_on_and_retries_in_its_hot_lane() {
+        let config = config();
+        let env = envelope("a", "acme", 1);
+        let served = served(&config, "p", "a");
+        let hot = Some(Lane::Hot(1));
+        let Fate::Next { route: to, .. } = super::fate(Ok(json!(1)), &env, &served, MAX, 0.5, hot)
+        else {
+            panic!("a success hands on")
+        };
+        assert_eq!(to, StepRoute::new("p", "b", env.priority, Lane::Hot(1)));
+        let retry = super::fate(Err(StepError::retryable("x")), &env, &served, MAX, 0.5, hot);
+        let Fate::Retry { route: again, .. } = retry else {
+            panic!("{retry:?}")
+        };
+        assert_eq!(again, StepRoute::new("p", "a", env.priority, Lane::Hot(1)));
     }
 
     #[test]

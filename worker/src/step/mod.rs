@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
-use warren_broker::{PublishError, StepRoute};
+use warren_broker::{Broker, PublishError, StepRoute};
 use warren_common::{now_ms, Config, Envelope, Priority, Reason};
 
 use self::events::{
@@ -28,6 +28,7 @@ use self::fate::{Fate, SetAside};
 use self::outbox::DeadLetter;
 pub(crate) use self::outbox::Outbox;
 pub(crate) use self::runner::ServedStep;
+use crate::fairness::Fairness;
 use crate::handler::{StepContext, StepError};
 use crate::metrics::Metrics;
 
@@ -38,7 +39,10 @@ const HANDOFF_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// What the step tasks of one connection's session share.
 pub(crate) struct StepSession {
     pub(crate) config: Arc<Config>,
+    pub(crate) broker: Broker,
     pub(crate) outbox: Outbox,
+    /// Hot tenants: where their messages go, and noticing new ones.
+    pub(crate) fairness: Fairness,
     /// Cancelled when the session's connection is lost: its deliveries can no longer be acked,
     /// so running steps stop and the broker hands their messages out again.
     pub(crate) lost: CancellationToken,
@@ -67,7 +71,7 @@ pub(crate) async fn process(
 
 /// Decode → check → run → fate → carry out.
 async fn handle(
-    session: &StepSession,
+    session: &Arc<StepSession>,
     served: &ServedStep,
     route: &StepRoute,
     delivery: &Delivery,
@@ -81,13 +85,19 @@ async fn handle(
         Ok(env) => env,
         Err(aside) => return set_aside(session, served, route, delivery, aside).await,
     };
+    Fairness::observe(session, served, route, env.tenant.as_str());
     let trace_id = env.trace().map(|t| t.trace_id_hex()).unwrap_or_default();
     let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
         pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id);
     async {
         let (outcome, timing) = run(session, served, &env).await;
         let max_payload = session.config.broker.max_payload_bytes;
-        let fate = fate::fate(outcome, &env, served, max_payload, rand::random());
+        // Read after the run: a mark that came meanwhile already sends the output to the lane.
+        let hot = session
+            .fairness
+            .router
+            .lane(&served.pipeline, env.tenant.as_str());
+        let fate = fate::fate(outcome, &env, served, max_payload, rand::random(), hot);
         report(&fate, &env, served, &timing, &session.metrics);
         carry_out(session, route, fate).await
     }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use warren_broker::{Broker, BrokerError, Names, Outgoing, PublishError, Publisher, StepRoute};
+use warren_broker::{
+    Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PublishError, Publisher, StepRoute,
+};
 use warren_common::backoff::Backoff;
 use warren_common::dead_letter as headers;
 use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
@@ -187,6 +189,40 @@ impl Outbox {
         }
         .emit(&self.metrics);
         Ok(())
+    }
+
+    /// Publishes a step message, as it came (`body`, its message id), to `route`: a hot
+    /// tenant's message moving from its shard to its hot lane.
+    pub(crate) async fn publish_moved(
+        &self,
+        route: &StepRoute,
+        body: &[u8],
+        id: &str,
+    ) -> Result<(), PublishError> {
+        let key = route.routing_key();
+        let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, id);
+        self.publish(PublishKind::Fairness, msg).await
+    }
+
+    /// Publishes a hot mark on the control stream through `router`, which applies it here too.
+    pub(crate) async fn publish_mark(
+        &self,
+        router: &HotRouter,
+        mark: &HotMark,
+    ) -> Result<(), PublishError> {
+        let started = Instant::now();
+        router.mark(&self.publisher, mark).await?;
+        PublishConfirmed {
+            kind: PublishKind::Fairness,
+            took: started.elapsed(),
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+
+    /// The confirm-mode publisher, for the control stream's messages.
+    pub(crate) fn publisher(&self) -> &Publisher {
+        &self.publisher
     }
 
     /// The name of the queue behind `route`.

@@ -320,7 +320,7 @@ mod tests {
         assert!(config.pipelines.iter().all(|p| p.shards == 2
             && p.steps.len() == 3
             && p.priorities == [warren_common::Priority::Normal]));
-        // 3 pipelines x 3 steps x 1 priority x 2 shards.
-        assert_eq!(Topology::plan(&config).step_queues().count(), 18);
+        // 3 pipelines x 3 steps x 1 priority x (2 shards + 2 hot lanes).
+        assert_eq!(Topology::plan(&config).step_queues().count(), 36);
     }
 }

@@ -1,0 +1,259 @@
+//! The namespace's control stream (`{ns}.control`), where hot marks are published and read.
+//! Every producer and worker tails it into its [`HotSet`] from a little before the longest a
+//! mark lives, so a process that starts mid-flood knows the hot tenants at once. When the stream
+//! cannot be read the set is emptied, which routes every job by the plain hash again (the
+//! fallback), and the reader keeps trying to come back.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use warren_common::{now_ms, PipelineConfig, Priority};
+
+use crate::connection::Broker;
+use crate::error::{BrokerError, PublishError};
+use crate::hot::{HotMark, HotSet, HotTenant};
+use crate::publish::{Outgoing, Publisher};
+use crate::route::{Lane, StepRoute};
+use crate::tenants::LaneDigest;
+
+/// How long the control stream keeps marks: far more than a reader looks back.
+pub const CONTROL_MAX_AGE: &str = "1h";
+
+/// What the control stream takes from the events exchange: every `control.` key.
+pub const CONTROL_BINDING: &str = "control.#";
+
+/// Routing key prefix of hot marks on the events exchange.
+pub const HOT_KEY_PREFIX: &str = "control.hot.";
+
+/// Routing key prefix of lane digests (`tenants.rs`) on the events exchange.
+pub const LANES_KEY_PREFIX: &str = "control.lanes.";
+
+/// How long [`read_recent`] waits for one more entry before it counts the stream as read.
+const QUIET: Duration = Duration::from_millis(500);
+/// The longest [`read_recent`] reads a busy stream.
+const READ_AT_MOST: Duration = Duration::from_secs(5);
+
+/// Credit of the control stream's consumer (streams require a prefetch).
+const PREFETCH: u16 = 200;
+
+/// How far before its expiry window a reader starts, for clock skew between machines.
+const LOOK_BACK_MARGIN: Duration = Duration::from_secs(30);
+
+/// Pause between attempts to read the stream again after losing it.
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+/// The hot tenants as this process knows them, kept current by a reader task of the control
+/// stream that stops when this is dropped.
+pub struct HotRouter {
+    set: Arc<RwLock<HotSet>>,
+    live: Arc<AtomicBool>,
+    reader: tokio::task::JoinHandle<()>,
+    exchange: String,
+}
+
+impl std::fmt::Debug for HotRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotRouter")
+            .field("live", &self.is_live())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for HotRouter {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl HotRouter {
+    /// Starts tailing the control stream of `broker`'s namespace, from `hot_for` (the longest a
+    /// mark lives) ago. Never fails: until the stream is read, nothing is hot.
+    pub fn start(broker: &Broker, hot_for: Duration) -> Self {
+        let set = Arc::new(RwLock::new(HotSet::default()));
+        let live = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(read_forever(
+            broker.clone(),
+            Arc::clone(&set),
+            Arc::clone(&live),
+            hot_for + LOOK_BACK_MARGIN,
+        ));
+        Self {
+            set,
+            live,
+            reader,
+            exchange: broker.names().events_exchange(),
+        }
+    }
+
+    /// Whether the stream is being read (when not, nothing is hot).
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The route of `tenant`'s message for `step` of `pipeline`: its hot lane while it is hot,
+    /// else its shard.
+    pub fn route(
+        &self,
+        pipeline: &PipelineConfig,
+        step: &str,
+        priority: Priority,
+        tenant: &str,
+    ) -> StepRoute {
+        self.read()
+            .route(pipeline, step, priority, tenant, now_ms())
+    }
+
+    /// The hot lane of `tenant` in `pipeline` now, if it is hot there.
+    pub fn lane(&self, pipeline: &PipelineConfig, tenant: &str) -> Option<Lane> {
+        self.read().lane(pipeline, tenant, now_ms())
+    }
+
+    /// Whether `pipeline` may have hot tenants: the cheap test before decoding a message.
+    pub fn any_in(&self, pipeline: &str) -> bool {
+        self.read().any_in(pipeline)
+    }
+
+    /// When `tenant`'s mark in `pipeline` expires, if it is hot.
+    pub fn until(&self, pipeline: &str, tenant: &str) -> Option<u64> {
+        self.read().until(pipeline, tenant, now_ms())
+    }
+
+    /// Every tenant hot now.
+    pub fn list(&self) -> Vec<HotTenant> {
+        self.read().list(now_ms())
+    }
+
+    /// Publishes `mark` (with confirm) and, once the broker has it, applies it here without
+    /// waiting for the stream to bring it back. A mark the stream did not take is not applied:
+    /// routing stays by shard, as everywhere else.
+    pub async fn mark(&self, publisher: &Publisher, mark: &HotMark) -> Result<(), PublishError> {
+        let key = format!("{HOT_KEY_PREFIX}{}", mark.pipeline);
+        let body = mark.encode();
+        let id = format!("hot:{}:{}:{}", mark.pipeline, mark.tenant, mark.until);
+        publisher
+            .publish(Outgoing::persistent(&self.exchange, &key, &body, &id))
+            .await?;
+        self.set.write().expect("hot set lock").apply(mark);
+        Ok(())
+    }
+
+    /// Publishes a lane digest (with confirm).
+    pub async fn digest(
+        &self,
+        publisher: &Publisher,
+        digest: &LaneDigest,
+    ) -> Result<(), PublishError> {
+        let key = format!("{LANES_KEY_PREFIX}{}", digest.pipeline);
+        let body = digest.encode();
+        let id = format!("lanes:{}:{}", digest.by, digest.at);
+        publisher
+            .publish(Outgoing::persistent(&self.exchange, &key, &body, &id))
+            .await
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HotSet> {
+        self.set.read().expect("hot set lock")
+    }
+}
+
+/// What the control stream holds from `look_back` ago until now: the tenants hot now, and the
+/// lane digests. For a one-off look (`warren queues --tenants`), not for routing.
+pub async fn read_recent(
+    broker: &Broker,
+    look_back: Duration,
+) -> Result<(Vec<HotTenant>, Vec<LaneDigest>), BrokerError> {
+    let channel = broker.channel().await?;
+    let stream = broker.names().control_stream();
+    let from_ms = now_ms().saturating_sub(look_back.as_millis() as u64);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::Timestamp(from_ms / 1000),
+    );
+    let mut consumer = crate::consume(&channel, &stream, PREFETCH, args).await?;
+    let (mut set, mut digests) = (HotSet::default(), Vec::new());
+    let until = tokio::time::Instant::now() + READ_AT_MOST;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(
+        until.min(tokio::time::Instant::now() + QUIET),
+        consumer.next(),
+    )
+    .await
+    {
+        if let Ok(mark) = HotMark::decode(&delivery.data) {
+            set.apply(&mark);
+        } else if let Some(digest) = LaneDigest::decode(&delivery.data) {
+            digests.push(digest);
+        }
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+    let _ = channel.close(200, "read".into()).await;
+    Ok((set.list(now_ms()), digests))
+}
+
+/// Reads the stream into `set` for as long as the process runs, emptying the set whenever the
+/// stream is lost.
+async fn read_forever(
+    broker: Broker,
+    set: Arc<RwLock<HotSet>>,
+    live: Arc<AtomicBool>,
+    look_back: Duration,
+) {
+    let mut warned = false;
+    loop {
+        let error = read(&broker, &set, &live, look_back).await;
+        live.store(false, Ordering::Relaxed);
+        set.write().expect("hot set lock").clear();
+        if !warned {
+            tracing::warn!(error = %error,
+                "Cannot read the control stream; routing every tenant by its shard until it is back.");
+            warned = true;
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+/// One session of reading: returns why it ended.
+async fn read(
+    broker: &Broker,
+    set: &RwLock<HotSet>,
+    live: &AtomicBool,
+    look_back: Duration,
+) -> String {
+    let channel = match broker.channel().await {
+        Ok(channel) => channel,
+        Err(e) => return e.to_string(),
+    };
+    let stream = broker.names().control_stream();
+    let from_ms = now_ms().saturating_sub(look_back.as_millis() as u64);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::Timestamp(from_ms / 1000),
+    );
+    let mut consumer = match crate::consume(&channel, &stream, PREFETCH, args).await {
+        Ok(consumer) => consumer,
+        Err(e) => return e.to_string(),
+    };
+    live.store(true, Ordering::Relaxed);
+    tracing::debug!(stream = %stream, "Reading the control stream.");
+    while let Some(delivery) = consumer.next().await {
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(cause) => return format!("read {stream}: {cause}"),
+        };
+        // Anything else on the stream (a foreign writer's, a newer version's) is skipped.
+        if let Ok(mark) = HotMark::decode(&delivery.data) {
+            let now = now_ms();
+            let mut set = set.write().expect("hot set lock");
+            set.apply(&mark);
+            set.prune(now);
+        }
+        // On a stream an ack only returns credit.
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+    format!("the broker ended the consumer of {stream} (stream deleted?)")
+}
