@@ -22,6 +22,9 @@ pub enum BrokerError {
     Amqp { action: String, cause: lapin::Error },
     #[error("RabbitMQ management API at {url}: {reason}")]
     Management { url: String, reason: String },
+    /// A cap's token queue could not be filled (a token publish was refused or unconfirmed).
+    #[error("fill token queue {queue}: {reason}")]
+    Fill { queue: String, reason: String },
 }
 
 impl BrokerError {
@@ -35,7 +38,7 @@ impl BrokerError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             BrokerError::Connect { .. } | BrokerError::ConnectTimeout { .. } => true,
-            BrokerError::Management { .. } => false,
+            BrokerError::Management { .. } | BrokerError::Fill { .. } => false,
             BrokerError::Amqp { cause, .. } => {
                 cause.is_io_error() || cause.is_amqp_hard_error() || !cause.can_be_recovered()
             }

@@ -3,7 +3,8 @@
 //! ([`topology`]), pooled connections ([`Broker`]), publishing that waits for the broker's
 //! confirm ([`publish`]), consumer set-up ([`consume()`]), queue-depth reads ([`depth`]), the
 //! unacked counts and open-files figures only the management API has ([`management`]), and
-//! whether a namespace fits the broker's open-files limit ([`capacity`]).
+//! whether a namespace fits the broker's open-files limit ([`capacity`]), and the token queues
+//! of the cluster-wide caps ([`tokens`]).
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
@@ -21,6 +22,7 @@ pub mod publish;
 pub mod route;
 mod spread;
 pub mod tenants;
+pub mod tokens;
 pub mod topology;
 
 pub use connection::Broker;
@@ -33,4 +35,5 @@ pub use management::{Management, NodeFiles, QueueInfo};
 pub use names::Names;
 pub use publish::{Outgoing, PendingConfirm, Publisher};
 pub use route::{Lane, StepRoute};
+pub use tokens::TokenQueue;
 pub use topology::Topology;

@@ -18,6 +18,7 @@ use crate::error::{server_reply, BrokerError, TopologyError};
 use crate::names::Names;
 use crate::route::StepRoute;
 use crate::spread::spread;
+use crate::tokens::{TokenQueue, CAP_WAIT_DELAYS_MS};
 
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
@@ -96,6 +97,8 @@ impl QueueSpec {
 pub struct Topology {
     pub exchanges: Vec<ExchangeSpec>,
     pub queues: Vec<QueueSpec>,
+    /// The `max_in_flight` token queues, filled once by [`Topology::declare`].
+    pub tokens: Vec<TokenQueue>,
 }
 
 impl Topology {
@@ -195,7 +198,11 @@ impl Topology {
             ],
             bindings: vec![(events, crate::control::CONTROL_BINDING.to_string())],
         });
-        Self { exchanges, queues }
+        Self {
+            exchanges,
+            queues,
+            tokens: crate::tokens::step_caps(config),
+        }
     }
 
     /// Declares every exchange, queue and binding. Safe to run any number of times. The
@@ -206,12 +213,27 @@ impl Topology {
         let exchanges: Vec<_> = self.exchanges.iter().collect();
         declare_all(broker, &exchanges, declare_exchange).await?;
         let queues: Vec<_> = self.queues.iter().collect();
-        declare_all(broker, &queues, declare_queue).await
+        declare_all(broker, &queues, declare_queue).await?;
+        for tokens in &self.tokens {
+            tokens.ensure(broker).await?;
+        }
+        Ok(())
     }
 
     /// Deletes every queue and exchange of the plan, messages included. Missing ones are fine.
     pub async fn delete(&self, broker: &Broker) -> Result<(), BrokerError> {
-        let queues: Vec<_> = self.queues.iter().collect();
+        let mut queues = self.queues.clone();
+        for tokens in &self.tokens {
+            for name in [tokens.name(), tokens.marker_name()] {
+                queues.push(QueueSpec {
+                    name,
+                    route: None,
+                    arguments: vec![],
+                    bindings: vec![],
+                });
+            }
+        }
+        let queues: Vec<_> = queues.iter().collect();
         let deleted = spread(broker, &queues, delete_queue).await?;
         deleted.into_iter().find(Result::is_err).transpose()?;
         let exchanges: Vec<_> = self.exchanges.iter().collect();
@@ -233,17 +255,19 @@ impl Topology {
     }
 }
 
-/// The distinct non-zero retry delays of every step, in ms: one delay queue each. Jitter
-/// varies each message's TTL around these values, within one queue.
+/// The distinct non-zero delays of every step, in ms: one delay queue each. Jitter varies each
+/// message's TTL around these values, within one queue. They are the retry delays, and, when a
+/// step has a `tenant_max_in_flight`, the waits of a job whose tenant is at its cap.
 pub fn retry_delays_ms(config: &Config) -> Vec<u64> {
-    let delays: BTreeSet<u64> = config
-        .pipelines
-        .iter()
-        .flat_map(|p| &p.steps)
+    let steps = || config.pipelines.iter().flat_map(|p| &p.steps);
+    let mut delays: BTreeSet<u64> = steps()
         .flat_map(|s| &s.backoff)
         .map(|d| d.as_millis() as u64)
         .filter(|ms| *ms > 0)
         .collect();
+    if steps().any(|s| s.tenant_max_in_flight.is_some()) {
+        delays.extend(CAP_WAIT_DELAYS_MS);
+    }
     delays.into_iter().collect()
 }
 

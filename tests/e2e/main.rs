@@ -2,6 +2,7 @@
 //! ends), so they run in parallel.
 
 mod bad_input;
+mod caps;
 mod connect;
 mod dlq;
 mod fairness;

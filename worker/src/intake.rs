@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use warren_broker::{Broker, BrokerError, StepRoute};
 use warren_common::Priority;
 
+use crate::cap::{self, Admission, Caps};
 use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
 use crate::fairness::move_delivery;
 use crate::step::{process, ServedStep, StepSession};
@@ -104,6 +105,7 @@ pub(crate) struct Intake {
     channel: Channel,
     consumer_tags: Vec<String>,
     buffers: Arc<Buffers>,
+    caps: Option<Arc<Caps>>,
 }
 
 impl Intake {
@@ -121,6 +123,7 @@ impl Intake {
         let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
         let routes = StepRoute::of_step(&served.pipeline, &served.step.name).collect();
         let buffers = Arc::new(Buffers::new(routes));
+        let caps = Caps::open(broker, served, &session.metrics, control.fatal.clone()).await?;
         let mut consumer_tags = Vec::new();
         for (slot, route) in buffers.routes.iter().enumerate() {
             let queue = session.outbox.queue(route);
@@ -169,12 +172,14 @@ impl Intake {
             buffers: Arc::clone(&buffers),
             slots: Arc::new(Semaphore::new(concurrency)),
             control: control.clone(),
+            caps: caps.clone(),
         };
         tokio::spawn(dispatcher.run());
         Ok(Self {
             channel,
             consumer_tags,
             buffers,
+            caps,
         })
     }
 
@@ -192,18 +197,24 @@ impl Intake {
                 break;
             }
         }
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
         for delivery in self.buffers.drain() {
-            let _ = delivery.acker.nack(requeue).await;
+            let _ = delivery.acker.nack(requeue()).await;
         }
     }
 
     pub(crate) async fn close(self) {
         let close = self.channel.close(200, "worker stopped".into());
         let _ = tokio::time::timeout(TEARDOWN_PATIENCE, close).await;
+        if let Some(caps) = self.caps {
+            caps.close().await;
+        }
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
     }
 }
 
@@ -214,6 +225,8 @@ struct Dispatcher {
     buffers: Arc<Buffers>,
     slots: Arc<Semaphore>,
     control: Control,
+    /// The step's cluster-wide caps, when it has any.
+    caps: Option<Arc<Caps>>,
 }
 
 impl Dispatcher {
@@ -247,9 +260,32 @@ impl Dispatcher {
                     _ = self.buffers.ready.notified() => {}
                 }
             };
-            let (session, served) = (Arc::clone(&self.session), Arc::clone(&self.served));
+            let session = Arc::clone(&self.session);
+            let hold = match &self.caps {
+                None => None,
+                Some(caps) => match caps.admit(&delivery, cancel).await {
+                    Ok(Admission::Run(hold)) => Some(hold),
+                    Ok(Admission::Wait(wait)) => {
+                        tracker.spawn(cap::move_to_wait_lane(session, route, delivery, wait));
+                        continue;
+                    }
+                    Ok(Admission::Stopped) => {
+                        let _ = delivery.acker.nack(requeue()).await;
+                        return;
+                    }
+                    Err(e) => {
+                        // The delivery goes back with the session's channels.
+                        let _ = self.control.fatal.send(e.to_string());
+                        return;
+                    }
+                },
+            };
+            let served = Arc::clone(&self.served);
             tracker.spawn(async move {
                 process(session, served, route, delivery).await;
+                if let Some(hold) = hold {
+                    hold.release().await;
+                }
                 drop(permit);
             });
         }

@@ -24,6 +24,7 @@
 //! behind `warren-worker supervise`).
 
 mod builder;
+mod cap;
 pub mod cli;
 mod command;
 mod dispatch;

@@ -283,6 +283,40 @@ handler = "resize"
     }
 
     #[test]
+    fn caps_are_optional_positive_and_named_by_line() {
+        let with = |line: &str| {
+            EXAMPLE.replace("concurrency = 4\n", &format!("concurrency = 4\n{line}\n"))
+        };
+        let c = parse(EXAMPLE).unwrap();
+        let fetch = c.pipeline("thumbnails").unwrap().step("fetch").unwrap();
+        assert_eq!(
+            (fetch.max_in_flight, fetch.tenant_max_in_flight),
+            (None, None)
+        );
+        let c = parse(&with("max_in_flight = 3\ntenant_max_in_flight = 1")).unwrap();
+        let fetch = c.pipeline("thumbnails").unwrap().step("fetch").unwrap();
+        assert_eq!(
+            (fetch.max_in_flight, fetch.tenant_max_in_flight),
+            (Some(3), Some(1))
+        );
+        // Line 17 is the one after `concurrency = 4`.
+        let e = err(&with("max_in_flight = 0"));
+        assert!(
+            e.contains(":17:") && e.contains("`max_in_flight` must be between 1 and 10000, got 0"),
+            "{e}"
+        );
+        let e = err(&with("tenant_max_in_flight = 0"));
+        assert!(
+            e.contains(":17:") && e.contains("`tenant_max_in_flight`") && e.contains("got 0"),
+            "{e}"
+        );
+        let e = err(&with("max_in_flight = 10001"));
+        assert!(e.contains("`max_in_flight`"), "{e}");
+        let e = err(&with("max_in_flight = \"4\""));
+        assert!(e.contains(":17:") && e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
     fn pass_env_is_checked() {
         let with = |line: &str| {
             EXAMPLE.replace("concurrency = 4\n", &format!("concurrency = 4\n{line}\n"))

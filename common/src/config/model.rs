@@ -306,6 +306,10 @@ pub struct StepConfig {
     /// Variables of the worker's environment a command step also gets (besides `PATH`, `HOME`,
     /// locale and the `WARREN_*` step variables). Never `WARREN_AMQP_URL`.
     pub pass_env: Vec<String>,
+    /// Most attempts of this step running at once across every worker of the namespace.
+    pub max_in_flight: Option<u32>,
+    /// Most attempts of this step running at once for one tenant, across every worker.
+    pub tenant_max_in_flight: Option<u32>,
 }
 
 /// What runs a step.
@@ -335,6 +339,10 @@ struct RawStep {
     concurrency: u32,
     #[serde(default)]
     pass_env: Vec<String>,
+    #[serde(default, deserialize_with = "max_in_flight")]
+    max_in_flight: Option<u32>,
+    #[serde(default, deserialize_with = "tenant_max_in_flight")]
+    tenant_max_in_flight: Option<u32>,
 }
 
 impl TryFrom<RawStep> for StepConfig {
@@ -376,6 +384,8 @@ impl TryFrom<RawStep> for StepConfig {
             backoff: raw.backoff,
             concurrency: raw.concurrency,
             pass_env: raw.pass_env,
+            max_in_flight: raw.max_in_flight,
+            tenant_max_in_flight: raw.tenant_max_in_flight,
         })
     }
 }
@@ -451,6 +461,9 @@ fn default_concurrency() -> u32 {
 }
 
 // === field validators: each error names its key; the parser adds the line ===
+
+/// Largest cap: each unit is a token message on the broker.
+const MAX_CAP: u64 = 10_000;
 
 fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
     Vec::<humantime_serde::Serde<Duration>>::deserialize(d)
@@ -601,4 +614,13 @@ fn max_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 
 fn concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     ranged(d, "concurrency", 1, 10_000).map(|v| v as u32)
+}
+
+/// The cluster-wide caps: one token each, held while an attempt runs.
+fn max_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    ranged(d, "max_in_flight", 1, MAX_CAP).map(|v| Some(v as u32))
+}
+
+fn tenant_max_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    ranged(d, "tenant_max_in_flight", 1, MAX_CAP).map(|v| Some(v as u32))
 }

@@ -177,6 +177,7 @@ async fn open_files(config: &Config, plan: &Topology) -> Option<FileCheck> {
             .filter(|q| !existing.contains(q.name.as_str()))
             .cloned()
             .collect(),
+        tokens: vec![],
     };
     let needed = QueueCounts::of(&new, &Names::new(&config.broker.namespace)).handles();
     capacity::check_files(&nodes, &queues, needed)

@@ -67,6 +67,29 @@ async fn work(mut input: Value, ctx: StepContext) -> Result<Value, StepError> {
     Ok(input)
 }
 
+/// `span`: sleeps `sleep_ms` and says when it ran (µs of the system clock), in which process and
+/// for which tenant, so a test can count how many ran at once across workers.
+async fn span(input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    };
+    let start_us = now_us();
+    let sleep = input.get("sleep_ms").and_then(Value::as_u64).unwrap_or(0);
+    tokio::time::sleep(Duration::from_millis(sleep)).await;
+    Ok(json!({
+        "start_us": start_us,
+        "end_us": now_us(),
+        "pid": std::process::id(),
+        "tenant": ctx.tenant,
+    }))
+}
+
 fn main() -> std::process::ExitCode {
-    warren_worker::cli::main(|builder| builder.handler("work", handler_fn(work)))
+    warren_worker::cli::main(|builder| {
+        builder
+            .handler("work", handler_fn(work))
+            .handler("span", handler_fn(span))
+    })
 }

@@ -20,7 +20,7 @@ pub(crate) use http::{
     WORKER_DEFAULT_ADDR,
 };
 pub(crate) use supervisor::SupervisorMetrics;
-pub(crate) use worker::{Metrics, Outcome, PublishKind};
+pub(crate) use worker::{InFlight, Metrics, Outcome, PublishKind};
 
 /// One metric as docs/metrics.md lists it, written once: the registration reads it, and so does
 /// the test that holds the docs to the code.
@@ -192,6 +192,9 @@ mod tests {
         let _running = m.running("p", "s");
         m.dead_letter(None, "undecodable");
         m.confirmed(PublishKind::Result, Duration::from_millis(2));
+        let _held = m.cap_held("p", "s", "step");
+        m.cap_wait("p", "s", "tenant");
+        m.cap_acquired("p", "s", Duration::from_millis(1));
         m.moved("p", "s");
         m.hot_marked("p", "depth");
         m.set_hot_tenants(["p"], &std::collections::HashMap::new());

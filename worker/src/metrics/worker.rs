@@ -42,6 +42,21 @@ const PUBLISH_CONFIRM: Def = Def {
     help: "From publish to the broker's confirm.",
     labels: &["kind"],
 };
+const CAP_HELD: Def = Def {
+    name: "warren_cap_tokens_held",
+    help: "Cap tokens this process holds now, by kind (step or tenant).",
+    labels: &["pipeline", "step", "kind"],
+};
+const CAP_WAITS: Def = Def {
+    name: "warren_cap_waits_total",
+    help: "Deliveries that found their cap full: waited for a step token, or moved to a wait lane for their tenant's.",
+    labels: &["pipeline", "step", "kind"],
+};
+const CAP_ACQUIRE: Def = Def {
+    name: "warren_cap_acquire_seconds",
+    help: "From asking for a step cap token to holding it.",
+    labels: &["pipeline", "step"],
+};
 const RECONNECTS: Def = Def {
     name: "warren_reconnects_total",
     help: "Sessions started again after a lost connection.",
@@ -79,6 +94,9 @@ pub(super) const DEFS: &[&Def] = &[
     &IN_FLIGHT,
     &DEAD_LETTERS,
     &PUBLISH_CONFIRM,
+    &CAP_HELD,
+    &CAP_WAITS,
+    &CAP_ACQUIRE,
     &RECONNECTS,
     &CONNECTED,
     &LANE_MOVES,
@@ -115,6 +133,7 @@ pub(crate) enum PublishKind {
     Retry,
     Result,
     DeadLetter,
+    CapWait,
     /// A hot tenant's message moved to its hot lane, or a hot mark.
     Fairness,
 }
@@ -126,6 +145,7 @@ impl PublishKind {
             PublishKind::Retry => "retry",
             PublishKind::Result => "result",
             PublishKind::DeadLetter => "dead_letter",
+            PublishKind::CapWait => "cap_wait",
             PublishKind::Fairness => "fairness",
         }
     }
@@ -142,6 +162,9 @@ pub(crate) struct Metrics {
     in_flight: IntGaugeVec,
     dead_letters: IntCounterVec,
     confirm: HistogramVec,
+    cap_held: IntGaugeVec,
+    cap_waits: IntCounterVec,
+    cap_acquire: HistogramVec,
     reconnects: IntCounter,
     connected: IntGauge,
     lane_moves: IntCounterVec,
@@ -168,6 +191,9 @@ impl Metrics {
                 &PUBLISH_CONFIRM,
                 prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"),
             ),
+            cap_held: exposition.gauge_vec(&CAP_HELD),
+            cap_waits: exposition.counter_vec(&CAP_WAITS),
+            cap_acquire: exposition.histogram_vec(&CAP_ACQUIRE, duration_buckets()),
             reconnects: exposition.counter(&RECONNECTS),
             connected: exposition.gauge(&CONNECTED),
             lane_moves: exposition.counter_vec(&LANE_MOVES),
@@ -248,6 +274,25 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
+    /// Counts a cap token as held until the guard drops.
+    pub(crate) fn cap_held(&self, pipeline: &str, step: &str, kind: &str) -> InFlight {
+        let gauge = self.cap_held.with_label_values(&[pipeline, step, kind]);
+        gauge.inc();
+        InFlight(gauge)
+    }
+
+    pub(crate) fn cap_wait(&self, pipeline: &str, step: &str, kind: &str) {
+        self.cap_waits
+            .with_label_values(&[pipeline, step, kind])
+            .inc();
+    }
+
+    pub(crate) fn cap_acquired(&self, pipeline: &str, step: &str, took: Duration) {
+        self.cap_acquire
+            .with_label_values(&[pipeline, step])
+            .observe(took.as_secs_f64());
+    }
+
     pub(crate) fn moved(&self, pipeline: &str, step: &str) {
         self.lane_moves.with_label_values(&[pipeline, step]).inc();
     }
@@ -279,7 +324,7 @@ impl Metrics {
     }
 }
 
-/// Decrements the in-flight gauge when dropped.
+/// Decrements its gauge (attempts in flight, cap tokens held) when dropped.
 #[derive(Debug)]
 pub(crate) struct InFlight(IntGauge);
 

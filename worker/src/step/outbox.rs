@@ -130,6 +130,28 @@ impl Outbox {
         self.publish(PublishKind::Retry, msg).await
     }
 
+    /// Moves a step message whose tenant is at its cap to a wait lane: the delay queue of
+    /// `nominal`, whose TTL (`delay`, with jitter) returns it to its step queue, with the waits
+    /// so far in a header (the next wait grows with it). The message itself is unchanged.
+    pub(crate) async fn publish_cap_wait(
+        &self,
+        route: &StepRoute,
+        body: &[u8],
+        id: &str,
+        waits: u32,
+        nominal: Duration,
+        delay: Duration,
+    ) -> Result<(), PublishError> {
+        let key = route.routing_key();
+        let exchange = self.names.delay_exchange(nominal.as_millis() as u64);
+        let mut msg = Outgoing::persistent(&exchange, &key, body, id)
+            .with_headers(&[(crate::cap::WAITS_HEADER, waits.to_string())]);
+        msg.properties = msg
+            .properties
+            .with_expiration(delay.as_millis().max(1).to_string().into());
+        self.publish(PublishKind::CapWait, msg).await
+    }
+
     /// Publishes a job's result event.
     pub(crate) async fn publish_result(&self, event: &ResultEvent) -> Result<(), PublishError> {
         let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());

@@ -4,6 +4,7 @@
 //! throw-away namespace (and a second one for the raw side), deleted at the end, on error and on
 //! Ctrl-C. `docs/bench.md` describes the scenarios and how to read the table.
 
+mod caps;
 mod raw;
 mod report;
 mod scale;
@@ -41,11 +42,14 @@ pub(crate) enum Scenario {
     S6,
     /// Not in the default set: about two minutes (docs/bench.md).
     S7,
+    /// Not in the default set: cluster-wide caps over three worker processes (docs/bench.md).
+    S8,
 }
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
-    /// Scenarios to run, comma-separated (S7, the scale scenario, only when named).
+    /// Scenarios to run, comma-separated (S7, the scale scenario, and S8, the caps scenario, only
+    /// when named).
     #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
     scenarios: Vec<Scenario>,
     /// S1 (and S6's load): one-step no-op jobs.
@@ -88,6 +92,12 @@ pub(crate) struct BenchArgs {
     /// S7: how long the idle CPU of the worker and the broker is measured.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     scale_window: Duration,
+    /// S8: jobs in each of its two phases (before and after the kill).
+    #[arg(long, default_value_t = 100)]
+    cap_jobs: usize,
+    /// S8: wall time of one capped step, in ms.
+    #[arg(long, default_value_t = 200)]
+    cap_step_ms: u64,
     /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
     #[arg(long, hide = true, value_name = "NS")]
     serve_worker: Option<String>,
@@ -432,6 +442,19 @@ impl Bench {
         log: &Path,
         scale: Option<(&str, &Path)>,
     ) -> anyhow::Result<u32> {
+        let child = self.worker_process(log, scale)?;
+        let pid = child.id().context("worker process has no pid")?;
+        *self.child.lock().expect("lock") = Some(child);
+        Ok(pid)
+    }
+
+    /// A worker process as [`Bench::spawn_worker_process`] starts it, left to the caller; it
+    /// is killed when dropped.
+    fn worker_process(
+        &self,
+        log: &Path,
+        scale: Option<(&str, &Path)>,
+    ) -> anyhow::Result<tokio::process::Child> {
         let mut command = tokio::process::Command::new(std::env::current_exe()?);
         if let Some(path) = &self.config_path {
             command.arg("--config").arg(path);
@@ -456,9 +479,7 @@ impl Bench {
             .kill_on_drop(true)
             .spawn()
             .context("starting the worker process")?;
-        let pid = child.id().context("worker process has no pid")?;
-        *self.child.lock().expect("lock") = Some(child);
-        Ok(pid)
+        Ok(child)
     }
 
     /// Closes the worker process's stdin (it drains and exits), then kills it if it lingers.

@@ -16,6 +16,8 @@ pub(super) enum Target {
     RatioAtMostAndBelow(f64, f64),
     /// An absolute bound on warren's figure, in the row's unit.
     Below(f64),
+    /// Exactly this figure (a count, such as a cap's observed peak).
+    Exactly(f64),
 }
 
 impl Target {
@@ -26,6 +28,7 @@ impl Target {
             Target::RatioAtMost(r) => format!("<= {r}x"),
             Target::RatioAtMostAndBelow(r, v) => format!("<= {r}x, < {v} {unit}"),
             Target::Below(v) => format!("< {v} {unit}"),
+            Target::Exactly(v) => format!("= {v} {unit}"),
         }
     }
 }
@@ -72,6 +75,7 @@ impl Row {
             Target::RatioAtMost(r) => Some(ratio <= r),
             Target::RatioAtMostAndBelow(r, v) => Some(ratio <= r && self.warren < v),
             Target::Below(v) => Some(self.warren < v),
+            Target::Exactly(v) => Some(self.warren == v),
         }
     }
 }

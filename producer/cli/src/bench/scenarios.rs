@@ -28,6 +28,7 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
             Scenario::S5 => s5(b, &mut rows).await,
             Scenario::S6 => s6(b, &mut rows).await,
             Scenario::S7 => super::scale::s7(b, &mut rows).await,
+            Scenario::S8 => super::caps::s8(b, &mut rows).await,
         }
         .with_context(|| format!("scenario {scenario:?}"))?;
     }

@@ -28,6 +28,32 @@ async fn work(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
     Ok(Value::Null)
 }
 
+/// S8's step: takes `work_ms` of wall time and says when it ran, in µs of the system clock,
+/// so the bench can count how many ran at once across worker processes.
+async fn span(input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    };
+    let ms = input.get("work_ms").and_then(Value::as_u64).unwrap_or(1);
+    let start_us = now_us();
+    // `running_dir`: a file per running execution, named by process, for the bench to see
+    // which worker runs steps right now.
+    let running = input.get("running_dir").and_then(Value::as_str).map(|dir| {
+        std::path::Path::new(dir).join(format!("{}.{}", std::process::id(), ctx.job_id))
+    });
+    if let Some(path) = &running {
+        let _ = std::fs::write(path, b"");
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let end_us = now_us();
+    if let Some(path) = &running {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(serde_json::json!({"start_us": start_us, "end_us": end_us}))
+}
+
 /// A worker serving one pipeline of `config` (or all), with the bench's handlers.
 pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, WorkerError> {
     Worker::builder(config)
@@ -35,6 +61,7 @@ pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, W
         .shutdown_grace(Duration::from_secs(5))
         .handler("noop", handler_fn(noop))
         .handler("work", handler_fn(work))
+        .handler("span", handler_fn(span))
         .build()
 }
 
