@@ -245,12 +245,12 @@ fn bench_config(base: &Config, ns: &str, concurrency: u16, more: &str) -> anyhow
 
 /// The pipelines of the fairness scenarios, each twice: with the default hot lanes, and as
 /// `<name>_off` with `hot_lanes = 0` (plain hash shards, as before hot-tenant isolation).
-/// S3c's `collide` is `work` again; S7t's `fair` has its own shards and concurrency, and room
-/// for every flood in one shard.
+/// S3c's `collide` is `work` again; S7t's `fair` has its own shards and concurrency. Both have
+/// room for every flood in one queue, and `normal` queues only (every queue costs the broker).
 fn fairness_toml(args: &BenchArgs) -> String {
     let pipeline = |name: &str, shards: u16, concurrency: u16, off: bool| {
         format!(
-            "\n[[pipelines]]\nname = \"{name}{}\"\nshards = {shards}\nmax_queue_length = 10000000\n{}\
+            "\n[[pipelines]]\nname = \"{name}{}\"\nshards = {shards}\npriorities = [\"normal\"]\nmax_queue_length = 10000000\n{}\
              [[pipelines.steps]]\nname = \"work\"\nhandler = \"work\"\nconcurrency = {concurrency}\nmax_attempts = 1\n",
             if off { "_off" } else { "" },
             if off { "hot_lanes = 0\n" } else { "" },
