@@ -113,6 +113,104 @@ async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
     .await;
 }
 
+/// S3c and S7t are not in the default set (minutes at their default sizes): here with tiny
+/// floods and few tenants. Their targets depend on hot-lane routing, so only the report is
+/// checked: every row is there with a number, and the namespaces are gone.
+#[tokio::test]
+async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() {
+    let out = Command::new(WARREN)
+        .args(["--json", "bench", "--scenarios", "s3c,s7t"])
+        .args(["--flood", "300", "--small", "10"])
+        .args([
+            "--tenants",
+            "20",
+            "--fair-floods",
+            "2x300",
+            "--fair-idle",
+            "2s",
+        ])
+        .args(["--settle", "0s", "--patience", "60s"])
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    let figure = |scenario: &str, metric: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == scenario && r["metric"] == metric)
+            .unwrap_or_else(|| panic!("no {scenario} {metric:?} in {report:#}"))
+    };
+    // S3c: both passes, each latency with its idle baseline.
+    for metric in [
+        "same-shard p95 under flood vs idle, hot_lanes = 0",
+        "same-shard p95 under flood vs idle",
+    ] {
+        let row = figure("S3c", metric);
+        assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["ratio"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+    }
+    assert_eq!(
+        figure("S3c", "same-shard p95 under flood vs idle")["target"],
+        "<= 5x"
+    );
+    let drained = figure("S3c", "flood drained in vs hot_lanes = 0");
+    assert!(
+        drained["baseline"].as_f64().is_some_and(|v| v > 0.0),
+        "{drained}"
+    );
+    // S7t: one flood set, run with hot lanes off and on.
+    let set = "2 floods x 300";
+    for suffix in [", hot_lanes = 0", ""] {
+        let share = figure(
+            "S7t",
+            &format!("{set}{suffix}: tenants with p95 <= 5x idle"),
+        );
+        assert!(
+            share["warren"]
+                .as_f64()
+                .is_some_and(|v| (0.0..=100.0).contains(&v)),
+            "{share}"
+        );
+        for metric in [
+            "median tenant's p95 vs idle p95",
+            "worst tenant's p95 vs idle p95",
+            "small tenants' load vs intended",
+        ] {
+            let row = figure("S7t", &format!("{set}{suffix}: {metric}"));
+            assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+            assert!(row["baseline"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        }
+    }
+    assert_eq!(
+        figure("S7t", &format!("{set}: tenants with p95 <= 5x idle"))["target"],
+        ">= 99 %"
+    );
+    let floods = figure(
+        "S7t",
+        &format!("{set}: floods finished in vs hot_lanes = 0"),
+    );
+    assert!(
+        floods["ratio"].as_f64().is_some_and(|v| v > 0.0),
+        "{floods}"
+    );
+    assert_eq!(rows.len(), 4 + 10, "{report:#}");
+
+    // The fairness pipelines were in the bench's namespace, which was deleted.
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    assert_gone(&[
+        format!("{ns}.q.collide.work.normal.0"),
+        format!("{ns}.q.collide_off.work.normal.0"),
+        format!("{ns}.q.fair.work.normal.hot0"),
+        format!("{ns}.q.fair_off.work.normal.7"),
+    ])
+    .await;
+}
+
 /// None of `queues` exists on the test broker any more.
 async fn assert_gone(queues: &[String]) {
     let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();

@@ -5,6 +5,8 @@
 //! Ctrl-C. `docs/bench.md` describes the scenarios and how to read the table.
 
 mod caps;
+mod collider;
+mod many_tenants;
 mod raw;
 mod report;
 mod scale;
@@ -37,6 +39,9 @@ pub(crate) enum Scenario {
     S1,
     S2,
     S3,
+    /// Not in the default set: S3 with the small tenant on the flood's own shard, with hot lanes
+    /// off and on (docs/bench.md).
+    S3c,
     S4,
     S5,
     S6,
@@ -44,12 +49,42 @@ pub(crate) enum Scenario {
     S7,
     /// Not in the default set: cluster-wide caps over three worker processes (docs/bench.md).
     S8,
+    /// Not in the default set: many small tenants beside floods, with hot lanes off and on; a
+    /// few minutes per flood set (docs/bench.md). The issue's "S7"; `s7` is the scale scenario.
+    S7t,
+}
+
+impl Scenario {
+    /// Whether it needs the fairness pipelines (`fairness_toml`).
+    fn fairness(self) -> bool {
+        matches!(self, Scenario::S3c | Scenario::S7t)
+    }
+}
+
+/// One flood set of S7t: `tenants` tenants that each submit `jobs` jobs in one `submit_many`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FloodSet {
+    tenants: usize,
+    jobs: usize,
+}
+
+impl std::str::FromStr for FloodSet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: expected TENANTSxJOBS, e.g. 3x20000");
+        let (tenants, jobs) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+        let tenants: usize = tenants.trim().parse().map_err(|_| bad())?;
+        let jobs: usize = jobs.trim().parse().map_err(|_| bad())?;
+        if tenants == 0 || jobs == 0 {
+            return Err(bad());
+        }
+        Ok(Self { tenants, jobs })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
-    /// Scenarios to run, comma-separated (S7, the scale scenario, and S8, the caps scenario, only
-    /// when named).
+    /// Scenarios to run, comma-separated (S3c, S7, S7t and S8 only when named).
     #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
     scenarios: Vec<Scenario>,
     /// S1 (and S6's load): one-step no-op jobs.
@@ -98,6 +133,30 @@ pub(crate) struct BenchArgs {
     /// S8: wall time of one capped step, in ms.
     #[arg(long, default_value_t = 200)]
     cap_step_ms: u64,
+    /// S7t: small tenants submitting at a steady rate beside the floods.
+    #[arg(long, default_value_t = 400)]
+    tenants: usize,
+    /// S7t: the flood sets, each run with hot lanes off and on: TENANTSxJOBS, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "3x20000,20x1000")]
+    fair_floods: Vec<FloodSet>,
+    /// S7t: wall time of one step, in ms.
+    #[arg(long, default_value_t = 20)]
+    fair_work_ms: u64,
+    /// S7t: step concurrency of its worker (capacity = this x 1000 / --fair-work-ms jobs/s).
+    #[arg(long, default_value_t = 32)]
+    fair_concurrency: u16,
+    /// S7t: the small tenants' total rate, as a share of that capacity.
+    #[arg(long, default_value_t = 0.4)]
+    fair_load: f64,
+    /// S7t: shards of its pipeline.
+    #[arg(long, default_value_t = 8)]
+    fair_shards: u16,
+    /// S7t: tasks submitting the small tenants' jobs, one `submit` at a time each.
+    #[arg(long, default_value_t = 16)]
+    fair_submitters: usize,
+    /// S7t: how long the small tenants' idle latency is measured before the floods start.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    fair_idle: Duration,
     /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
     #[arg(long, hide = true, value_name = "NS")]
     serve_worker: Option<String>,
@@ -171,8 +230,9 @@ fn load_base(path: Option<&Path>) -> Result<Config, warren_common::config::Confi
     }
 }
 
-/// The bench's pipelines, on the base config's broker, in namespace `ns`.
-fn bench_config(base: &Config, ns: &str, concurrency: u16) -> anyhow::Result<Config> {
+/// The bench's pipelines (and the TOML of `more`), on the base config's broker, in namespace
+/// `ns`.
+fn bench_config(base: &Config, ns: &str, concurrency: u16, more: &str) -> anyhow::Result<Config> {
     let step = |name: &str, handler: &str| {
         format!(
             "[[pipelines.steps]]\nname = \"{name}\"\nhandler = \"{handler}\"\nconcurrency = {concurrency}\nmax_attempts = 1\n"
@@ -185,11 +245,33 @@ fn bench_config(base: &Config, ns: &str, concurrency: u16) -> anyhow::Result<Con
         step("b", "noop"),
         step("c", "noop"),
         step("work", "work"),
-    );
+    ) + more;
     let mut config = Config::parse(&text, "bench", Path::new("."), &HashMap::new())?;
     config.broker = base.broker.clone();
     config.broker.namespace = ns.to_string();
     Ok(config)
+}
+
+/// The pipelines of the fairness scenarios, each twice: with the default hot lanes, and as
+/// `<name>_off` with `hot_lanes = 0` (plain hash shards, as before hot-tenant isolation).
+/// S3c's `collide` is `work` again; S7t's `fair` has its own shards and concurrency. Both have
+/// room for every flood in one queue, and `normal` queues only (every queue costs the broker).
+fn fairness_toml(args: &BenchArgs) -> String {
+    let pipeline = |name: &str, shards: u16, concurrency: u16, off: bool| {
+        format!(
+            "\n[[pipelines]]\nname = \"{name}{}\"\nshards = {shards}\npriorities = [\"normal\"]\nmax_queue_length = 10000000\n{}\
+             [[pipelines.steps]]\nname = \"work\"\nhandler = \"work\"\nconcurrency = {concurrency}\nmax_attempts = 1\n",
+            if off { "_off" } else { "" },
+            if off { "hot_lanes = 0\n" } else { "" },
+        )
+    };
+    [false, true]
+        .into_iter()
+        .map(|off| {
+            pipeline("collide", 4, args.concurrency, off)
+                + &pipeline("fair", args.fair_shards, args.fair_concurrency, off)
+        })
+        .collect()
 }
 
 /// S6's and S7's worker process: a real worker on its own, as `warren-worker run` would be,
@@ -202,7 +284,7 @@ fn serve_worker(
     scale_config: Option<&Path>,
 ) -> ExitCode {
     let worker = match scale_config {
-        None => bench_config(base, ns, concurrency)
+        None => bench_config(base, ns, concurrency, "")
             .and_then(|c| Ok(warren_side::worker(c, Some("one"))?)),
         Some(path) => {
             scale::load_config(base, ns, path).and_then(|c| Ok(warren_side::worker(c, None)?))
@@ -261,8 +343,13 @@ async fn run(
         .map_or(0, |d| d.subsec_nanos())
         ^ std::process::id();
     let ns = format!("wbench-{unique:08x}");
-    let config = bench_config(&base, &ns, args.concurrency)?;
-    let raw_config = bench_config(&base, &format!("{ns}-raw"), args.concurrency)?;
+    // The fairness pipelines only when a scenario needs them: every queue costs the broker.
+    let fairness = match args.scenarios.iter().any(|s| s.fairness()) {
+        true => fairness_toml(&args),
+        false => String::new(),
+    };
+    let config = bench_config(&base, &ns, args.concurrency, &fairness)?;
+    let raw_config = bench_config(&base, &format!("{ns}-raw"), args.concurrency, "")?;
     let admin = Broker::connect(&config.broker)
         .await
         .context("connecting to RabbitMQ")?;
@@ -345,6 +432,11 @@ async fn run(
             "small": bench.args.small, "work_ms": bench.args.work_ms, "latency_jobs": bench.args.latency_jobs,
             "scale_pipelines": bench.args.scale_pipelines, "scale_shards": bench.args.scale_shards,
             "scale_window_s": bench.args.scale_window.as_secs_f64(),
+            "tenants": bench.args.tenants,
+            "fair_floods": bench.args.fair_floods.iter().map(|f| format!("{}x{}", f.tenants, f.jobs)).collect::<Vec<_>>(),
+            "fair_work_ms": bench.args.fair_work_ms, "fair_concurrency": bench.args.fair_concurrency,
+            "fair_load": bench.args.fair_load, "fair_shards": bench.args.fair_shards,
+            "fair_submitters": bench.args.fair_submitters, "fair_idle_s": bench.args.fair_idle.as_secs_f64(),
         },
     });
     if json {
@@ -402,8 +494,13 @@ impl Bench {
 
     /// The lane a tenant's jobs take in the `work` pipeline.
     fn lane(&self, tenant: &str) -> Lane {
+        self.lane_in("work", tenant)
+    }
+
+    /// The shard lane a tenant's jobs take in `pipeline` (when not hot).
+    fn lane_in(&self, pipeline: &str, tenant: &str) -> Lane {
         Lane::for_tenant(
-            self.config.pipeline("work").expect("bench pipeline"),
+            self.config.pipeline(pipeline).expect("bench pipeline"),
             tenant,
         )
     }

@@ -18,6 +18,8 @@ pub(super) enum Target {
     Below(f64),
     /// Exactly this figure (a count, such as a cap's observed peak).
     Exactly(f64),
+    /// An absolute floor on warren's figure, in the row's unit (S7t's share of tenants).
+    AtLeast(f64),
 }
 
 impl Target {
@@ -29,6 +31,7 @@ impl Target {
             Target::RatioAtMostAndBelow(r, v) => format!("<= {r}x, < {v} {unit}"),
             Target::Below(v) => format!("< {v} {unit}"),
             Target::Exactly(v) => format!("= {v} {unit}"),
+            Target::AtLeast(v) => format!(">= {v} {unit}"),
         }
     }
 }
@@ -76,6 +79,7 @@ impl Row {
             Target::RatioAtMostAndBelow(r, v) => Some(ratio <= r && self.warren < v),
             Target::Below(v) => Some(self.warren < v),
             Target::Exactly(v) => Some(self.warren == v),
+            Target::AtLeast(v) => Some(self.warren >= v),
         }
     }
 }
@@ -208,6 +212,10 @@ mod tests {
             Target::RatioAtMostAndBelow(5.0, 14.0),
         );
         assert_eq!(high.pass(), Some(false), "under 5x but not under 14 ms");
+        let share = |w: f64| Row::new("S7t", "share", "%", w, None, Target::AtLeast(99.0));
+        assert_eq!(share(99.0).pass(), Some(true));
+        assert_eq!(share(98.9).pass(), Some(false));
+        assert_eq!(share(f64::NAN).pass(), Some(false));
         let runs = vec![
             vec![row(1.0, 2.0)],
             vec![row(3.0, 3.0)],

@@ -24,27 +24,29 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
             Scenario::S1 => s1(b, &mut rows).await,
             Scenario::S2 => s2(b, &mut rows).await,
             Scenario::S3 => noisy_neighbour(b, &mut rows, false).await,
+            Scenario::S3c => super::collider::s3c(b, &mut rows).await,
             Scenario::S4 => noisy_neighbour(b, &mut rows, true).await,
             Scenario::S5 => s5(b, &mut rows).await,
             Scenario::S6 => s6(b, &mut rows).await,
             Scenario::S7 => super::scale::s7(b, &mut rows).await,
             Scenario::S8 => super::caps::s8(b, &mut rows).await,
+            Scenario::S7t => super::many_tenants::s7t(b, &mut rows).await,
         }
         .with_context(|| format!("scenario {scenario:?}"))?;
     }
     Ok(rows)
 }
 
-fn rate(n: usize, took: Duration) -> f64 {
+pub(super) fn rate(n: usize, took: Duration) -> f64 {
     n as f64 / took.as_secs_f64().max(1e-9)
 }
 
-fn ms(d: Duration) -> f64 {
+pub(super) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 /// The `q`-quantile (0..=1) of some durations, in ms (nearest rank).
-fn quantile_ms(times: &[Duration], q: f64) -> f64 {
+pub(super) fn quantile_ms(times: &[Duration], q: f64) -> f64 {
     let mut sorted = times.to_vec();
     sorted.sort();
     if sorted.is_empty() {
@@ -54,7 +56,7 @@ fn quantile_ms(times: &[Duration], q: f64) -> f64 {
     ms(sorted[rank - 1])
 }
 
-fn jobs(
+pub(super) fn jobs(
     pipeline: &str,
     tenant: &str,
     priority: Priority,
@@ -75,7 +77,7 @@ const SINGLE_JOBS: usize = 20;
 const S1_DRAIN: &str = "drain vs raw relay";
 
 /// How long after `start` the last of `done` came.
-fn span(start: Instant, done: &[Instant]) -> Duration {
+pub(super) fn span(start: Instant, done: &[Instant]) -> Duration {
     done.iter()
         .max()
         .map_or(Duration::ZERO, |last| last.saturating_duration_since(start))
@@ -224,9 +226,20 @@ async fn raw_relay(
 
 /// A tenant whose jobs take `lane` of the `work` pipeline (`same`) or another one.
 fn tenant_near(b: &Bench, prefix: &str, lane: Lane, same: bool) -> String {
+    tenant_near_in(b, "work", prefix, lane, same)
+}
+
+/// A tenant whose jobs take `lane` of `pipeline` (`same`) or another one.
+pub(super) fn tenant_near_in(
+    b: &Bench,
+    pipeline: &str,
+    prefix: &str,
+    lane: Lane,
+    same: bool,
+) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|t| (b.lane(t) == lane) == same)
+        .find(|t| (b.lane_in(pipeline, t) == lane) == same)
         .expect("some tenant hashes there")
 }
 
@@ -259,6 +272,7 @@ async fn noisy_neighbour(b: &Bench, rows: &mut Vec<Row>, priority: bool) -> anyh
     small_batch(
         b,
         &mut watcher,
+        pipeline,
         &small,
         small_priority,
         &format!("{label} warm-up"),
@@ -389,6 +403,7 @@ async fn small_tenant(
     let batch = small_batch(
         b,
         watcher,
+        "work",
         tenant,
         priority,
         &format!("{label}, small tenant"),
@@ -428,14 +443,15 @@ async fn one_at_a_time(
 }
 
 /// The small tenant's batch: latency of each job from the submit to its result.
-async fn small_batch(
+pub(super) async fn small_batch(
     b: &Bench,
     watcher: &mut Watcher,
+    pipeline: &str,
     tenant: &str,
     priority: Priority,
     label: &str,
 ) -> anyhow::Result<Vec<Duration>> {
-    let (batch, ids) = jobs("work", tenant, priority, b.args.small, b.args.work_ms);
+    let (batch, ids) = jobs(pipeline, tenant, priority, b.args.small, b.args.work_ms);
     let bar = b.bar(ids.len(), label);
     let started = Instant::now();
     b.client.submit_many(batch).await?;
