@@ -157,6 +157,9 @@ pub(crate) struct BenchArgs {
     /// S7t: how long the small tenants' idle latency is measured before the floods start.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     fair_idle: Duration,
+    /// S3c, S7t: hot lanes of the pipelines with hot lanes (default: the config's default).
+    #[arg(long)]
+    hot_lanes: Option<u16>,
     /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
     #[arg(long, hide = true, value_name = "NS")]
     serve_worker: Option<String>,
@@ -262,7 +265,11 @@ fn fairness_toml(args: &BenchArgs) -> String {
             "\n[[pipelines]]\nname = \"{name}{}\"\nshards = {shards}\npriorities = [\"normal\"]\nmax_queue_length = 10000000\n{}\
              [[pipelines.steps]]\nname = \"work\"\nhandler = \"work\"\nconcurrency = {concurrency}\nmax_attempts = 1\n",
             if off { "_off" } else { "" },
-            if off { "hot_lanes = 0\n" } else { "" },
+            match (off, args.hot_lanes) {
+                (true, _) => "hot_lanes = 0\n".to_string(),
+                (false, Some(n)) => format!("hot_lanes = {n}\n"),
+                (false, None) => String::new(),
+            },
         )
     };
     [false, true]
@@ -436,7 +443,7 @@ async fn run(
             "fair_floods": bench.args.fair_floods.iter().map(|f| format!("{}x{}", f.tenants, f.jobs)).collect::<Vec<_>>(),
             "fair_work_ms": bench.args.fair_work_ms, "fair_concurrency": bench.args.fair_concurrency,
             "fair_load": bench.args.fair_load, "fair_shards": bench.args.fair_shards,
-            "fair_submitters": bench.args.fair_submitters, "fair_idle_s": bench.args.fair_idle.as_secs_f64(),
+            "fair_submitters": bench.args.fair_submitters, "hot_lanes": bench.args.hot_lanes, "fair_idle_s": bench.args.fair_idle.as_secs_f64(),
         },
     });
     if json {
