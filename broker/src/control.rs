@@ -208,16 +208,17 @@ async fn read_forever(
     live: Arc<AtomicBool>,
     look_back: Duration,
 ) {
-    let mut warned = false;
+    // Said once per loss: when reading stops, not again for each failed retry.
+    let mut lost = false;
     loop {
-        let error = read(&broker, &set, &live, look_back).await;
-        live.store(false, Ordering::Relaxed);
+        let error = read(&broker, &set, &live, look_back, lost).await;
+        let was_live = live.swap(false, Ordering::Relaxed);
         set.write().expect("hot set lock").clear();
-        if !warned {
+        if was_live || !lost {
             tracing::warn!(error = %error,
                 "Cannot read the control stream; routing every tenant by its shard until it is back.");
-            warned = true;
         }
+        lost = true;
         tokio::time::sleep(RETRY_PAUSE).await;
     }
 }
@@ -228,6 +229,7 @@ async fn read(
     set: &RwLock<HotSet>,
     live: &AtomicBool,
     look_back: Duration,
+    was_lost: bool,
 ) -> String {
     let channel = match broker.channel().await {
         Ok(channel) => channel,
@@ -245,7 +247,9 @@ async fn read(
         Err(e) => return e.to_string(),
     };
     live.store(true, Ordering::Relaxed);
-    tracing::debug!(stream = %stream, "Reading the control stream.");
+    if was_lost {
+        tracing::info!(stream = %stream, "Reading the control stream again; hot tenants take their hot lanes.");
+    }
     while let Some(delivery) = consumer.next().await {
         let delivery = match delivery {
             Ok(delivery) => delivery,
