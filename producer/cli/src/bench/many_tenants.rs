@@ -40,7 +40,7 @@ pub(super) async fn s7t(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         let label = format!("{} floods x {}", set.tenants, set.jobs);
         // The second run of a pair meets a broker still compacting the first one's 60,000
         // messages, so the order alternates from one set (and repeat) to the next.
-        let off_first = SETS_RUN.fetch_add(1, Ordering::Relaxed) % 2 == 0;
+        let off_first = SETS_RUN.fetch_add(1, Ordering::Relaxed).is_multiple_of(2);
         let mut off = None;
         let mut on = None;
         for run_off in [off_first, !off_first] {
