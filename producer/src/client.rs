@@ -1,6 +1,7 @@
 //! [`Client`]: connect from a config, submit jobs, wait for results.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,7 +71,13 @@ pub struct Client {
     router: HotRouter,
     /// This producer's own submits per tenant, to see a flood coming.
     floods: Mutex<Floods>,
+    /// No mark is tried before this time (ms) after one could not be published, so a missing
+    /// control stream costs one warning and one round trip per pause, not per submit.
+    marks_paused_until: AtomicU64,
 }
+
+/// How long a producer stops marking after a mark could not be published.
+const MARK_RETRY_PAUSE_MS: u64 = 10_000;
 
 /// A validated job, ready to publish.
 struct Prepared {
@@ -90,6 +97,7 @@ impl Client {
             tasks_exchange: broker.names().tasks_exchange(),
             router: HotRouter::start(&broker, config.fairness.hot_for),
             floods: Mutex::new(Floods::default()),
+            marks_paused_until: AtomicU64::new(0),
             config: Arc::new(config),
             broker,
             publisher,
@@ -235,6 +243,9 @@ impl Client {
         let settings = &self.config.fairness;
         let hot_for_ms = settings.hot_for.as_millis() as u64;
         let now = now_ms();
+        if now < self.marks_paused_until.load(Ordering::Relaxed) {
+            return;
+        }
         let floods: Vec<_> = {
             let mut counts = self.floods.lock().expect("floods lock");
             groups
@@ -266,8 +277,13 @@ impl Client {
                     tracing::info!(tenant, pipeline = %pipeline.name, reason = reason.as_str(),
                     lane = %Lane::Hot(mark.lane), "Tenant marked hot: its jobs take a hot lane.")
                 }
-                Err(error) => tracing::warn!(%error, tenant, pipeline = %pipeline.name,
-                    "Cannot publish a hot mark; the tenant's jobs go to its shard."),
+                Err(error) => {
+                    tracing::warn!(%error, tenant, pipeline = %pipeline.name,
+                        "Cannot publish a hot mark; the tenant's jobs go to its shard.");
+                    let until = now + MARK_RETRY_PAUSE_MS;
+                    self.marks_paused_until.store(until, Ordering::Relaxed);
+                    return;
+                }
             }
         }
     }
