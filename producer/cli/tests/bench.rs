@@ -98,8 +98,8 @@ async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
         assert!(figure(&format!("{set}: worker RSS idle")) > 0.0);
         assert!(figure(&format!("{set}: worker CPU idle")) >= 0.0);
     }
-    assert!(figure("1 pipeline: topology apply, 41 queues") > 0.0);
-    assert!(figure("1 pipeline, normal only: topology apply, 17 queues") > 0.0);
+    assert!(figure("1 pipeline: topology apply, 60 queues") > 0.0);
+    assert!(figure("1 pipeline, normal only: topology apply, 24 queues") > 0.0);
 
     // Every namespace of the run was deleted.
     let ns = report["conditions"]["namespace"]
