@@ -92,8 +92,9 @@ async fn worker_metrics_count_what_happened() {
             Ok(result) => result,
             // Where the job is helps tell a lost message from a lost result.
             Err(e) => panic!(
-                "job {id}: {e}; queues: {:?}; worker log:\n{}",
+                "job {id}: {e}; ready: {:?}; unacked: {:?}; worker log:\n{}",
                 ns.work_queue_depths().await,
+                ns.unacked().await,
                 worker.log_text()
             ),
         };

@@ -93,6 +93,24 @@ impl TestNamespace {
         depths
     }
 
+    /// Messages delivered and not yet acked, per queue of the namespace that has any, from the
+    /// management API (refreshed every 5 s by the broker): with [`Self::work_queue_depths`],
+    /// tells a message held by a worker from a lost one. The error as text when the API is off.
+    pub async fn unacked(&self) -> Result<Vec<(String, u64)>, String> {
+        let mut config = self.config.broker.clone();
+        config.management_url = Some(management_url());
+        let management = warren_broker::Management::from_config(&config)
+            .map_err(|e| e.to_string())?
+            .ok_or("no management URL")?;
+        let unacked = management
+            .unacked(&format!("{}.", self.name))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut held: Vec<_> = unacked.into_iter().filter(|(_, n)| *n > 0).collect();
+        held.sort();
+        Ok(held)
+    }
+
     /// Starts the test worker binary (`test-worker run`) on this namespace's config.
     pub fn spawn_worker(&self, extra: &[&str]) -> WorkerProcess {
         self.spawn_worker_with_config(&self.config_path, extra)
