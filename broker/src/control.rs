@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Consumer};
 use warren_common::{now_ms, PipelineConfig, Priority};
 
 use crate::connection::Broker;
@@ -166,21 +167,27 @@ impl HotRouter {
     }
 }
 
-/// What the control stream holds from `look_back` ago until now: the tenants hot now, and the
-/// lane digests. For a one-off look (`warren queues --tenants`), not for routing.
-pub async fn read_recent(
-    broker: &Broker,
-    look_back: Duration,
-) -> Result<(Vec<HotTenant>, Vec<LaneDigest>), BrokerError> {
+/// A consumer of the control stream from `look_back` ago, on a channel of its own.
+async fn open(broker: &Broker, look_back: Duration) -> Result<(Channel, Consumer), BrokerError> {
     let channel = broker.channel().await?;
-    let stream = broker.names().control_stream();
     let from_ms = now_ms().saturating_sub(look_back.as_millis() as u64);
     let mut args = FieldTable::default();
     args.insert(
         "x-stream-offset".into(),
         AMQPValue::Timestamp(from_ms / 1000),
     );
-    let mut consumer = crate::consume(&channel, &stream, PREFETCH, args).await?;
+    let stream = broker.names().control_stream();
+    let consumer = crate::consume(&channel, &stream, PREFETCH, args).await?;
+    Ok((channel, consumer))
+}
+
+/// What the control stream holds from `look_back` ago until now: the tenants hot now, and the
+/// lane digests. For a one-off look (`warren queues --tenants`), not for routing.
+pub async fn read_recent(
+    broker: &Broker,
+    look_back: Duration,
+) -> Result<(Vec<HotTenant>, Vec<LaneDigest>), BrokerError> {
+    let (channel, mut consumer) = open(broker, look_back).await?;
     let (mut set, mut digests) = (HotSet::default(), Vec::new());
     let until = tokio::time::Instant::now() + READ_AT_MOST;
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(
@@ -231,19 +238,9 @@ async fn read(
     look_back: Duration,
     was_lost: bool,
 ) -> String {
-    let channel = match broker.channel().await {
-        Ok(channel) => channel,
-        Err(e) => return e.to_string(),
-    };
     let stream = broker.names().control_stream();
-    let from_ms = now_ms().saturating_sub(look_back.as_millis() as u64);
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::Timestamp(from_ms / 1000),
-    );
-    let mut consumer = match crate::consume(&channel, &stream, PREFETCH, args).await {
-        Ok(consumer) => consumer,
+    let (_channel, mut consumer) = match open(broker, look_back).await {
+        Ok(opened) => opened,
         Err(e) => return e.to_string(),
     };
     live.store(true, Ordering::Relaxed);
