@@ -15,6 +15,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tracing::{debug, info, warn};
+use warren_broker::depth::{Counts, Probe};
 use warren_broker::tenants::{LaneDigest, DIGEST_KIND};
 use warren_broker::{Broker, HotMark, HotReason, HotRouter, Lane, StepRoute};
 use warren_common::{now_ms, Config};
@@ -167,11 +168,11 @@ impl Fairness {
                 })
                 .collect()
         };
+        // One channel for every lane's passive declare, not one each.
+        let mut probe = Probe::new(&session.broker);
         for (route, seen, tenants) in fresh {
             let queue = session.outbox.queue(&route);
-            let Ok(Some(depth)) =
-                warren_broker::depth::ready_messages(&session.broker, &queue).await
-            else {
+            let Ok(Some(Counts { ready: depth, .. })) = probe.read(&queue).await else {
                 continue;
             };
             let digest = LaneDigest {
@@ -195,6 +196,7 @@ impl Fairness {
                 debug!(%error, "Cannot publish a lane digest.");
             }
         }
+        probe.close().await;
     }
 
     /// Sets the hot-tenant gauge from the current marks.
