@@ -13,13 +13,13 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren_broker::{Broker, BrokerError, StepRoute};
 use warren_common::Priority;
 
-use crate::cap::{self, Admission, Caps};
+use crate::cap::{self, Admission, Caps, Hold, Parked, UNPARK_EVERY};
 use crate::dispatch::{Picker, DEFAULT_STARVE_LIMIT};
 use crate::fairness::move_delivery;
 use crate::step::{process, ServedStep, StepSession};
@@ -119,8 +119,9 @@ impl Intake {
         let concurrency = served.step.concurrency as usize;
         let channel = broker.channel().await?;
         // Per-consumer prefetch: each queue may hand this worker up to `concurrency` messages,
-        // so one busy lane can still fill every slot.
-        let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+        // so one busy lane can still fill every slot, plus room for the deliveries parked for
+        // a tenant cap, which must not take that from other tenants.
+        let prefetch = u16::try_from(concurrency + Caps::park_room(served)).unwrap_or(u16::MAX);
         let routes = StepRoute::of_step(&served.pipeline, &served.step.name).collect();
         let buffers = Arc::new(Buffers::new(routes));
         let caps = Caps::open(broker, served, &session.metrics, control.fatal.clone()).await?;
@@ -200,6 +201,9 @@ impl Intake {
         for delivery in self.buffers.drain() {
             let _ = delivery.acker.nack(requeue()).await;
         }
+        if let Some(caps) = &self.caps {
+            caps.return_parked().await;
+        }
     }
 
     pub(crate) async fn close(self) {
@@ -219,6 +223,7 @@ fn requeue() -> BasicNackOptions {
 }
 
 /// Hands buffered deliveries to step tasks, one per free concurrency slot.
+#[derive(Clone)]
 struct Dispatcher {
     session: Arc<StepSession>,
     served: Arc<ServedStep>,
@@ -235,12 +240,31 @@ impl Dispatcher {
             cancel, tracker, ..
         } = &self.control;
         let mut picker = Picker::new(self.buffers.lanes, DEFAULT_STARVE_LIMIT);
-        loop {
+        let mut next_unpark = tokio::time::Instant::now();
+        'slots: loop {
             let permit = tokio::select! {
                 _ = cancel.cancelled() => return,
                 permit = Arc::clone(&self.slots).acquire_owned() => permit.expect("semaphore never closed"),
             };
             let (route, delivery) = loop {
+                // A parked delivery whose tenant has a token free elsewhere takes this slot:
+                // at most once per `UNPARK_EVERY`, so a busy worker still serves its buffers.
+                if self.caps.as_ref().is_some_and(|c| c.has_parked())
+                    && tokio::time::Instant::now() >= next_unpark
+                {
+                    next_unpark = tokio::time::Instant::now() + jittered(UNPARK_EVERY);
+                    match self.unpark().await {
+                        Ok(Some((parked, hold))) => {
+                            tracker.spawn(self.clone().run_capped(parked, hold, permit));
+                            continue 'slots;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = self.control.fatal.send(e.to_string());
+                            return;
+                        }
+                    }
+                }
                 if let Some((route, delivery)) = self.buffers.take(&mut picker) {
                     // Buffered before its tenant was marked hot: it moves instead of running.
                     match self
@@ -255,41 +279,94 @@ impl Dispatcher {
                         None => break (route, delivery),
                     }
                 }
+                let parked = self.caps.as_ref().is_some_and(|c| c.has_parked());
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = self.buffers.ready.notified() => {}
+                    _ = tokio::time::sleep_until(next_unpark), if parked => {}
                 }
             };
             let session = Arc::clone(&self.session);
-            let hold = match &self.caps {
-                None => None,
-                Some(caps) => match caps.admit(&delivery, cancel).await {
-                    Ok(Admission::Run(hold)) => Some(hold),
-                    Ok(Admission::Wait(wait)) => {
-                        tracker.spawn(cap::move_to_wait_lane(session, route, delivery, wait));
-                        continue;
-                    }
-                    Ok(Admission::Stopped) => {
-                        let _ = delivery.acker.nack(requeue()).await;
-                        return;
-                    }
-                    Err(e) => {
-                        // The delivery goes back with the session's channels.
-                        let _ = self.control.fatal.send(e.to_string());
-                        return;
-                    }
-                },
+            let Some(caps) = &self.caps else {
+                let served = Arc::clone(&self.served);
+                tracker.spawn(async move {
+                    process(session, served, route, delivery).await;
+                    drop(permit);
+                });
+                continue;
             };
-            let served = Arc::clone(&self.served);
-            tracker.spawn(async move {
-                process(session, served, route, delivery).await;
-                if let Some(hold) = hold {
-                    hold.release().await;
+            match caps.admit(&delivery, cancel).await {
+                Ok(Admission::Run(hold)) => {
+                    let parked = Parked { route, delivery };
+                    tracker.spawn(self.clone().run_capped(parked, hold, permit));
                 }
-                drop(permit);
-            });
+                Ok(Admission::Wait { tenant, wait }) => {
+                    // Parked deliveries hold no slot: the permit goes back with this turn.
+                    if let Err(p) = caps.park(&tenant, Parked { route, delivery }) {
+                        tracker.spawn(cap::move_to_wait_lane(session, p.route, p.delivery, wait));
+                    }
+                }
+                Ok(Admission::Stopped) => {
+                    let _ = delivery.acker.nack(requeue()).await;
+                    return;
+                }
+                Err(e) => {
+                    // The delivery goes back with the session's channels.
+                    let _ = self.control.fatal.send(e.to_string());
+                    return;
+                }
+            }
         }
     }
+
+    /// Sends parked deliveries past their time to a wait lane, then looks for a token for the
+    /// others.
+    async fn unpark(&self) -> Result<Option<(Parked, Hold)>, warren_broker::BrokerError> {
+        let Some(caps) = &self.caps else {
+            return Ok(None);
+        };
+        for (p, wait) in caps.expired() {
+            let session = Arc::clone(&self.session);
+            let moving = cap::move_to_wait_lane(session, p.route, p.delivery, wait);
+            self.control.tracker.spawn(moving);
+        }
+        caps.unpark(&self.control.cancel).await
+    }
+
+    /// Runs a capped delivery in this slot, then, while a delivery of the same tenant is
+    /// parked here, hands it the tenant token and the slot (the tenant keeps one slot, never
+    /// more than it holds tokens); then gives the tokens back.
+    async fn run_capped(self, first: Parked, mut hold: Hold, permit: OwnedSemaphorePermit) {
+        let caps = self.caps.as_ref().expect("a capped step");
+        let mut next = Some(first);
+        while let Some(Parked { route, delivery }) = next.take() {
+            let (session, served) = (Arc::clone(&self.session), Arc::clone(&self.served));
+            process(session, served, route, delivery).await;
+            if self.control.cancel.is_cancelled() {
+                break;
+            }
+            let Some(parked) = caps.hand_over(&mut hold).await else {
+                break;
+            };
+            match caps.step_token(&mut hold, &self.control.cancel).await {
+                Ok(true) => next = Some(parked),
+                Ok(false) => {
+                    let _ = parked.delivery.acker.nack(requeue()).await;
+                }
+                Err(e) => {
+                    let _ = parked.delivery.acker.nack(requeue()).await;
+                    let _ = self.control.fatal.send(e.to_string());
+                }
+            }
+        }
+        hold.release().await;
+        drop(permit);
+    }
+}
+
+/// `every` ± 20%, so the workers' token looks spread out.
+fn jittered(every: Duration) -> Duration {
+    every.mul_f64(0.8 + 0.4 * rand::random::<f64>())
 }
 
 #[cfg(test)]

@@ -7,15 +7,20 @@
 //! - The step token is awaited: a consumer with prefetch 1 exists only while a delivery of the
 //!   step waits for one, and is cancelled as soon as it has its token. Idle workers hold none,
 //!   and waiting workers are served in turn by the broker's round-robin.
-//! - The tenant token is tried once (`basic.get`): a delivery whose tenant is at its cap is not
-//!   held (it would block other tenants' jobs behind it) but moved to a wait lane, a delay
-//!   queue that returns it to its step queue a moment later ([`wait`]), published with a
-//!   confirm before the ack.
+//! - The tenant token is tried once (`basic.get`): a delivery whose tenant is at its cap does
+//!   not hold an execution slot (it would block other tenants' jobs behind it). It is parked
+//!   ([`park`]): kept unacked beside the slots, a few per tenant, until a token of its tenant
+//!   comes free. When this worker's own attempt of that tenant ends, its token passes straight
+//!   to a parked delivery (no nack and get round trip); tokens other workers give back are
+//!   looked for with a `basic.get` every [`UNPARK_EVERY`]. Past the lot's bounds, or after
+//!   [`park::MAX_PARK`], it moves to a wait lane, a delay queue that returns it to its step
+//!   queue a moment later ([`wait`]), published with a confirm before the ack.
 //!
 //! Tokens live on one channel per served step. If that channel dies while the connection lives
 //! (a broker `consumer_timeout`, an operator closing it), the broker has already handed its
 //! tokens back, so the session is given up, like a lost connection: running capped steps stop.
 
+mod park;
 mod wait;
 
 use std::collections::HashMap;
@@ -39,8 +44,12 @@ use warren_broker::{Broker, BrokerError, StepRoute, TokenQueue};
 use crate::intake::TEARDOWN_PATIENCE;
 use crate::metrics::{InFlight, Metrics};
 use crate::step::{ServedStep, StepSession};
+use park::{Lot, MAX_PARK};
 pub(crate) use wait::WAITS_HEADER;
 use wait::{next_wait, Wait};
+
+/// How often parked deliveries look for a token given back by another worker.
+pub(crate) const UNPARK_EVERY: Duration = Duration::from_millis(50);
 
 /// How often a cap's channel is checked while the session runs.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -67,14 +76,22 @@ struct TenantCap {
     cap: u32,
     step_timeout: Duration,
     seen: Mutex<HashMap<String, Instant>>,
+    /// Deliveries waiting here for a token of their tenant.
+    lot: Mutex<Lot<Parked>>,
+}
+
+/// A parked delivery and the route it came by.
+pub(crate) struct Parked {
+    pub(crate) route: Arc<StepRoute>,
+    pub(crate) delivery: Delivery,
 }
 
 /// What a delivery taken from the buffers may do.
 pub(crate) enum Admission {
     /// Run, holding these tokens until the attempt is over.
     Run(Hold),
-    /// Its tenant is at its cap: move it to a wait lane.
-    Wait(Wait),
+    /// Its tenant is at its cap: park it, or move it to a wait lane.
+    Wait { tenant: String, wait: Wait },
     /// The dispatcher was stopped while it waited for a step token.
     Stopped,
 }
@@ -111,12 +128,27 @@ impl Caps {
                 cap,
                 step_timeout: step.timeout,
                 seen: Mutex::new(HashMap::new()),
+                lot: Mutex::new(Lot::new(
+                    cap as usize,
+                    Self::park_room(served),
+                    MAX_PARK,
+                )),
             }),
             metrics: Arc::clone(metrics),
             closing: CancellationToken::new(),
         });
         tokio::spawn(Arc::clone(&caps).watch(fatal));
         Ok(Some(caps))
+    }
+
+    /// How many deliveries the step's intake may park in all: its concurrency, added to its
+    /// prefetch so that parked deliveries leave other tenants theirs.
+    pub(crate) fn park_room(served: &ServedStep) -> usize {
+        if served.step.tenant_max_in_flight.is_some() {
+            served.step.concurrency as usize
+        } else {
+            0
+        }
     }
 
     /// Reports the channel's death to the session: its tokens are back on the broker.
@@ -148,17 +180,34 @@ impl Caps {
             if let Ok(env) = warren_common::decode(&delivery.data) {
                 let tenant = env.tenant.as_str();
                 match self.try_tenant_token(tenant_cap, tenant).await? {
-                    Some(token) => hold.push(token, self.held("tenant")),
+                    Some(token) => {
+                        hold.tenant = Some(tenant.to_string());
+                        hold.push(token, self.held("tenant"));
+                    }
                     None => {
-                        self.metrics.cap_wait(&self.pipeline, &self.step, "tenant");
-                        let so_far = header(&delivery.properties, WAITS_HEADER)
-                            .and_then(|w| w.parse().ok())
-                            .unwrap_or(0);
-                        return Ok(Admission::Wait(next_wait(so_far, rand::random())));
+                        return Ok(Admission::Wait {
+                            tenant: tenant.to_string(),
+                            wait: wait_of(delivery),
+                        })
                     }
                 }
             }
         }
+        if self.step_token(&mut hold, stop).await? {
+            Ok(Admission::Run(hold))
+        } else {
+            hold.release().await;
+            Ok(Admission::Stopped)
+        }
+    }
+
+    /// Adds a step token to `hold` when the step has `max_in_flight`; false when `stop` came
+    /// first.
+    pub(crate) async fn step_token(
+        &self,
+        hold: &mut Hold,
+        stop: &CancellationToken,
+    ) -> Result<bool, BrokerError> {
         if let Some(queue) = &self.step_tokens {
             let asked = Instant::now();
             match self.await_step_token(queue, stop).await? {
@@ -170,13 +219,100 @@ impl Caps {
                     }
                     hold.push(token, self.held("step"));
                 }
-                None => {
-                    hold.release().await;
-                    return Ok(Admission::Stopped);
-                }
+                None => return Ok(false),
             }
         }
-        Ok(Admission::Run(hold))
+        Ok(true)
+    }
+
+    /// Parks `parked` for `tenant`, or gives it back when the lot is full.
+    pub(crate) fn park(&self, tenant: &str, parked: Parked) -> Result<(), Parked> {
+        let Some(cap) = &self.tenant else {
+            return Err(parked);
+        };
+        let outcome = cap
+            .lot
+            .lock()
+            .expect("lot lock")
+            .park(tenant, parked, Instant::now());
+        let kind = if outcome.is_ok() { "tenant_parked" } else { "tenant" };
+        self.metrics.cap_wait(&self.pipeline, &self.step, kind);
+        outcome
+    }
+
+    /// The attempt holding `hold` is over: its tenant token passes to a parked delivery of the
+    /// same tenant, if any, and the step token is given back. With `None`, `hold` is
+    /// untouched, for the caller to release.
+    pub(crate) async fn hand_over(&self, hold: &mut Hold) -> Option<Parked> {
+        let cap = self.tenant.as_ref()?;
+        let tenant = hold.tenant.as_deref()?;
+        let next = cap.lot.lock().expect("lot lock").take(tenant)?;
+        hold.release_step().await;
+        Some(next)
+    }
+
+    /// A parked delivery whose tenant has a token free on the broker, with that token (and the
+    /// step's, awaited), if any. Tries each parked tenant once, longest waiting first.
+    pub(crate) async fn unpark(
+        &self,
+        stop: &CancellationToken,
+    ) -> Result<Option<(Parked, Hold)>, BrokerError> {
+        let Some(cap) = &self.tenant else {
+            return Ok(None);
+        };
+        let tenants = cap.lot.lock().expect("lot lock").tenants();
+        for tenant in tenants {
+            let Some(token) = self.try_tenant_token(cap, &tenant).await? else {
+                continue;
+            };
+            let mut hold = Hold::default();
+            hold.tenant = Some(tenant.clone());
+            hold.push(token, self.held("tenant"));
+            let Some(parked) = cap.lot.lock().expect("lot lock").take(&tenant) else {
+                // Taken by a hand-over meanwhile.
+                hold.release().await;
+                continue;
+            };
+            if self.step_token(&mut hold, stop).await? {
+                return Ok(Some((parked, hold)));
+            }
+            hold.release().await;
+            let _ = parked.delivery.acker.nack(requeue()).await;
+            return Ok(None);
+        }
+        Ok(None)
+    }
+
+    /// Parked deliveries past [`MAX_PARK`], each with its wait: they go to a wait lane.
+    pub(crate) fn expired(&self) -> Vec<(Parked, Wait)> {
+        let Some(cap) = &self.tenant else {
+            return Vec::new();
+        };
+        let out = cap.lot.lock().expect("lot lock").expired(Instant::now());
+        out.into_iter()
+            .map(|p| {
+                let wait = wait_of(&p.delivery);
+                (p, wait)
+            })
+            .collect()
+    }
+
+    /// Whether any delivery is parked.
+    pub(crate) fn has_parked(&self) -> bool {
+        self.tenant
+            .as_ref()
+            .is_some_and(|cap| cap.lot.lock().expect("lot lock").len() > 0)
+    }
+
+    /// Returns every parked delivery to its queue (shutdown).
+    pub(crate) async fn return_parked(&self) {
+        let Some(cap) = &self.tenant else {
+            return;
+        };
+        let parked = cap.lot.lock().expect("lot lock").drain();
+        for p in parked {
+            let _ = p.delivery.acker.nack(requeue()).await;
+        }
     }
 
     fn held(&self, kind: &str) -> InFlight {
@@ -278,15 +414,35 @@ impl Caps {
     }
 }
 
+/// The wait lane `delivery` goes to next, after the waits its header counts.
+fn wait_of(delivery: &Delivery) -> Wait {
+    let so_far = header(&delivery.properties, WAITS_HEADER)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    next_wait(so_far, rand::random())
+}
+
 /// The tokens one attempt holds; [`Hold::release`] gives them back.
 #[derive(Default)]
 pub(crate) struct Hold {
+    /// The tenant whose token it holds, if any.
+    tenant: Option<String>,
+    /// Tokens, the tenant's first.
     tokens: Vec<(Delivery, InFlight)>,
 }
 
 impl Hold {
     fn push(&mut self, token: Delivery, held: InFlight) {
         self.tokens.push((token, held));
+    }
+
+    /// Gives back every token but the tenant's (the step token, if any).
+    async fn release_step(&mut self) {
+        let keep = usize::from(self.tenant.is_some());
+        for (token, held) in self.tokens.split_off(keep.min(self.tokens.len())) {
+            let _ = token.acker.nack(requeue()).await;
+            drop(held);
+        }
     }
 
     /// Returns every token to its queue (`basic.nack` with requeue: atomic, so a token is

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use serde_json::json;
 use warren_broker::depth::Probe;
-use warren_broker::{Names, StepRoute, Topology};
+use warren_broker::{Names, StepRoute, TokenQueue, Topology};
 use warren_common::{JobId, JobStatus, Priority};
 use warren_producer::{Client, Job};
 
@@ -19,6 +19,8 @@ use super::warren_side::with_log_tail;
 use super::Bench;
 
 const CAP: u32 = 4;
+/// `tenant_max_in_flight` of the one-tenant backlog phase.
+const TENANT_CAP: u32 = 2;
 const WORKERS: usize = 3;
 /// Results of the second phase seen before the kill: the cap is busy by then. The worker
 /// killed is the one that ran the last of them.
@@ -64,7 +66,10 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         format!(
             "[[pipelines]]\nname = \"capped\"\nshards = 4\npriorities = [\"normal\"]\n\n\
              [[pipelines.steps]]\nname = \"work\"\nhandler = \"span\"\nconcurrency = {CAP}\n\
-             max_in_flight = {CAP}\n"
+             max_in_flight = {CAP}\n\n\
+             [[pipelines]]\nname = \"tcapped\"\nshards = 4\npriorities = [\"normal\"]\n\n\
+             [[pipelines.steps]]\nname = \"work\"\nhandler = \"span\"\nconcurrency = {CAP}\n\
+             timeout = \"10s\"\ntenant_max_in_flight = {TENANT_CAP}\n"
         ),
     )?;
     let config = super::scale::load_config(&b.config, &ns, &file)?;
@@ -92,6 +97,23 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     }
     client.close().await;
     let deleted = plan.delete(&b.admin).await;
+    // The tenant's token queue is made on first use, outside the plan.
+    let tokens = TokenQueue::tenant(
+        &Names::new(&ns),
+        "tcapped",
+        "work",
+        "solo",
+        TENANT_CAP,
+        Duration::from_secs(10),
+    );
+    if let Ok(channel) = b.admin.channel().await {
+        for name in [tokens.name(), tokens.marker_name()] {
+            let _ = channel
+                .queue_delete(name.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = channel.close(200, "done".into()).await;
+    }
     let figures = match measured {
         Ok(f) => f,
         Err(e) => return Err(with_log_tail(e, &logs[1])),
@@ -118,6 +140,30 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         figures.throughput,
         Some(nominal),
         Target::RatioAtLeast(0.9),
+    ));
+    let tenant_nominal =
+        f64::from(TENANT_CAP) / (b.args.tenant_cap_step_ms as f64 / 1000.0);
+    rows.push(Row::new(
+        "S8",
+        format!(
+            "one tenant's backlog of {}, tenant_max_in_flight = {TENANT_CAP}: peak at once",
+            b.args.tenant_cap_jobs
+        ),
+        "steps",
+        figures.tenant_peak as f64,
+        None,
+        Target::Exactly(f64::from(TENANT_CAP)),
+    ));
+    rows.push(Row::new(
+        "S8",
+        format!(
+            "its throughput vs tenant cap / step time ({} ms)",
+            b.args.tenant_cap_step_ms
+        ),
+        "jobs/s",
+        figures.tenant_throughput,
+        Some(tenant_nominal),
+        Target::RatioAtLeast(0.8),
     ));
     rows.push(Row::new(
         "S8",
@@ -149,6 +195,9 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 struct Figures {
     peak: usize,
     throughput: f64,
+    /// One tenant's backlog under its tenant cap.
+    tenant_peak: usize,
+    tenant_throughput: f64,
     /// Steps (so tokens) the killed worker was running when it was killed.
     killed_held: usize,
     peak_after_kill: usize,
@@ -169,6 +218,25 @@ async fn measure(
     let running_dir = std::env::temp_dir().join(format!("{}-running", config.broker.namespace));
     std::fs::create_dir_all(&running_dir)?;
     let dir = running_dir.to_string_lossy().into_owned();
+    // Phase 0: one tenant's backlog under its tenant cap, every worker alive.
+    let tcapped = config.pipeline("tcapped").context("S8 tenant pipeline")?;
+    let tqueue = StepRoute::for_tenant(tcapped, "work", Priority::Normal, "solo")
+        .queue(&Names::new(&config.broker.namespace));
+    every_worker_consumes(b, &tqueue).await?;
+    let batch: Vec<Job> = (0..b.args.tenant_cap_jobs)
+        .map(|_| {
+            let input = json!({"work_ms": b.args.tenant_cap_step_ms});
+            Job::new("tcapped", "solo", input)
+        })
+        .collect();
+    let ids: Vec<JobId> = batch.iter().map(|j| j.id).collect();
+    let mut waiting = client.wait_all(&ids, b.args.patience).await?;
+    client.submit_many(batch).await?;
+    let spans = collect(&mut waiting, ids.len()).await?;
+    waiting.close().await;
+    let (tenant_peak, _) = sweep(&spans, 0, TENANT_CAP as usize);
+    let tenant_throughput = throughput_of(&spans);
+
     let jobs = |phase: usize| -> Vec<Job> {
         (0..n)
             .map(|i| {
@@ -188,9 +256,7 @@ async fn measure(
     let spans = collect(&mut waiting, ids.len()).await?;
     waiting.close().await;
     let (peak, _) = sweep(&spans, 0, CAP as usize);
-    let first = spans.iter().map(|s| s.start).min().unwrap_or(0);
-    let last = spans.iter().map(|s| s.end).max().unwrap_or(0);
-    let throughput = spans.len() as f64 / ((last - first) as f64 / 1e6).max(1e-9);
+    let throughput = throughput_of(&spans);
 
     // Phase 2: the same, and one worker killed once the cap is busy.
     let batch = jobs(2);
@@ -217,10 +283,19 @@ async fn measure(
     Ok(Figures {
         peak,
         throughput,
+        tenant_peak,
+        tenant_throughput,
         killed_held: held,
         peak_after_kill,
         recovery: Duration::from_micros(whole.saturating_sub(killed_at)),
     })
+}
+
+/// Executions per second from the first start to the last end.
+fn throughput_of(spans: &[Span]) -> f64 {
+    let first = spans.iter().map(|s| s.start).min().unwrap_or(0);
+    let last = spans.iter().map(|s| s.end).max().unwrap_or(0);
+    spans.len() as f64 / (last.saturating_sub(first) as f64 / 1e6).max(1e-9)
 }
 
 /// The worker process with the most steps running now (files in `dir` named `<pid>.<job>`),

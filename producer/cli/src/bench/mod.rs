@@ -133,6 +133,12 @@ pub(crate) struct BenchArgs {
     /// S8: wall time of one capped step, in ms.
     #[arg(long, default_value_t = 200)]
     cap_step_ms: u64,
+    /// S8: one tenant's backlog under `tenant_max_in_flight`.
+    #[arg(long, default_value_t = 200)]
+    tenant_cap_jobs: usize,
+    /// S8: wall time of one step of that backlog, in ms.
+    #[arg(long, default_value_t = 100)]
+    tenant_cap_step_ms: u64,
     /// S7t: small tenants submitting at a steady rate beside the floods.
     #[arg(long, default_value_t = 400)]
     tenants: usize,
