@@ -300,9 +300,9 @@ impl Dispatcher {
                     let parked = Parked { route, delivery };
                     tracker.spawn(self.clone().run_capped(parked, hold, permit));
                 }
-                Ok(Admission::Wait { tenant, wait }) => {
+                Ok(Admission::Wait(tenant)) => {
                     // Parked deliveries hold no slot: the permit goes back with this turn.
-                    if let Err(p) = caps.park(&tenant, Parked { route, delivery }) {
+                    if let Err((p, wait)) = caps.park(&tenant, Parked { route, delivery }) {
                         tracker.spawn(cap::move_to_wait_lane(session, p.route, p.delivery, wait));
                     }
                 }

@@ -90,8 +90,8 @@ pub(crate) struct Parked {
 pub(crate) enum Admission {
     /// Run, holding these tokens until the attempt is over.
     Run(Hold),
-    /// Its tenant is at its cap: park it, or move it to a wait lane.
-    Wait { tenant: String, wait: Wait },
+    /// Its tenant (named) is at its cap: park it, or move it to a wait lane.
+    Wait(String),
     /// The dispatcher was stopped while it waited for a step token.
     Stopped,
 }
@@ -129,7 +129,7 @@ impl Caps {
                 step_timeout: step.timeout,
                 seen: Mutex::new(HashMap::new()),
                 lot: Mutex::new(Lot::new(
-                    cap as usize,
+                    (cap as usize).max(Self::park_room(served) / 2),
                     Self::park_room(served),
                     MAX_PARK,
                 )),
@@ -185,10 +185,7 @@ impl Caps {
                         hold.push(token, self.held("tenant"));
                     }
                     None => {
-                        return Ok(Admission::Wait {
-                            tenant: tenant.to_string(),
-                            wait: wait_of(delivery),
-                        })
+                        return Ok(Admission::Wait(tenant.to_string()))
                     }
                 }
             }
@@ -225,19 +222,23 @@ impl Caps {
         Ok(true)
     }
 
-    /// Parks `parked` for `tenant`, or gives it back when the lot is full.
-    pub(crate) fn park(&self, tenant: &str, parked: Parked) -> Result<(), Parked> {
+    /// Parks `parked` for `tenant`, or gives it back with its wait when the lot is full.
+    pub(crate) fn park(&self, tenant: &str, parked: Parked) -> Result<(), (Parked, Wait)> {
         let Some(cap) = &self.tenant else {
-            return Err(parked);
+            let wait = wait_of(&parked.delivery, false);
+            return Err((parked, wait));
         };
-        let outcome = cap
-            .lot
-            .lock()
-            .expect("lot lock")
-            .park(tenant, parked, Instant::now());
+        let (outcome, draining) = {
+            let mut lot = cap.lot.lock().expect("lot lock");
+            let draining = lot.parked(tenant) > 0;
+            (lot.park(tenant, parked, Instant::now()), draining)
+        };
         let kind = if outcome.is_ok() { "tenant_parked" } else { "tenant" };
         self.metrics.cap_wait(&self.pipeline, &self.step, kind);
-        outcome
+        outcome.map_err(|p| {
+            let wait = wait_of(&p.delivery, draining);
+            (p, wait)
+        })
     }
 
     /// The attempt holding `hold` is over: its tenant token passes to a parked delivery of the
@@ -291,7 +292,7 @@ impl Caps {
         let out = cap.lot.lock().expect("lot lock").expired(Instant::now());
         out.into_iter()
             .map(|p| {
-                let wait = wait_of(&p.delivery);
+                let wait = wait_of(&p.delivery, false);
                 (p, wait)
             })
             .collect()
@@ -415,11 +416,11 @@ impl Caps {
 }
 
 /// The wait lane `delivery` goes to next, after the waits its header counts.
-fn wait_of(delivery: &Delivery) -> Wait {
+fn wait_of(delivery: &Delivery, draining: bool) -> Wait {
     let so_far = header(&delivery.properties, WAITS_HEADER)
         .and_then(|w| w.parse().ok())
         .unwrap_or(0);
-    next_wait(so_far, rand::random())
+    next_wait(so_far, draining, rand::random())
 }
 
 /// The tokens one attempt holds; [`Hold::release`] gives them back.

@@ -4,9 +4,11 @@
 //! one that is still in a wait lane. Pure bookkeeping, generic over what is parked; the effects
 //! (basic.get, nack, the wait lane) are `cap/mod.rs`'s and the intake's.
 //!
-//! Bounds: per tenant at most its cap (this worker never holds more of its tokens, so that many
-//! parked keep every one busy), in all at most the step's concurrency, for which the intake
-//! raises its prefetch, so parked deliveries never eat the prefetch other tenants need. A
+//! Bounds: per tenant at least its cap (this worker never holds more of its tokens, so that many
+//! parked keep every one busy) and half the lot when that is more (a reserve for the hand-overs
+//! while the rest of the backlog is in wait lanes); in all at most the step's concurrency, for
+//! which the intake raises its prefetch, so parked deliveries never eat the prefetch other
+//! tenants need, and a second capped tenant still finds room. A
 //! delivery parked longer than `max_age` goes to a wait lane, far from `consumer_timeout`.
 
 use std::collections::{HashMap, VecDeque};
@@ -35,6 +37,11 @@ impl<T> Lot<T> {
             parked: HashMap::new(),
             len: 0,
         }
+    }
+
+    /// How many of `tenant`'s are parked.
+    pub(crate) fn parked(&self, tenant: &str) -> usize {
+        self.parked.get(tenant).map_or(0, VecDeque::len)
     }
 
     /// Parks `item` for `tenant`, or gives it back when either bound is reached.

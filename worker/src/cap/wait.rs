@@ -9,6 +9,9 @@ use warren_broker::tokens::CAP_WAIT_DELAYS_MS;
 /// Header counting a message's waits so far (a string, like the dead-letter headers).
 pub(crate) const WAITS_HEADER: &str = "x-warren-cap-waits";
 
+/// The longest wait step of a tenant that has deliveries parked (1 s).
+const DRAINING_LONGEST: usize = 1;
+
 /// One wait in a wait lane.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Wait {
@@ -20,9 +23,16 @@ pub(crate) struct Wait {
     pub(crate) delay: Duration,
 }
 
-/// The wait after `waits_so_far` earlier ones; `jitter` in `[0, 1)`.
-pub(crate) fn next_wait(waits_so_far: u32, jitter: f64) -> Wait {
-    let step = (waits_so_far as usize).min(CAP_WAIT_DELAYS_MS.len() - 1);
+/// The wait after `waits_so_far` earlier ones; `jitter` in `[0, 1)`. While `draining` (the
+/// worker has deliveries of the tenant parked, so its tokens are busy and will want more work
+/// soon), waits stay at the second step: a long wait would leave the tokens idle at the end.
+pub(crate) fn next_wait(waits_so_far: u32, draining: bool, jitter: f64) -> Wait {
+    let longest = if draining {
+        DRAINING_LONGEST
+    } else {
+        CAP_WAIT_DELAYS_MS.len() - 1
+    };
+    let step = (waits_so_far as usize).min(longest);
     let nominal = Duration::from_millis(CAP_WAIT_DELAYS_MS[step]);
     Wait {
         waits: waits_so_far.saturating_add(1),
@@ -37,19 +47,29 @@ mod tests {
 
     #[test]
     fn waits_grow_then_stay_at_the_longest() {
-        let nominal = |n| next_wait(n, 0.5).nominal.as_millis() as u64;
+        let nominal = |n| next_wait(n, false, 0.5).nominal.as_millis() as u64;
         assert_eq!(
             (0..6).map(nominal).collect::<Vec<_>>(),
             [250, 1_000, 4_000, 4_000, 4_000, 4_000]
         );
-        assert_eq!(next_wait(0, 0.0).waits, 1);
-        assert_eq!(next_wait(u32::MAX, 0.0).waits, u32::MAX);
+        assert_eq!(next_wait(0, false, 0.0).waits, 1);
+        assert_eq!(next_wait(u32::MAX, false, 0.0).waits, u32::MAX);
+    }
+
+    #[test]
+    fn a_draining_tenant_waits_one_second_at_most() {
+        let nominal = |n| next_wait(n, true, 0.5).nominal.as_millis() as u64;
+        assert_eq!(
+            (0..4).map(nominal).collect::<Vec<_>>(),
+            [250, 1_000, 1_000, 1_000]
+        );
+        assert_eq!(next_wait(7, true, 0.0).waits, 8, "the count still grows");
     }
 
     #[test]
     fn jitter_stays_within_ten_percent() {
         for j in [0.0, 0.3, 0.999, 1.0, 7.0] {
-            let w = next_wait(1, j);
+            let w = next_wait(1, false, j);
             assert!(
                 w.delay >= Duration::from_millis(900) && w.delay <= Duration::from_millis(1_100)
             );
