@@ -9,8 +9,8 @@ use warren_broker::tokens::CAP_WAIT_DELAYS_MS;
 /// Header counting a message's waits so far (a string, like the dead-letter headers).
 pub(crate) const WAITS_HEADER: &str = "x-warren-cap-waits";
 
-/// The longest wait step of a tenant that has deliveries parked (1 s).
-const DRAINING_LONGEST: usize = 1;
+/// Waits of a draining tenant's job that stay at the shortest (40 x 250 ms = 10 s).
+const DRAINING_SHORT_WAITS: u32 = 40;
 
 /// One wait in a wait lane.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,14 +25,15 @@ pub(crate) struct Wait {
 
 /// The wait after `waits_so_far` earlier ones; `jitter` in `[0, 1)`. While `draining` (the
 /// worker has deliveries of the tenant parked, so its tokens are busy and will want more work
-/// soon), waits stay at the second step: a long wait would leave the tokens idle at the end.
+/// soon), the first [`DRAINING_SHORT_WAITS`] waits stay at the shortest: a long wait would
+/// leave the tokens idle at the end of the backlog. Past them the schedule grows as usual, so
+/// a huge backlog costs a few moves a second per job, not four.
 pub(crate) fn next_wait(waits_so_far: u32, draining: bool, jitter: f64) -> Wait {
-    let longest = if draining {
-        DRAINING_LONGEST
+    let step = if draining && waits_so_far < DRAINING_SHORT_WAITS {
+        0
     } else {
-        CAP_WAIT_DELAYS_MS.len() - 1
+        (waits_so_far as usize).min(CAP_WAIT_DELAYS_MS.len() - 1)
     };
-    let step = (waits_so_far as usize).min(longest);
     let nominal = Duration::from_millis(CAP_WAIT_DELAYS_MS[step]);
     Wait {
         waits: waits_so_far.saturating_add(1),
@@ -57,11 +58,11 @@ mod tests {
     }
 
     #[test]
-    fn a_draining_tenant_waits_one_second_at_most() {
+    fn a_draining_tenant_waits_short_for_a_while() {
         let nominal = |n| next_wait(n, true, 0.5).nominal.as_millis() as u64;
         assert_eq!(
-            (0..4).map(nominal).collect::<Vec<_>>(),
-            [250, 1_000, 1_000, 1_000]
+            [0, 1, 39, 40, 41].map(nominal),
+            [250, 250, 250, 4_000, 4_000]
         );
         assert_eq!(next_wait(7, true, 0.0).waits, 8, "the count still grows");
     }
