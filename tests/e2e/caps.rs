@@ -264,3 +264,83 @@ async fn a_tenant_at_its_cap_does_not_hold_up_the_tenants_behind_it() {
     let all: Vec<Span> = events.iter().map(Span::of).collect();
     assert!(sweep(&all, 0, 2).0 >= 2, "{all:?}");
 }
+
+const PARKED_CAP: &str = r#"
+[[pipelines]]
+name = "parked"
+shards = 1
+priorities = ["normal"]
+
+[[pipelines.steps]]
+name = "s"
+handler = "span"
+concurrency = 4
+timeout = "10s"
+max_attempts = 3
+tenant_max_in_flight = 2
+"#;
+
+#[tokio::test]
+async fn parked_backlog_keeps_its_cap_busy_and_never_over_it_even_with_a_kill() {
+    // Given one shard shared by tenant A (capped at 2) and small tenants B1-B3, three workers
+    let ns = TestNamespace::new(PARKED_CAP).await;
+    let names = warren_broker::Names::new(&ns.name);
+    let _cleanup = TenantQueues(
+        ns.config.clone(),
+        ["a", "b1", "b2", "b3"]
+            .map(|t| TokenQueue::tenant(&names, "parked", "s", t, 2, Duration::from_secs(10)))
+            .to_vec(),
+    );
+    let mut workers: Vec<_> = (0..3).map(|_| ns.spawn_worker(&[])).collect();
+    let client = ns.client().await;
+    let job = |tenant: &str| Job::new("parked", tenant, json!({"sleep_ms": 100}));
+    let latency = |e: &ResultEvent| Duration::from_millis(e.latency_ms());
+    let idle = latency(&run_jobs(&client, vec![job("b1")], 0, |_| {}).await[0]);
+
+    // When A queues 40 jobs in the shard, each small tenant one job behind them, and the
+    // worker that ran A's 8th result is SIGKILLed (with what it had parked)
+    let mut jobs: Vec<Job> = (0..40).map(|_| job("a")).collect();
+    jobs.extend(["b1", "b2", "b3"].map(job));
+    let mut killed = 0;
+    let events = run_jobs(&client, jobs, 8, |so_far| {
+        let busy = Span::of(so_far.last().expect("a result")).pid;
+        let doomed = workers
+            .iter_mut()
+            .find(|w| w.pid().as_raw() as u64 == busy)
+            .expect("the worker that ran it");
+        doomed.kill_hard();
+        killed = busy;
+    })
+    .await;
+
+    // Then every job finished, the small tenants within a small multiple of their idle time,
+    let b_slowest = events
+        .iter()
+        .filter(|e| e.tenant.as_str().starts_with('b'))
+        .map(latency)
+        .max()
+        .expect("b's results");
+    assert!(
+        b_slowest <= idle.max(Duration::from_millis(250)) * 5,
+        "a small tenant took {b_slowest:?} beside A's parked backlog, {idle:?} alone"
+    );
+    // and A never ran more than 2 at once, with 2 at once for most of its run
+    let a_spans: Vec<Span> = events
+        .iter()
+        .map(Span::of)
+        .filter(|s| s.tenant == "a")
+        .collect();
+    assert_eq!(a_spans.len(), 40);
+    assert_eq!(sweep(&a_spans, 0, 2).0, 2, "{a_spans:?}");
+    let first = a_spans.iter().map(|s| s.start).min().expect("spans");
+    let last = a_spans.iter().map(|s| s.end).max().expect("spans");
+    let busy: u64 = a_spans.iter().map(|s| s.end - s.start).sum();
+    // Only a lower bound (the machine is shared): the cap was not mostly idle.
+    assert!(
+        busy as f64 >= 0.4 * 2.0 * (last - first) as f64,
+        "A used {} ms of {} ms x 2 (killed {killed})",
+        busy / 1000,
+        (last - first) / 1000
+    );
+    drop(workers);
+}

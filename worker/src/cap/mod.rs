@@ -184,9 +184,7 @@ impl Caps {
                         hold.tenant = Some(tenant.to_string());
                         hold.push(token, self.held("tenant"));
                     }
-                    None => {
-                        return Ok(Admission::Wait(tenant.to_string()))
-                    }
+                    None => return Ok(Admission::Wait(tenant.to_string())),
                 }
             }
         }
@@ -233,7 +231,11 @@ impl Caps {
             let draining = lot.parked(tenant) > 0;
             (lot.park(tenant, parked, Instant::now()), draining)
         };
-        let kind = if outcome.is_ok() { "tenant_parked" } else { "tenant" };
+        let kind = if outcome.is_ok() {
+            "tenant_parked"
+        } else {
+            "tenant"
+        };
         self.metrics.cap_wait(&self.pipeline, &self.step, kind);
         outcome.map_err(|p| {
             let wait = wait_of(&p.delivery, draining);

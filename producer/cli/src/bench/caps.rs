@@ -141,8 +141,7 @@ pub(super) async fn s8(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         Some(nominal),
         Target::RatioAtLeast(0.9),
     ));
-    let tenant_nominal =
-        f64::from(TENANT_CAP) / (b.args.tenant_cap_step_ms as f64 / 1000.0);
+    let tenant_nominal = f64::from(TENANT_CAP) / (b.args.tenant_cap_step_ms as f64 / 1000.0);
     rows.push(Row::new(
         "S8",
         format!(
