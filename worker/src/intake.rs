@@ -302,7 +302,8 @@ impl Dispatcher {
                 }
                 Ok(Admission::Wait(tenant)) => {
                     // Parked deliveries hold no slot: the permit goes back with this turn.
-                    if let Err((p, wait)) = caps.park(&tenant, Parked { route, delivery }) {
+                    if let Err(back) = caps.park(&tenant, Parked { route, delivery }) {
+                        let (p, wait) = *back;
                         tracker.spawn(cap::move_to_wait_lane(session, p.route, p.delivery, wait));
                     }
                 }

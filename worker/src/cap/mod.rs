@@ -221,10 +221,10 @@ impl Caps {
     }
 
     /// Parks `parked` for `tenant`, or gives it back with its wait when the lot is full.
-    pub(crate) fn park(&self, tenant: &str, parked: Parked) -> Result<(), (Parked, Wait)> {
+    pub(crate) fn park(&self, tenant: &str, parked: Parked) -> Result<(), Box<(Parked, Wait)>> {
         let Some(cap) = &self.tenant else {
             let wait = wait_of(&parked.delivery, false);
-            return Err((parked, wait));
+            return Err(Box::new((parked, wait)));
         };
         let (outcome, draining) = {
             let mut lot = cap.lot.lock().expect("lot lock");
@@ -239,7 +239,7 @@ impl Caps {
         self.metrics.cap_wait(&self.pipeline, &self.step, kind);
         outcome.map_err(|p| {
             let wait = wait_of(&p.delivery, draining);
-            (p, wait)
+            Box::new((p, wait))
         })
     }
 
