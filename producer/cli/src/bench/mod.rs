@@ -366,7 +366,30 @@ async fn run(
     let admin = Broker::connect(&config.broker)
         .await
         .context("connecting to RabbitMQ")?;
-    let client = Client::connect(config.clone()).await?;
+    let plans = [Topology::plan(&config), Topology::plan(&raw_config)];
+    // Declared before the SDK client connects, so its hot-lane router finds the control stream.
+    let declared = async {
+        for plan in &plans {
+            plan.declare(&admin).await?;
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let client = match declared {
+        Ok(()) => Client::connect(config.clone())
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e),
+    };
+    let client = match client {
+        Ok(client) => client,
+        Err(e) => {
+            for plan in &plans {
+                let _ = plan.delete(&admin).await;
+            }
+            return Err(e);
+        }
+    };
     // The raw side moves bodies as big as warren's envelopes of the same jobs.
     let sample = warren_common::Envelope::new_job(
         warren_common::JobId::new(),
@@ -376,12 +399,22 @@ async fn run(
         Priority::Normal,
         json!({"n": 10_000}),
     );
-    let raw = Raw::connect(
+    let raw = match Raw::connect(
         raw_handle,
         raw_config.clone(),
         warren_common::encode(&sample),
     )
-    .await?;
+    .await
+    {
+        Ok(raw) => raw,
+        Err(e) => {
+            client.close().await;
+            for plan in &plans {
+                let _ = plan.delete(&admin).await;
+            }
+            return Err(e);
+        }
+    };
     let bench = Bench {
         args,
         config_path,
@@ -394,7 +427,6 @@ async fn run(
         child: Mutex::new(None),
         more_plans: Mutex::new(Vec::new()),
     };
-    let plans = [Topology::plan(&bench.config), Topology::plan(&raw_config)];
     let load_before = load_average();
     eprintln!(
         "warren bench: namespaces {ns} and {ns}-raw on {}",
@@ -402,9 +434,6 @@ async fn run(
     );
     let outcome = tokio::select! {
         runs = async {
-            for plan in &plans {
-                plan.declare(&admin).await?;
-            }
             let mut runs = Vec::new();
             for i in 0..bench.args.repeat.max(1) {
                 if bench.args.repeat > 1 {
@@ -418,13 +447,14 @@ async fn run(
     };
     // Workers first: a worker whose queues vanish reconnects and declares them again.
     bench.stop_everything().await;
+    // The client's router reads the control stream: closed before the namespaces go.
+    bench.client.close().await;
     let more_plans = std::mem::take(&mut *bench.more_plans.lock().expect("lock"));
     for plan in plans.iter().chain(&more_plans) {
         if let Err(e) = plan.delete(&admin).await {
             eprintln!("warren: could not delete a bench namespace: {e}");
         }
     }
-    bench.client.close().await;
     admin.close().await;
     let runs = outcome?;
     let rows = report::medians(&runs);
