@@ -60,26 +60,30 @@ fn join_runs(ns: &TestNamespace) -> usize {
 async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
     // Given two workers and a job whose plan step splits 300 parts over 30 tenants
     let ns = TestNamespace::new(&config("", TWO_WORK_STEPS)).await;
-    let mut first = ns.spawn_worker(&[]);
-    let _second = ns.spawn_worker(&[]);
+    let mut workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
     let client = ns.client().await;
     let parts: Vec<Value> = (0..300)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": 20}, "tenant": format!("t{}", i % 30)}))
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 100}, "tenant": format!("t{}", i % 30)}))
         .collect();
     let parent = client
         .submit(Job::new("nightly", "ops", json!({"parts": parts})))
         .await
         .unwrap();
 
-    // When the first worker (the coordinator: it took the lock first) is SIGKILLed mid-run,
-    // and a third starts
+    // When the coordinating worker (the one that took the lock) is SIGKILLed mid-run, and a
+    // third starts
+    let leads = |w: &warren_tests::WorkerProcess| w.log_text().contains("Coordinating fan-ins.");
     let midway = eventually(Duration::from_secs(30), || async {
-        ns.step_starts().len() >= 200
+        ns.step_starts().len() >= 200 && workers.iter().any(leads)
     })
     .await;
-    assert!(midway, "the parts never got going");
-    first.kill_hard();
-    let _third = ns.spawn_worker(&[]);
+    assert!(
+        midway,
+        "the parts never got going, or no worker coordinates"
+    );
+    let leader = workers.iter().position(leads).expect("a coordinator");
+    workers[leader].kill_hard();
+    let third = ns.spawn_worker(&[]);
 
     // Then the parent job finishes with its join, which saw every part once
     let result = client.wait(parent, Duration::from_secs(80)).await.unwrap();
@@ -111,7 +115,9 @@ async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
     assert_eq!(out["input"]["parts"].as_array().unwrap().len(), 300);
     let joins = join_runs(&ns);
     assert!(joins >= 1, "the join never ran");
-    eprintln!("fan-out of 300 with a SIGKILL: join ran {joins} time(s)");
+    let took_over = workers.iter().chain([&third]).filter(|w| leads(w)).count();
+    assert!(took_over >= 2, "no other worker took over the coordination");
+    eprintln!("fan-out of 300, coordinator SIGKILLed: join ran {joins} time(s)");
 }
 
 #[tokio::test]

@@ -74,6 +74,7 @@ pub(crate) async fn coordinate(session: Arc<StepSession>, stop: CancellationToke
 /// Leads until an error: fold, carry out, checkpoint.
 async fn lead(session: &StepSession) -> Result<(), String> {
     let broker = &session.broker;
+    info!("Coordinating fan-ins.");
     let mut fold = fanin::last_checkpoint(broker)
         .await
         .map_err(|e| e.to_string())?;
