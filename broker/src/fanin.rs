@@ -31,12 +31,12 @@ pub const PART_KEY: &str = "fanin.part";
 const QUIET: Duration = Duration::from_millis(500);
 
 /// Adds the `CC` header that copies a part's result event into the fan-in stream.
-pub fn cc_fanin(msg: Outgoing<'_>) -> Outgoing<'_> {
+pub fn cc_fanin(mut msg: Outgoing<'_>) -> Outgoing<'_> {
     let mut table = msg.properties.headers().clone().unwrap_or_default();
     let keys = FieldArray::from(vec![AMQPValue::LongString(LongString::from(PART_KEY))]);
     table.insert(ShortString::from("CC"), AMQPValue::FieldArray(keys));
-    let properties = msg.properties.clone().with_headers(table);
-    Outgoing { properties, ..msg }
+    msg.properties = msg.properties.with_headers(table);
+    msg
 }
 
 /// Appends `opened` to the fan-in stream and waits for the confirm.

@@ -229,6 +229,22 @@ impl Event for AckFailed<'_> {
     }
 }
 
+/// A fan-out step's parts were published (the first `released` of `total`; the coordinator
+/// releases the rest as parts end).
+pub(crate) struct FannedOut<'a> {
+    pub(crate) parent: &'a str,
+    pub(crate) total: u32,
+    pub(crate) released: usize,
+    pub(crate) pipeline: &'a str,
+}
+
+impl Event for FannedOut<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        info!(parent_job_id = %self.parent, parts = self.total, released = self.released,
+            part_pipeline = %self.pipeline, "Fanned out.");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,21 +334,5 @@ mod tests {
         assert_eq!(count(&text, ran), 0, "{text}");
         let dead = r#"warren_dead_letters_total{pipeline="p",reason="wrong-queue"}"#;
         assert_eq!(count(&text, dead), 1, "{text}");
-    }
-}
-
-/// A fan-out step's parts were published (the first `released` of `total`; the coordinator
-/// releases the rest as parts end).
-pub(crate) struct FannedOut<'a> {
-    pub(crate) parent: &'a str,
-    pub(crate) total: u32,
-    pub(crate) released: usize,
-    pub(crate) pipeline: &'a str,
-}
-
-impl Event for FannedOut<'_> {
-    fn emit(self, _metrics: &Metrics) {
-        info!(parent_job_id = %self.parent, parts = self.total, released = self.released,
-            part_pipeline = %self.pipeline, "Fanned out.");
     }
 }
