@@ -521,6 +521,75 @@ handler = "h"
     }
 
     #[test]
+    fn a_fan_out_step_opens_its_fan_out_or_fails_for_good_saying_why() {
+        let toml = r#"
+[broker]
+namespace = "ns"
+max_payload_bytes = 1024
+[[pipelines]]
+name = "p"
+[[pipelines.steps]]
+name = "plan"
+handler = "h"
+fan_out = "part"
+max_parts_in_flight = 2
+[[pipelines.steps]]
+name = "join"
+handler = "h"
+[[pipelines]]
+name = "part"
+priorities = ["normal"]
+[[pipelines.steps]]
+name = "x"
+handler = "h"
+"#;
+        let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
+        let served = served(&config, "p", "plan");
+        let env = Envelope {
+            step: "plan".into(),
+            priority: Priority::Normal,
+            ..envelope("plan", "acme", 1)
+        };
+        let output = json!([{"payload": 1}, {"payload": 2, "tenant": "globex"}, {"payload": 3}]);
+        let Fate::FanOut(plan) = decide(Ok(output), &env, &served, &config, 0.5, None) else {
+            panic!("a list of parts fans out")
+        };
+        assert_eq!((plan.opened.total(), plan.opened.released), (3, 2));
+        assert_eq!(plan.parts.len(), 2);
+        assert_eq!(plan.opened.join_step, "join");
+        let (part, body) = &plan.parts[1];
+        assert_eq!((part.pipeline.as_str(), part.step.as_str()), ("part", "x"));
+        assert_eq!(part.tenant.as_str(), "globex");
+        assert_eq!(part.part_of.unwrap().job_id, env.job_id);
+        assert_eq!(&decode(body).unwrap(), part);
+        for (bad, says) in [
+            (json!({"a": 1}), "must be a JSON array"),
+            (
+                json!([{"payload": 1, "priority": "high"}]),
+                "has no priority high",
+            ),
+            (
+                json!([{"payload": "x".repeat(2 * MAX)}]),
+                "part 0: input is",
+            ),
+        ] {
+            let decided = decide(Ok(bad), &env, &served, &config, 0.5, None);
+            let Fate::DeadLetter {
+                gave_up, result, ..
+            } = decided
+            else {
+                panic!("{decided:?}")
+            };
+            assert_eq!(gave_up, GaveUp::Permanent);
+            let error = result.error.unwrap();
+            assert!(
+                error.contains("fan_out: ") && error.contains(says),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
     fn admit_sets_aside_what_cannot_run_here() {
         let config = config();
         let served = served(&config, "p", "a");
