@@ -15,6 +15,7 @@ pub mod control;
 pub mod depth;
 mod dial;
 pub mod error;
+pub mod fanin;
 pub mod hot;
 pub mod management;
 pub mod names;

@@ -41,6 +41,21 @@ impl Names {
         format!("{}.control", self.ns)
     }
 
+    /// Stream of fan-out records and fan-out parts' results, folded by the fan-in coordinator.
+    pub fn fanin_stream(&self) -> String {
+        format!("{}.fanin", self.ns)
+    }
+
+    /// Stream of the fan-in coordinator's checkpoints (its state and stream offset).
+    pub fn fanin_checkpoints(&self) -> String {
+        format!("{}.fanin.ckpt", self.ns)
+    }
+
+    /// Exclusive queue whose holder (one connection) is the fan-in coordinator.
+    pub fn fanin_lock(&self) -> String {
+        format!("{}.fanin.lock", self.ns)
+    }
+
     /// Where messages that cannot or must not run any more are set aside.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.ns)

@@ -196,8 +196,37 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(crate::control::CONTROL_MAX_AGE)),
             ],
-            bindings: vec![(events, crate::control::CONTROL_BINDING.to_string())],
+            bindings: vec![(events.clone(), crate::control::CONTROL_BINDING.to_string())],
         });
+        let fans_out = config
+            .pipelines
+            .iter()
+            .any(|p| p.steps.iter().any(|s| s.fan_out.is_some()));
+        if fans_out {
+            queues.push(QueueSpec {
+                name: names.fanin_stream(),
+                route: None,
+                arguments: vec![
+                    ("x-queue-type", str_arg("stream")),
+                    ("x-max-age", str_arg(RESULTS_MAX_AGE)),
+                ],
+                bindings: vec![(events, crate::fanin::FANIN_BINDING.to_string())],
+            });
+            queues.push(QueueSpec {
+                name: names.fanin_checkpoints(),
+                route: None,
+                arguments: vec![
+                    ("x-queue-type", str_arg("stream")),
+                    ("x-max-age", str_arg(RESULTS_MAX_AGE)),
+                    (
+                        "x-stream-max-segment-size-bytes",
+                        Arg::Int(16 * 1024 * 1024),
+                    ),
+                    ("x-max-length-bytes", Arg::Int(256 * 1024 * 1024)),
+                ],
+                bindings: vec![],
+            });
+        }
         Self {
             exchanges,
             queues,

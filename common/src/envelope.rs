@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::fanout::PartOf;
 use crate::trace::TraceParent;
 use crate::{JobId, Priority, TenantId};
 
@@ -52,6 +53,10 @@ pub struct Envelope {
     /// carries the same trace id. Optional; an invalid value is ignored, never an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// Set on every step message of a job that is a part of a fan-out: the parent job, the
+    /// part's index and the number of parts. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<PartOf>,
 }
 
 fn first_attempt() -> u32 {
@@ -81,6 +86,7 @@ impl Envelope {
             submitted_at: now,
             published_at: now,
             traceparent: Some(TraceParent::new_root().to_string()),
+            part_of: None,
         }
     }
 
@@ -191,6 +197,9 @@ pub struct ResultEvent {
     pub submitted_at: u64,
     #[serde(default)]
     pub finished_at: u64,
+    /// The fan-out the job is a part of, as on its step messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<PartOf>,
 }
 
 impl ResultEvent {
@@ -221,6 +230,7 @@ impl ResultEvent {
             error,
             submitted_at: env.submitted_at,
             finished_at: now_ms(),
+            part_of: env.part_of,
         }
     }
 

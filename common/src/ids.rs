@@ -103,6 +103,11 @@ impl JobId {
         Self(Uuid::now_v7())
     }
 
+    /// A job id from a UUID made elsewhere (a fan-out part's derived id).
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
     }

@@ -11,6 +11,7 @@ pub mod dead_letter;
 pub mod env;
 pub mod envelope;
 pub mod exit;
+pub mod fanout;
 pub mod ids;
 pub mod priority;
 pub mod shard;
@@ -18,7 +19,7 @@ pub mod telemetry;
 pub mod trace;
 
 pub use codec::{decode, decode_result, encode, encode_result, DecodeError};
-pub use config::{Config, ConfigError, PipelineConfig, StepConfig, StepKind};
+pub use config::{Config, ConfigError, OnPartFailure, PipelineConfig, StepConfig, StepKind};
 pub use dead_letter::Reason;
 pub use envelope::{now_ms, Envelope, JobStatus, Oversized, ResultEvent, FORMAT_VERSION};
 pub use ids::{JobId, NameError, TenantId};

@@ -53,6 +53,9 @@ pub struct DeadLetter {
     pub raw: Option<String>,
     /// The job's W3C trace context, kept across a replay.
     pub traceparent: Option<String>,
+    /// The fan-out the job is a part of, kept across a replay so its join hears of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part_of: Option<warren_common::fanout::PartOf>,
     pub body_bytes: usize,
 }
 
@@ -89,6 +92,7 @@ impl DeadLetter {
             input: env.map(|e| e.input.clone()),
             raw,
             traceparent: env.and_then(|e| e.traceparent.clone()),
+            part_of: env.and_then(|e| e.part_of),
             body_bytes: delivery.data.len(),
         }
     }
@@ -285,6 +289,7 @@ impl Client {
             published_at: now_ms(),
             submitted_at: letter.submitted_at.unwrap_or(0),
             traceparent: letter.traceparent.clone(),
+            part_of: letter.part_of,
             ..Envelope::new_job(
                 job_id,
                 tenant,

@@ -6,6 +6,7 @@ mod caps;
 mod connect;
 mod dlq;
 mod fairness;
+mod fanout;
 mod flow;
 mod isolation;
 mod kill;

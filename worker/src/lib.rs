@@ -29,6 +29,7 @@ pub mod cli;
 mod command;
 mod dispatch;
 mod fairness;
+mod fanin;
 mod handler;
 mod intake;
 mod metrics;

@@ -144,6 +144,12 @@ impl Worker {
             Arc::clone(&session.steps),
             session.control.cancel.clone(),
         ));
+        if crate::fanin::needed(&self.config) {
+            tokio::spawn(crate::fanin::coordinate(
+                Arc::clone(&session.steps),
+                session.control.cancel.clone(),
+            ));
+        }
         for served in &self.served {
             let started =
                 Intake::start(&session.broker, &session.steps, served, &session.control).await;

@@ -6,7 +6,8 @@ mod model;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    BrokerConfig, ClientCert, Config, PipelineConfig, QueueType, StepConfig, StepKind, TlsConfig,
+    BrokerConfig, ClientCert, Config, FanOut, OnPartFailure, PipelineConfig, QueueType, StepConfig,
+    StepKind, TlsConfig,
 };
 
 use crate::env::{
@@ -72,9 +73,39 @@ impl Config {
             line: e.span().map(|span| line_of(text, span.start)),
             message: e.message().trim().to_string(),
         })?;
+        config
+            .check_fan_outs()
+            .map_err(|(at, message)| ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: Some(line_of(text, at)),
+                message,
+            })?;
         config.apply_env(env)?;
         config.resolve_paths(base_dir);
         Ok(config)
+    }
+
+    /// Each `fan_out` names a pipeline of the file: checked once all are known.
+    fn check_fan_outs(&self) -> Result<(), (usize, String)> {
+        for (pipeline, step) in self
+            .pipelines
+            .iter()
+            .flat_map(|p| p.steps.iter().map(move |s| (p, s)))
+        {
+            let Some(fan_out) = &step.fan_out else {
+                continue;
+            };
+            if self.pipeline(&fan_out.pipeline).is_none() {
+                return Err((
+                    fan_out.at,
+                    format!(
+                        "step `{}` of pipeline `{}`: `fan_out` names no pipeline of this file: `{}`",
+                        step.name, pipeline.name, fan_out.pipeline
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
@@ -314,6 +345,55 @@ handler = "resize"
         assert!(e.contains("`max_in_flight`"), "{e}");
         let e = err(&with("max_in_flight = \"4\""));
         assert!(e.contains(":17:") && e.contains("invalid type"), "{e}");
+    }
+
+    #[test]
+    fn fan_out_is_checked_by_key_and_line() {
+        let base = format!(
+            "{EXAMPLE}\n[[pipelines]]\nname = \"part\"\n[[pipelines.steps]]\nname = \"x\"\nhandler = \"x\"\n"
+        );
+        let with =
+            |line: &str| base.replace("concurrency = 4\n", &format!("concurrency = 4\n{line}\n"));
+        let c = parse(&with(
+            "fan_out = \"part\"\nmax_parts_in_flight = 5\non_part_failure = \"wait\"",
+        ))
+        .unwrap();
+        let fan_out = c.pipelines[0].steps[0].fan_out.clone().unwrap();
+        assert_eq!(fan_out.pipeline, "part");
+        assert_eq!(fan_out.max_parts_in_flight, Some(5));
+        assert_eq!(fan_out.on_part_failure, OnPartFailure::Wait);
+        let c = parse(&with("fan_out = \"part\"")).unwrap();
+        let fan_out = c.pipelines[0].steps[0].fan_out.clone().unwrap();
+        assert_eq!(
+            (fan_out.max_parts_in_flight, fan_out.on_part_failure),
+            (None, OnPartFailure::Continue)
+        );
+        // Line 17 is the one after `concurrency = 4`.
+        let e = err(&with("fan_out = \"nope\""));
+        assert!(
+            e.starts_with("warren.toml:17:")
+                && e.contains("`fan_out` names no pipeline")
+                && e.contains("nope"),
+            "{e}"
+        );
+        let e = err(&with("fan_out = \"part\"\nmax_parts_in_flight = 0"));
+        assert!(
+            e.contains(":18:") && e.contains("`max_parts_in_flight`"),
+            "{e}"
+        );
+        let e = err(&with("fan_out = \"part\"\non_part_failure = \"ignore\""));
+        assert!(e.contains(":18:") && e.contains("ignore"), "{e}");
+        let e = err(&with("max_parts_in_flight = 3"));
+        assert!(
+            e.contains("`max_parts_in_flight` is for a step with `fan_out`"),
+            "{e}"
+        );
+        let last = base.replace(
+            "handler = \"x\"\n",
+            "handler = \"x\"\nfan_out = \"thumbnails\"\n",
+        );
+        let e = err(&last);
+        assert!(e.contains("step `x` has `fan_out` but no next step"), "{e}");
     }
 
     #[test]

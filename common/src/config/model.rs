@@ -268,6 +268,12 @@ impl TryFrom<RawPipeline> for PipelineConfig {
                 ));
             }
         }
+        if let Some(last) = raw.steps.last().filter(|s| s.fan_out.is_some()) {
+            return Err(format!(
+                "pipeline `{p}`: step `{}` has `fan_out` but no next step to join the parts",
+                last.name
+            ));
+        }
         for (tenant, &shard) in &raw.pins {
             validate_name("tenant", tenant).map_err(|e| format!("pins: {e}"))?;
             if shard >= raw.shards {
@@ -310,6 +316,42 @@ pub struct StepConfig {
     pub max_in_flight: Option<u32>,
     /// Most attempts of this step running at once for one tenant, across every worker.
     pub tenant_max_in_flight: Option<u32>,
+    /// Its output is a list of parts, each a job of another pipeline; the next step (the join)
+    /// runs once they have ended.
+    pub fan_out: Option<FanOut>,
+}
+
+/// A fan-out step's `fan_out`, `max_parts_in_flight` and `on_part_failure`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FanOut {
+    /// The pipeline each part is a job of.
+    pub pipeline: String,
+    /// Most parts of one fan-out running at once; `None`: no limit.
+    pub max_parts_in_flight: Option<u32>,
+    pub on_part_failure: OnPartFailure,
+    /// Byte offset of `fan_out` in the file, so the check that its pipeline exists (made once
+    /// every pipeline is known) can name the line.
+    pub(crate) at: usize,
+}
+
+/// When the join of a fan-out runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnPartFailure {
+    /// Once every part has ended, failed parts included.
+    #[default]
+    Continue,
+    /// Once every part has succeeded: failed parts wait in the DLQ for a replay.
+    Wait,
+}
+
+impl OnPartFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnPartFailure::Continue => "continue",
+            OnPartFailure::Wait => "wait",
+        }
+    }
 }
 
 /// What runs a step.
@@ -343,6 +385,12 @@ struct RawStep {
     max_in_flight: Option<u32>,
     #[serde(default, deserialize_with = "tenant_max_in_flight")]
     tenant_max_in_flight: Option<u32>,
+    #[serde(default)]
+    fan_out: Option<toml::Spanned<String>>,
+    #[serde(default, deserialize_with = "max_parts_in_flight")]
+    max_parts_in_flight: Option<u32>,
+    #[serde(default)]
+    on_part_failure: Option<OnPartFailure>,
 }
 
 impl TryFrom<RawStep> for StepConfig {
@@ -376,6 +424,31 @@ impl TryFrom<RawStep> for StepConfig {
         for var in &raw.pass_env {
             check_pass_env(var).map_err(|e| format!("step `{s}`: `pass_env`: {e}"))?;
         }
+        let fan_out = match raw.fan_out {
+            Some(spanned) => {
+                let at = spanned.span().start;
+                let pipeline = spanned.into_inner();
+                validate_name("fan_out", &pipeline)
+                    .map_err(|e| format!("step `{s}`: `fan_out`: {e}"))?;
+                Some(FanOut {
+                    pipeline,
+                    max_parts_in_flight: raw.max_parts_in_flight,
+                    on_part_failure: raw.on_part_failure.unwrap_or_default(),
+                    at,
+                })
+            }
+            None if raw.max_parts_in_flight.is_some() => {
+                return Err(format!(
+                    "step `{s}`: `max_parts_in_flight` is for a step with `fan_out`"
+                ))
+            }
+            None if raw.on_part_failure.is_some() => {
+                return Err(format!(
+                    "step `{s}`: `on_part_failure` is for a step with `fan_out`"
+                ))
+            }
+            None => None,
+        };
         Ok(Self {
             name: raw.name,
             kind,
@@ -386,6 +459,7 @@ impl TryFrom<RawStep> for StepConfig {
             pass_env: raw.pass_env,
             max_in_flight: raw.max_in_flight,
             tenant_max_in_flight: raw.tenant_max_in_flight,
+            fan_out,
         })
     }
 }
@@ -619,6 +693,10 @@ fn concurrency<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 /// The cluster-wide caps: one token each, held while an attempt runs.
 fn max_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     ranged(d, "max_in_flight", 1, MAX_CAP).map(|v| Some(v as u32))
+}
+
+fn max_parts_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    ranged(d, "max_parts_in_flight", 1, 1_000_000).map(|v| Some(v as u32))
 }
 
 fn tenant_max_in_flight<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {

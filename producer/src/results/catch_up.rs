@@ -170,6 +170,7 @@ mod tests {
             error: None,
             submitted_at: 0,
             finished_at,
+            part_of: None,
         }
     }
 

@@ -86,10 +86,16 @@ async fn span(input: Value, ctx: StepContext) -> Result<Value, StepError> {
     }))
 }
 
+/// `plan`: a fan-out step's handler: its output is the input's `parts` (a list of parts).
+async fn plan(input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+    Ok(input.get("parts").cloned().unwrap_or(Value::Null))
+}
+
 fn main() -> std::process::ExitCode {
     warren_worker::cli::main(|builder| {
         builder
             .handler("work", handler_fn(work))
             .handler("span", handler_fn(span))
+            .handler("plan", handler_fn(plan))
     })
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 use warren_common::{Priority, Reason};
 
 use super::fate::GaveUp;
@@ -226,6 +226,22 @@ pub(crate) struct AckFailed<'a> {
 impl Event for AckFailed<'_> {
     fn emit(self, _: &Metrics) {
         warn!(error = %self.error, "Could not ack; the message will be redelivered.");
+    }
+}
+
+/// A fan-out step's parts were published (the first `released` of `total`; the coordinator
+/// releases the rest as parts end).
+pub(crate) struct FannedOut<'a> {
+    pub(crate) parent: &'a str,
+    pub(crate) total: u32,
+    pub(crate) released: usize,
+    pub(crate) pipeline: &'a str,
+}
+
+impl Event for FannedOut<'_> {
+    fn emit(self, _metrics: &Metrics) {
+        info!(parent_job_id = %self.parent, parts = self.total, released = self.released,
+            part_pipeline = %self.pipeline, "Fanned out.");
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_broker::{Lane, StepRoute};
 use warren_common::backoff::{nominal_retry_delay, retry_delay};
+use warren_common::fanout::{parse_parts, Opened};
 use warren_common::{decode, encode, Config, Envelope, JobId, Oversized, Reason, ResultEvent};
 
 use super::runner::ServedStep;
@@ -108,6 +109,8 @@ pub(crate) enum Fate {
     },
     /// The last step succeeded: the job's result.
     Finish(ResultEvent),
+    /// A fan-out step succeeded: open the fan-out, then publish its first parts.
+    FanOut(Box<FanOutPlan>),
     /// Run the step again after `delay` (the `nominal` delay with jitter): the next attempt's
     /// message, encoded, and the step queue it returns to.
     Retry {
@@ -127,6 +130,86 @@ pub(crate) enum Fate {
         body: Vec<u8>,
         result: ResultEvent,
     },
+}
+
+/// What a fan-out step's success publishes: the record that opens the fan-out, then the parts
+/// the step releases itself (all, or the first `max_parts_in_flight`), each its pipeline's
+/// first step message, encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct FanOutPlan {
+    pub(crate) opened: Opened,
+    pub(crate) parts: Vec<(Envelope, Vec<u8>)>,
+}
+
+/// [`fate`], for a step that may fan out: a fan-out step's output becomes a [`FanOutPlan`], or,
+/// when it is not a valid list of parts, a permanent failure that says why.
+pub(crate) fn decide(
+    outcome: Result<Value, StepError>,
+    env: &Envelope,
+    served: &ServedStep,
+    config: &Config,
+    jitter: f64,
+    hot: Option<Lane>,
+) -> Fate {
+    let max_payload = config.broker.max_payload_bytes;
+    let outcome = match (&served.step.fan_out, outcome) {
+        (Some(_), Ok(output)) => match fan_out(&output, env, served, config) {
+            Ok(plan) => return Fate::FanOut(Box::new(plan)),
+            Err(text) => Err(StepError::permanent(format!("fan_out: {text}"))),
+        },
+        (_, outcome) => outcome,
+    };
+    fate(outcome, env, served, max_payload, jitter, hot)
+}
+
+/// The plan of a fan-out step's `output`, or what is wrong with it.
+fn fan_out(
+    output: &Value,
+    env: &Envelope,
+    served: &ServedStep,
+    config: &Config,
+) -> Result<FanOutPlan, String> {
+    let fan = served.step.fan_out.as_ref().expect("a fan-out step");
+    let max = config.broker.max_payload_bytes;
+    let Some(pipeline) = config.pipeline(&fan.pipeline) else {
+        return Err(format!("no pipeline {:?} in the config", fan.pipeline));
+    };
+    let Some(join) = served.pipeline.next_step(&served.step.name) else {
+        return Err("no next step to join the parts".into());
+    };
+    let parts = parse_parts(output, &env.tenant, env.priority)?;
+    for (i, part) in parts.iter().enumerate() {
+        if !pipeline.has_priority(part.priority) {
+            return Err(format!(
+                "part {i}: pipeline {} has no priority {}",
+                pipeline.name, part.priority
+            ));
+        }
+    }
+    let opened = Opened::new(
+        env,
+        &join.name,
+        &pipeline.name,
+        parts,
+        fan.on_part_failure,
+        fan.max_parts_in_flight,
+    );
+    let first = &pipeline.first_step().name;
+    let mut released = Vec::with_capacity(opened.released as usize);
+    for i in 0..opened.total() {
+        let part = opened.part_envelope(i, first);
+        // Every part is checked, the ones the coordinator releases later too.
+        let body = part
+            .encode_within(max)
+            .map_err(|e| format!("part {i}: {e}"))?;
+        if i < opened.released {
+            released.push((part, body));
+        }
+    }
+    Ok(FanOutPlan {
+        opened,
+        parts: released,
+    })
 }
 
 /// Why a failed step is not tried again.
@@ -435,6 +518,75 @@ handler = "h"
                 && error.ends_with("more than max_payload_bytes = 1024"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_fan_out_step_opens_its_fan_out_or_fails_for_good_saying_why() {
+        let toml = r#"
+[broker]
+namespace = "ns"
+max_payload_bytes = 1024
+[[pipelines]]
+name = "p"
+[[pipelines.steps]]
+name = "plan"
+handler = "h"
+fan_out = "part"
+max_parts_in_flight = 2
+[[pipelines.steps]]
+name = "join"
+handler = "h"
+[[pipelines]]
+name = "part"
+priorities = ["normal"]
+[[pipelines.steps]]
+name = "x"
+handler = "h"
+"#;
+        let config = Config::parse(toml, "t", Path::new("."), &HashMap::new()).unwrap();
+        let served = served(&config, "p", "plan");
+        let env = Envelope {
+            step: "plan".into(),
+            priority: Priority::Normal,
+            ..envelope("plan", "acme", 1)
+        };
+        let output = json!([{"payload": 1}, {"payload": 2, "tenant": "globex"}, {"payload": 3}]);
+        let Fate::FanOut(plan) = decide(Ok(output), &env, &served, &config, 0.5, None) else {
+            panic!("a list of parts fans out")
+        };
+        assert_eq!((plan.opened.total(), plan.opened.released), (3, 2));
+        assert_eq!(plan.parts.len(), 2);
+        assert_eq!(plan.opened.join_step, "join");
+        let (part, body) = &plan.parts[1];
+        assert_eq!((part.pipeline.as_str(), part.step.as_str()), ("part", "x"));
+        assert_eq!(part.tenant.as_str(), "globex");
+        assert_eq!(part.part_of.unwrap().job_id, env.job_id);
+        assert_eq!(&decode(body).unwrap(), part);
+        for (bad, says) in [
+            (json!({"a": 1}), "must be a JSON array"),
+            (
+                json!([{"payload": 1, "priority": "high"}]),
+                "has no priority high",
+            ),
+            (
+                json!([{"payload": "x".repeat(2 * MAX)}]),
+                "part 0: input is",
+            ),
+        ] {
+            let decided = decide(Ok(bad), &env, &served, &config, 0.5, None);
+            let Fate::DeadLetter {
+                gave_up, result, ..
+            } = decided
+            else {
+                panic!("{decided:?}")
+            };
+            assert_eq!(gave_up, GaveUp::Permanent);
+            let error = result.error.unwrap();
+            assert!(
+                error.contains("fan_out: ") && error.contains(says),
+                "{error}"
+            );
+        }
     }
 
     #[test]

@@ -21,8 +21,8 @@ use warren_broker::{Broker, PublishError, StepRoute};
 use warren_common::{now_ms, Config, Envelope, Priority, Reason};
 
 use self::events::{
-    AckFailed, Event, HandOffFailed, MessageSetAside, StepAbandoned, StepFailed, StepLabels,
-    StepRetried, StepStarted, StepSucceeded,
+    AckFailed, Event, FannedOut, HandOffFailed, MessageSetAside, StepAbandoned, StepFailed,
+    StepLabels, StepRetried, StepStarted, StepSucceeded,
 };
 use self::fate::{Fate, SetAside};
 use self::outbox::DeadLetter;
@@ -87,17 +87,19 @@ async fn handle(
     };
     Fairness::observe(session, served, route, env.tenant.as_str());
     let trace_id = env.trace().map(|t| t.trace_id_hex()).unwrap_or_default();
+    let parent_job_id = env.part_of.map(|p| tracing::field::display(p.job_id));
+    let part = env.part_of.map(|p| p.part);
     let span = info_span!("step", job_id = %env.job_id, tenant = %env.tenant,
-        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id);
+        pipeline = %env.pipeline, step = %env.step, attempt = env.attempt, trace_id,
+        parent_job_id, part);
     async {
         let (outcome, timing) = run(session, served, &env).await;
-        let max_payload = session.config.broker.max_payload_bytes;
         // Read after the run: a mark that came meanwhile already sends the output to the lane.
         let hot = session
             .fairness
             .router
             .lane(&served.pipeline, env.tenant.as_str());
-        let fate = fate::fate(outcome, &env, served, max_payload, rand::random(), hot);
+        let fate = fate::decide(outcome, &env, served, &session.config, rand::random(), hot);
         report(&fate, &env, served, &timing, &session.metrics);
         carry_out(session, route, fate).await
     }
@@ -153,7 +155,7 @@ fn report(fate: &Fate, env: &Envelope, served: &ServedStep, timing: &Timing, met
     let took = timing.took;
     let job_took = || Duration::from_millis(now_ms().saturating_sub(env.submitted_at));
     match fate {
-        Fate::Next { .. } | Fate::Finish(_) => StepSucceeded {
+        Fate::Next { .. } | Fate::Finish(_) | Fate::FanOut(_) => StepSucceeded {
             labels,
             took,
             queue_wait_ms: timing.queue_wait_ms,
@@ -197,6 +199,35 @@ async fn carry_out(
                 .await
         }
         Fate::Finish(result) => outbox.hand_off(|| outbox.publish_result(&result)).await,
+        Fate::FanOut(plan) => {
+            // The record first: once a part exists, the coordinator knows its fan-out.
+            outbox
+                .hand_off(|| outbox.publish_opened(&plan.opened))
+                .await?;
+            let config = &session.config;
+            let router = &session.fairness.router;
+            let part_pipeline = config
+                .pipeline(&plan.opened.part_pipeline)
+                .expect("checked by the fate");
+            let parts: Vec<_> = plan
+                .parts
+                .iter()
+                .map(|(env, body)| {
+                    let route =
+                        router.route(part_pipeline, &env.step, env.priority, env.tenant.as_str());
+                    (route, env, body.as_slice())
+                })
+                .collect();
+            outbox.publish_parts(&parts).await?;
+            FannedOut {
+                parent: &plan.opened.parent.to_string(),
+                total: plan.opened.total(),
+                released: parts.len(),
+                pipeline: &plan.opened.part_pipeline,
+            }
+            .emit(&session.metrics);
+            Ok(())
+        }
         Fate::Retry {
             envelope,
             body,

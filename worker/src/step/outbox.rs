@@ -8,15 +8,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use warren_broker::fanin;
 use warren_broker::{
     Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PublishError, Publisher, StepRoute,
 };
 use warren_common::backoff::Backoff;
 use warren_common::dead_letter as headers;
+use warren_common::fanout::Opened;
 use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
 
 use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed};
 use crate::metrics::{Metrics, PublishKind};
+
+/// Part publishes awaiting their confirms at once.
+const PARTS_IN_FLIGHT: usize = 256;
 
 /// Longest wait between tries to hand an output to a full queue.
 const BACKLOG_FULL_MAX_WAIT: Duration = Duration::from_secs(5);
@@ -152,13 +157,59 @@ impl Outbox {
         self.publish(PublishKind::CapWait, msg).await
     }
 
-    /// Publishes a job's result event.
+    /// Publishes a job's result event. A fan-out part's goes to the fan-in stream too, in the
+    /// same publish (a `CC` routing key), so the join hears of every part that ended.
     pub(crate) async fn publish_result(&self, event: &ResultEvent) -> Result<(), PublishError> {
         let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
         let body = encode_result(event);
         let id = event.job_id.to_string();
-        let msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
+        let mut msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
+        if event.part_of.is_some() {
+            msg = fanin::cc_fanin(msg);
+        }
         self.publish(PublishKind::Result, msg).await
+    }
+
+    /// Appends the record that opens a fan-out to the fan-in stream.
+    pub(crate) async fn publish_opened(&self, opened: &Opened) -> Result<(), PublishError> {
+        let started = Instant::now();
+        fanin::publish_opened(&self.publisher, &self.events_exchange, opened).await?;
+        PublishConfirmed {
+            kind: PublishKind::NextStep,
+            took: started.elapsed(),
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+
+    /// Publishes a fan-out's parts, many confirms in flight at once; each held and retried
+    /// while its queue is full, as a hand-off is.
+    pub(crate) async fn publish_parts(
+        &self,
+        parts: &[(StepRoute, &Envelope, &[u8])],
+    ) -> Result<(), PublishError> {
+        for chunk in parts.chunks(PARTS_IN_FLIGHT) {
+            let mut pending = Vec::with_capacity(chunk.len());
+            for (route, env, body) in chunk {
+                let key = route.routing_key();
+                let id = env.job_id.to_string();
+                let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
+                pending.push(self.publisher.start(msg).await);
+            }
+            for ((route, env, body), confirm) in chunk.iter().zip(pending) {
+                let confirmed = match confirm {
+                    Ok(confirm) => confirm.wait().await,
+                    Err(e) => Err(e),
+                };
+                if let Err(PublishError::Nacked { .. }) = confirmed {
+                    self.hand_off(|| self.publish_step(route, env, body))
+                        .await?;
+                } else {
+                    confirmed?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends `letter` to the dead-letter queue.

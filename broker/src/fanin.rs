@@ -1,0 +1,187 @@
+//! The fan-in stream `{ns}.fanin` and what goes with it: the record that opens a fan-out, the
+//! results of fan-out parts (copied from the events exchange by a `CC` header, in the same
+//! publish as the result itself), the coordinator's checkpoints `{ns}.fanin.ckpt`, and the
+//! lock `{ns}.fanin.lock` whose holder is the one coordinator. The fold itself is pure, in
+//! `warren_common::fanout`; the coordinator is the worker's `fanin` module.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
+use lapin::protocol::AMQPSoftError;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{Channel, Consumer};
+use warren_common::fanout::{Fold, Opened};
+use warren_common::ResultEvent;
+
+use crate::connection::Broker;
+use crate::error::{BrokerError, PublishError};
+use crate::publish::{Outgoing, Publisher};
+
+/// What the fan-in stream is bound to on the events exchange.
+pub const FANIN_BINDING: &str = "fanin.#";
+
+/// Routing key of an opened record.
+pub const OPENED_KEY: &str = "fanin.opened";
+
+/// The extra routing key (`CC`) of a part's result event.
+pub const PART_KEY: &str = "fanin.part";
+
+/// Quiet time after which reading the last checkpoint counts as done.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Adds the `CC` header that copies a part's result event into the fan-in stream.
+pub fn cc_fanin(mut msg: Outgoing<'_>) -> Outgoing<'_> {
+    let mut table = msg.properties.headers().clone().unwrap_or_default();
+    let keys = FieldArray::from(vec![AMQPValue::LongString(LongString::from(PART_KEY))]);
+    table.insert(ShortString::from("CC"), AMQPValue::FieldArray(keys));
+    msg.properties = msg.properties.with_headers(table);
+    msg
+}
+
+/// Appends `opened` to the fan-in stream and waits for the confirm.
+pub async fn publish_opened(
+    publisher: &Publisher,
+    exchange: &str,
+    opened: &Opened,
+) -> Result<(), PublishError> {
+    let body = rmp_serde::to_vec_named(opened).expect("an opened record encodes");
+    let id = format!("fanin:{}", opened.parent);
+    publisher
+        .publish(Outgoing::persistent(exchange, OPENED_KEY, &body, &id))
+        .await
+}
+
+/// One message of the fan-in stream.
+#[derive(Debug)]
+pub enum FaninRecord {
+    Opened(Box<Opened>),
+    Result(Box<ResultEvent>),
+    /// Not ours, or not readable: skipped.
+    Other,
+}
+
+impl FaninRecord {
+    /// Reads a delivery of the fan-in stream, told apart by its routing key.
+    pub fn read(routing_key: &str, body: &[u8]) -> Self {
+        if routing_key == OPENED_KEY {
+            match rmp_serde::from_slice::<Opened>(body) {
+                Ok(opened) => FaninRecord::Opened(Box::new(opened)),
+                Err(_) => FaninRecord::Other,
+            }
+        } else {
+            match warren_common::decode_result(body) {
+                Ok(event) => FaninRecord::Result(Box::new(event)),
+                Err(_) => FaninRecord::Other,
+            }
+        }
+    }
+}
+
+/// The stream offset of a stream delivery.
+pub fn offset_of(properties: &lapin::BasicProperties) -> Option<u64> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::Timestamp(n) => Some(*n),
+        _ => None,
+    }
+}
+
+/// Consumes `stream` from `offset` (a number, or "last"/"first").
+async fn consume_from(
+    broker: &Broker,
+    stream: &str,
+    offset: AMQPValue,
+    prefetch: u16,
+) -> Result<(Channel, Consumer), BrokerError> {
+    let channel = broker.channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), offset);
+    let consumer = crate::consume(&channel, stream, prefetch, args).await?;
+    Ok((channel, consumer))
+}
+
+/// Consumes the fan-in stream from `offset` on.
+pub async fn read_fanin(
+    broker: &Broker,
+    offset: u64,
+    prefetch: u16,
+) -> Result<(Channel, Consumer), BrokerError> {
+    let stream = broker.names().fanin_stream();
+    consume_from(
+        broker,
+        &stream,
+        AMQPValue::LongLongInt(offset as i64),
+        prefetch,
+    )
+    .await
+}
+
+/// The newest checkpoint, or an empty fold when there is none (or it cannot be read: then the
+/// coordinator folds the whole stream, which is slower, never wrong).
+pub async fn last_checkpoint(broker: &Broker) -> Result<Fold, BrokerError> {
+    let stream = broker.names().fanin_checkpoints();
+    let last = AMQPValue::LongString(LongString::from("last"));
+    let (channel, mut consumer) = consume_from(broker, &stream, last, 100).await?;
+    let mut newest: Option<(u64, Vec<u8>)> = None;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(QUIET, consumer.next()).await {
+        let offset = offset_of(&delivery.properties).unwrap_or(0);
+        if newest.as_ref().is_none_or(|(o, _)| offset >= *o) {
+            newest = Some((offset, delivery.data.clone()));
+        }
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    }
+    let _ = channel.close(200, "read".into()).await;
+    let fold = newest
+        .and_then(|(_, body)| rmp_serde::from_slice::<Fold>(&body).ok())
+        .unwrap_or_default();
+    Ok(fold)
+}
+
+/// Appends a checkpoint and waits for the confirm.
+pub async fn checkpoint(
+    publisher: &Publisher,
+    stream: &str,
+    fold: &Fold,
+) -> Result<(), PublishError> {
+    let body = rmp_serde::to_vec_named(fold).expect("a fold encodes");
+    let id = format!("ckpt:{}", fold.next_offset);
+    publisher
+        .publish(Outgoing::persistent("", stream, &body, &id))
+        .await
+}
+
+/// Tries to take the coordinator's lock: an exclusive queue, held by this channel's connection
+/// and gone with it. `Ok(None)`: another connection holds it.
+pub async fn try_lock(broker: &Broker) -> Result<Option<Channel>, BrokerError> {
+    let channel = broker.channel().await?;
+    let name = broker.names().fanin_lock();
+    let declared = channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => Ok(Some(channel)),
+        Err(e) if is_locked(&e) => Ok(None),
+        Err(cause) => Err(BrokerError::Amqp {
+            action: format!("lock {name}"),
+            cause,
+        }),
+    }
+}
+
+fn is_locked(err: &lapin::Error) -> bool {
+    matches!(
+        crate::error::server_reply(err),
+        Some((Some(AMQPSoftError::RESOURCELOCKED), _))
+    )
+}

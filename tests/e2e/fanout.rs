@@ -1,0 +1,239 @@
+//! Fan-out / fan-in: a step's output becomes jobs of another pipeline, one per part, and the
+//! next step (the join) runs once they have ended, whatever worker is killed meanwhile.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warren_common::fanout::part_job_id;
+use warren_common::JobStatus;
+use warren_producer::{Job, ReplayOptions};
+use warren_tests::{eventually, TestNamespace};
+
+/// `nightly: plan (fan-out to part) -> notify`; `part: a -> b`.
+fn config(fan_out_keys: &str, part_steps: &str) -> String {
+    format!(
+        r#"
+[[pipelines]]
+name = "nightly"
+shards = 2
+
+[[pipelines.steps]]
+name = "plan"
+handler = "plan"
+fan_out = "part"
+{fan_out_keys}
+
+[[pipelines.steps]]
+name = "notify"
+handler = "work"
+
+[[pipelines]]
+name = "part"
+shards = 4
+{part_steps}
+"#
+    )
+}
+
+const TWO_WORK_STEPS: &str = r#"
+[[pipelines.steps]]
+name = "a"
+handler = "work"
+concurrency = 16
+
+[[pipelines.steps]]
+name = "b"
+handler = "work"
+concurrency = 16
+"#;
+
+/// The join step's runs (one marker file per start of step `notify`).
+fn join_runs(ns: &TestNamespace) -> usize {
+    ns.step_starts()
+        .iter()
+        .filter(|(_, step, _)| step == "notify")
+        .count()
+}
+
+#[tokio::test]
+async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
+    // Given two workers and a job whose plan step splits 300 parts over 30 tenants
+    let ns = TestNamespace::new(&config("", TWO_WORK_STEPS)).await;
+    let mut workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
+    let client = ns.client().await;
+    let parts: Vec<Value> = (0..300)
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 100}, "tenant": format!("t{}", i % 30)}))
+        .collect();
+    let parent = client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap();
+
+    // When the coordinating worker (the one that took the lock) is SIGKILLed mid-run, and a
+    // third starts
+    let leads = |w: &warren_tests::WorkerProcess| w.log_text().contains("Coordinating fan-ins.");
+    let midway = eventually(Duration::from_secs(30), || async {
+        ns.step_starts().len() >= 200 && workers.iter().any(leads)
+    })
+    .await;
+    assert!(
+        midway,
+        "the parts never got going, or no worker coordinates"
+    );
+    let leader = workers.iter().position(leads).expect("a coordinator");
+    workers[leader].kill_hard();
+    let third = ns.spawn_worker(&[]);
+
+    // Then the parent job finishes with its join, which saw every part once
+    let result = client.wait(parent, Duration::from_secs(80)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(result.step, "notify");
+    let out = &result.output;
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(300), &json!(300), &json!(0)),
+        "{out}"
+    );
+    let listed: Vec<&Value> = out["parts"].as_array().unwrap().iter().collect();
+    let ids: HashSet<String> = listed
+        .iter()
+        .map(|p| p["job_id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: HashSet<String> = (0..300)
+        .map(|i| part_job_id(parent, i).to_string())
+        .collect();
+    assert_eq!(ids, expected);
+    assert!(listed
+        .iter()
+        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    let tenants: HashSet<&str> = listed
+        .iter()
+        .map(|p| p["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants.len(), 30);
+    assert_eq!(out["input"]["parts"].as_array().unwrap().len(), 300);
+    let joins = join_runs(&ns);
+    assert!(joins >= 1, "the join never ran");
+    let took_over = workers.iter().chain([&third]).filter(|w| leads(w)).count();
+    assert!(took_over >= 2, "no other worker took over the coordination");
+    eprintln!("fan-out of 300, coordinator SIGKILLed: join ran {joins} time(s)");
+}
+
+#[tokio::test]
+async fn max_parts_in_flight_holds_across_workers() {
+    // Given a fan-out of 24 parts of 150 ms each, at most 4 at once, and two roomy workers
+    let fan_out = "max_parts_in_flight = 4";
+    let span = "[[pipelines.steps]]\nname = \"s\"\nhandler = \"span\"\nconcurrency = 16\n";
+    let ns = TestNamespace::new(&config(fan_out, span)).await;
+    let _workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
+    let client = ns.client().await;
+    let parts: Vec<Value> = (0..24)
+        .map(|i| json!({"payload": {"sleep_ms": 150}, "tenant": format!("t{}", i % 5)}))
+        .collect();
+    let parent = client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap();
+
+    // When it runs to its join
+    let result = client.wait(parent, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+
+    // Then no more than 4 parts ever ran at once, and 4 did
+    let spans: Vec<(u64, u64)> = result.output["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let o = &p["output"];
+            (
+                o["start_us"].as_u64().unwrap(),
+                o["end_us"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(spans.len(), 24);
+    let most = spans
+        .iter()
+        .map(|(start, _)| {
+            spans
+                .iter()
+                .filter(|(s, e)| s <= start && start < e)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 4, "{most} parts ran at once");
+    assert!(most >= 2, "the window was never used: {most}");
+    eprintln!("max_parts_in_flight = 4: at most {most} parts ran at once");
+}
+
+#[tokio::test]
+async fn under_wait_a_failed_part_holds_the_join_until_its_replay_succeeds() {
+    // Given a fan-out under `wait` of 10 parts, of which part 3 fails until a file exists
+    let ns = TestNamespace::new(&config("on_part_failure = \"wait\"", TWO_WORK_STEPS)).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let fix = ns.dir.join("fixed");
+    let parts: Vec<Value> = (0..10)
+        .map(|i| {
+            let mut payload = json!({"i": i});
+            if i == 3 {
+                payload["fail_permanently_at"] = json!("b");
+                payload["fail_permanently_at_unless_file"] = json!(fix.display().to_string());
+            }
+            json!({"payload": payload, "tenant": format!("t{i}")})
+        })
+        .collect();
+    let parent = client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap();
+    let failed = part_job_id(parent, 3);
+
+    // When every part has ended, part 3 in the dead-letter queue
+    let ended = eventually(Duration::from_secs(30), || async {
+        let letters = client
+            .dlq_list(&Default::default())
+            .await
+            .unwrap_or_default();
+        let b_runs = ns.step_starts().iter().filter(|s| s.1 == "b").count();
+        letters.iter().any(|l| l.job_id == Some(failed)) && b_runs >= 10
+    })
+    .await;
+    assert!(ended, "part 3 never reached the dead-letter queue");
+    // (the coordinator has 2 s to get it wrong)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        join_runs(&ns),
+        0,
+        "the join ran with a failed part under `wait`"
+    );
+
+    // And the fix lands and the dead letter is replayed
+    std::fs::write(&fix, "").unwrap();
+    let report = client
+        .dlq_replay(&Default::default(), ReplayOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.replayed.len(), 1, "{report:?}");
+
+    // Then the join runs with all 10 succeeded, and only part 3's step b ran again
+    let result = client.wait(parent, Duration::from_secs(40)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(result.output["succeeded"], json!(10), "{}", result.output);
+    let starts = ns.step_starts();
+    let runs = |id: String, step: &str| {
+        starts
+            .iter()
+            .filter(|(job, s, _)| *job == id && s == step)
+            .count()
+    };
+    for i in 0..10 {
+        let id = part_job_id(parent, i).to_string();
+        let b = if i == 3 { 2 } else { 1 };
+        assert_eq!((runs(id.clone(), "a"), runs(id, "b")), (1, b), "part {i}");
+    }
+    assert_eq!(join_runs(&ns), 1);
+}

@@ -1,0 +1,186 @@
+//! The fan-in coordinator: every worker runs one, and the one that holds the lock
+//! (`{ns}.fanin.lock`, an exclusive queue that dies with its connection) leads. The leader
+//! loads the last checkpoint, reads the fan-in stream from the offset it names, folds each
+//! record (`warren_common::fanout::Fold`, pure), carries out what the fold decides (release the
+//! next parts, publish the join step's message), and checkpoints the fold with its offset.
+//! Nothing is held unacked for long, so RabbitMQ's `consumer_timeout` never trips.
+//!
+//! A leader killed at any instant leaves a checkpoint behind; its successor refolds from there.
+//! What the dead leader published after that checkpoint is published again, with the same job
+//! ids: parts and joins run at least once, never zero times.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::BasicAckOptions;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use warren_broker::fanin::{self, FaninRecord};
+use warren_broker::Publisher;
+use warren_common::encode;
+use warren_common::fanout::{Effect, Fold, PartEnd};
+
+use crate::step::StepSession;
+
+/// How often a follower tries the lock.
+const TRY_LOCK_EVERY: Duration = Duration::from_secs(1);
+
+/// Longest time between checkpoints while there is news.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+/// Unacked fan-in stream messages at once (a stream needs acks for its credit only).
+const PREFETCH: u16 = 500;
+
+/// Whether `config` has a fan-out step, so the coordinator is needed.
+pub(crate) fn needed(config: &warren_common::Config) -> bool {
+    config
+        .pipelines
+        .iter()
+        .any(|p| p.steps.iter().any(|s| s.fan_out.is_some()))
+}
+
+/// Takes part in coordination until `stop`: tries the lock, leads while it holds it.
+pub(crate) async fn coordinate(session: Arc<StepSession>, stop: CancellationToken) {
+    loop {
+        let locked = tokio::select! {
+            _ = stop.cancelled() => return,
+            locked = fanin::try_lock(&session.broker) => locked,
+        };
+        match locked {
+            Ok(Some(lock)) => {
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => Ok(()),
+                    led = lead(&session) => led,
+                };
+                let _ = lock.close(200, "fan-in leadership ends".into()).await;
+                match outcome {
+                    Ok(()) => return,
+                    Err(error) => {
+                        warn!(error = %error, "Fan-in coordination stopped; trying again.")
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(error) => debug!(error = %error, "Cannot try the fan-in lock."),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TRY_LOCK_EVERY) => {}
+        }
+    }
+}
+
+/// Leads until an error: fold, carry out, checkpoint.
+async fn lead(session: &StepSession) -> Result<(), String> {
+    let broker = &session.broker;
+    info!("Coordinating fan-ins.");
+    let mut fold = fanin::last_checkpoint(broker)
+        .await
+        .map_err(|e| e.to_string())?;
+    info!(
+        open_fan_outs = fold.runs.len(),
+        from_offset = fold.next_offset,
+        "Coordinating fan-ins."
+    );
+    let publisher = Publisher::new(broker).await.map_err(|e| e.to_string())?;
+    let checkpoints = broker.names().fanin_checkpoints();
+    let (_channel, mut consumer) = fanin::read_fanin(broker, fold.next_offset, PREFETCH)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut dirty = false;
+    let mut checkpointed = Instant::now();
+    loop {
+        let next = tokio::time::timeout(CHECKPOINT_EVERY, consumer.next()).await;
+        let delivery = match next {
+            Ok(Some(Ok(delivery))) => Some(delivery),
+            Ok(Some(Err(e))) => return Err(format!("read the fan-in stream: {e}")),
+            Ok(None) => return Err("the broker ended the fan-in stream's consumer".into()),
+            Err(_quiet) => None,
+        };
+        let mut joined = false;
+        if let Some(delivery) = delivery {
+            let offset = fanin::offset_of(&delivery.properties).unwrap_or(fold.next_offset);
+            // A stream starts a reader at the chunk that holds its offset: skip what was folded.
+            if offset >= fold.next_offset {
+                let record = FaninRecord::read(delivery.routing_key.as_str(), &delivery.data);
+                let effects = match record {
+                    FaninRecord::Opened(opened) => fold.open(*opened),
+                    FaninRecord::Result(event) => match PartEnd::of(&event) {
+                        Some((part_of, end)) => fold.end(part_of, end),
+                        None => Vec::new(),
+                    },
+                    FaninRecord::Other => Vec::new(),
+                };
+                fold.next_offset = offset + 1;
+                dirty = true;
+                for effect in effects {
+                    joined |= carry_out(session, &mut fold, effect).await?;
+                }
+            }
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        }
+        // A join is checkpointed at once: a successor would otherwise publish it again.
+        if dirty && (joined || checkpointed.elapsed() >= CHECKPOINT_EVERY) {
+            fanin::checkpoint(&publisher, &checkpoints, &fold)
+                .await
+                .map_err(|e| format!("checkpoint: {e}"))?;
+            dirty = false;
+            checkpointed = Instant::now();
+        }
+    }
+}
+
+/// Publishes what `effect` asks for, confirmed. `Ok(true)` when it was a join.
+async fn carry_out(session: &StepSession, fold: &mut Fold, effect: Effect) -> Result<bool, String> {
+    let config = &session.config;
+    let router = &session.fairness.router;
+    let outbox = &session.outbox;
+    match effect {
+        Effect::Release { parent, index } => {
+            let Some(run) = fold.runs.get(&parent) else {
+                return Ok(false);
+            };
+            let opened = &run.opened;
+            let Some(pipeline) = config.pipeline(&opened.part_pipeline) else {
+                warn!(parent_job_id = %parent, pipeline = %opened.part_pipeline,
+                    "A fan-out's part pipeline is not in the config; its parts cannot be released.");
+                return Ok(false);
+            };
+            let env = opened.part_envelope(index, &pipeline.first_step().name);
+            let body = encode(&env);
+            let route = router.route(pipeline, &env.step, env.priority, env.tenant.as_str());
+            outbox
+                .hand_off(|| outbox.publish_step(&route, &env, &body))
+                .await
+                .map_err(|e| format!("release a part: {e}"))?;
+            debug!(parent_job_id = %parent, part = index, tenant = %env.tenant,
+                job_id = %env.job_id, "Released a fan-out part.");
+            Ok(false)
+        }
+        Effect::Join { parent } => {
+            let Some(run) = fold.close(parent) else {
+                return Ok(false);
+            };
+            let opened = &run.opened;
+            let Some(pipeline) = config.pipeline(&opened.pipeline) else {
+                warn!(parent_job_id = %parent, pipeline = %opened.pipeline,
+                    "A fan-out's pipeline is not in the config; its join cannot run.");
+                return Ok(true);
+            };
+            let input = run.join_input(config.broker.max_payload_bytes);
+            let env = opened.join_envelope(input);
+            let body = encode(&env);
+            let route = router.route(pipeline, &env.step, env.priority, env.tenant.as_str());
+            outbox
+                .hand_off(|| outbox.publish_step(&route, &env, &body))
+                .await
+                .map_err(|e| format!("publish a join: {e}"))?;
+            let succeeded = run.succeeded();
+            info!(parent_job_id = %parent, tenant = %opened.tenant, step = %opened.join_step,
+                parts = opened.total(), succeeded, failed = run.ended.len() as u32 - succeeded,
+                "All parts ended; the join step is queued.");
+            Ok(true)
+        }
+    }
+}
