@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod exit;
 pub mod ids;
 pub mod priority;
+pub mod schedule;
 pub mod shard;
 pub mod telemetry;
 pub mod trace;
