@@ -121,7 +121,10 @@ pub fn due_slots(
             if due.skipped >= count_limit {
                 // A slot just before the window: the walk goes on from there.
                 let before = window_start - chrono::Duration::seconds(1);
-                cursor = cadence.last_at_or_before(before).unwrap_or(before).max(cursor);
+                cursor = cadence
+                    .last_at_or_before(before)
+                    .unwrap_or(before)
+                    .max(cursor);
                 break;
             }
         }
@@ -171,7 +174,9 @@ mod tests {
         let tz = Tz::UTC;
         assert!(Cadence::cron("0 2 * * *", tz).is_ok());
         assert!(Cadence::cron("*/5 0 2 * * *", tz).is_ok());
-        assert!(Cadence::cron("0 2 * *", tz).unwrap_err().contains("4 fields"));
+        assert!(Cadence::cron("0 2 * *", tz)
+            .unwrap_err()
+            .contains("4 fields"));
         assert!(Cadence::cron("0 0 2 * * * 2030", tz).is_err());
         assert!(Cadence::cron("0 25 * * *", tz).is_err());
         assert!(Cadence::every(Duration::from_millis(500)).is_err());
@@ -243,7 +248,12 @@ mod tests {
         assert!(due.slots.is_empty());
         assert_eq!(due.skipped, 10);
         // Nothing due twice: from the last slot fired, only later ones.
-        let due = due_slots(&every, utc("2026-01-01T00:10:00Z"), now, Duration::from_secs(3600));
+        let due = due_slots(
+            &every,
+            utc("2026-01-01T00:10:00Z"),
+            now,
+            Duration::from_secs(3600),
+        );
         assert!(due.slots.is_empty());
     }
 
