@@ -95,6 +95,9 @@ pub struct Due {
     /// Slots after the last fire but older than the catch-up window: never fired (counted up to
     /// [`MAX_SLOTS_PER_CALL`] x 100, enough to say so in a log).
     pub skipped: u64,
+    /// The newest of the skipped slots: where the schedule's last slot moves when nothing in
+    /// the window is due, so they are not counted again.
+    pub newest_skipped: Option<DateTime<Utc>>,
 }
 
 /// The slots in (`last_fired`, `now`] not older than `catch_up` before `now`, oldest first.
@@ -117,6 +120,7 @@ pub fn due_slots(
                 break;
             }
             due.skipped += 1;
+            due.newest_skipped = Some(slot);
             cursor = slot;
             if due.skipped >= count_limit {
                 // A slot just before the window: the walk goes on from there.
@@ -137,6 +141,7 @@ pub fn due_slots(
             due.slots.push(slot);
         } else {
             due.skipped += 1;
+            due.newest_skipped = Some(slot);
         }
         cursor = slot;
     }
@@ -247,6 +252,7 @@ mod tests {
         let due = due_slots(&every, last, now, Duration::ZERO);
         assert!(due.slots.is_empty());
         assert_eq!(due.skipped, 10);
+        assert_eq!(due.newest_skipped, Some(utc("2026-01-01T00:10:00Z")));
         // Nothing due twice: from the last slot fired, only later ones.
         let due = due_slots(
             &every,

@@ -34,6 +34,7 @@ mod intake;
 mod metrics;
 mod registry;
 mod runtime;
+mod schedules;
 pub mod shutdown;
 mod step;
 mod supervisor;

@@ -4,6 +4,7 @@ mod bench;
 mod dlq;
 mod output;
 mod queues;
+mod schedules;
 mod submit;
 mod topology;
 
@@ -53,6 +54,8 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Show the ready messages of every step queue, with totals per step.
     Queues(queues::QueuesArgs),
+    /// Show each schedule's next and last fire; trigger, pause, resume or backfill one.
+    Schedules(schedules::SchedulesArgs),
     /// Measure warren against a raw lapin program on this broker, in a throw-away namespace.
     Bench(bench::BenchArgs),
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Command::Wait(args) => submit::wait(args, config, cli.json).await,
             Command::Dlq(args) => dlq::run(args, config, cli.json).await,
             Command::Queues(args) => queues::run(args, &config, cli.json).await,
+            Command::Schedules(args) => schedules::run(args, config, cli.json).await,
             Command::Bench(_) => unreachable!("handled before the config is loaded"),
         }
     });
