@@ -242,7 +242,10 @@ mod tests {
             counts.delay,
             crate::topology::retry_delays_ms(&config).len()
         );
-        assert_eq!(counts.stream, 3, "the results, control and schedule streams");
+        assert_eq!(
+            counts.stream, 3,
+            "the results, control and schedule streams"
+        );
         assert_eq!(counts.quorum, counts.total() - 3, "quorum by default");
         assert_eq!(
             counts.handles(),

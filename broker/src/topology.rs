@@ -589,12 +589,20 @@ handler = "h"
                 .any(|e| e.name == name && e.kind == ExchangeType::Fanout));
         }
         assert_eq!(plan.work_queues().count(), plan.queues.len() - 3);
-        let tick = plan.queues.iter().find(|q| q.name == "ns.sched.tick").unwrap();
+        let tick = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.sched.tick")
+            .unwrap();
         assert_eq!(
             tick.argument("x-single-active-consumer"),
             Some(&Arg::Bool(true))
         );
-        let delay = plan.queues.iter().find(|q| q.name == "ns.sched.delay").unwrap();
+        let delay = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.sched.delay")
+            .unwrap();
         assert_eq!(
             delay.argument("x-dead-letter-routing-key"),
             Some(&Arg::Str("ns.sched.tick".into()))

@@ -39,7 +39,13 @@ fn fired_slots(workers: &[WorkerProcess]) -> Vec<DateTime<Utc>> {
             w.log_text()
                 .lines()
                 .filter(|l| l.contains("Fired a schedule slot."))
-                .filter_map(|l| l.split("slot=").nth(1)?.split_whitespace().next().map(str::to_owned))
+                .filter_map(|l| {
+                    l.split("slot=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()
+                        .map(str::to_owned)
+                })
                 .collect::<Vec<_>>()
         })
         .filter_map(|s| DateTime::parse_from_rfc3339(s.trim_matches('"')).ok())
@@ -143,7 +149,10 @@ async fn the_tick_holder_sigkilled_twice_loses_no_slot() {
          {repeated_runs} repeated runs, longest gap {longest_gap:?}",
         slots.len()
     );
-    assert!(repeated_fires <= kills, "{repeated_fires} repeats for {kills} kills");
+    assert!(
+        repeated_fires <= kills,
+        "{repeated_fires} repeats for {kills} kills"
+    );
     client.close().await;
 }
 
@@ -162,8 +171,8 @@ async fn outage(ns: &TestNamespace) -> Vec<DateTime<Utc>> {
     );
     first.kill_hard();
     let stopped = Instant::now();
-    // The outage itself: no worker runs for three slots and a half.
-    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(stopped.elapsed())).await;
+    // The outage itself: no worker runs for four slots and a half.
+    tokio::time::sleep(Duration::from_millis(4500).saturating_sub(stopped.elapsed())).await;
     let second = ns.spawn_worker(&[]);
     assert!(
         eventually(Duration::from_secs(20), || {
@@ -179,16 +188,24 @@ async fn outage(ns: &TestNamespace) -> Vec<DateTime<Utc>> {
 
 #[tokio::test]
 async fn slots_missed_while_every_worker_was_down_are_caught_up() {
-    let ns = TestNamespace::new(&every_second("catch_up = \"1h\"")).await;
+    let ns = TestNamespace::new(&every_second("catch_up = \"1h\"\noverlap = \"allow\"")).await;
     let fired = outage(&ns).await;
     let all = every_slot_between(&fired);
-    let distinct: Vec<_> = fired.iter().collect::<BTreeSet<_>>().into_iter().copied().collect();
-    assert_eq!(distinct, all, "every slot fired, the missed ones after the restart");
+    let distinct: Vec<_> = fired
+        .iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .copied()
+        .collect();
+    assert_eq!(
+        distinct, all,
+        "every slot fired, the missed ones after the restart"
+    );
 }
 
 #[tokio::test]
 async fn catch_up_zero_skips_the_missed_slots() {
-    let ns = TestNamespace::new(&every_second("catch_up = \"0s\"")).await;
+    let ns = TestNamespace::new(&every_second("catch_up = \"0s\"\noverlap = \"allow\"")).await;
     let fired = outage(&ns).await;
     let all = every_slot_between(&fired);
     let distinct: BTreeSet<_> = fired.iter().collect();

@@ -13,7 +13,7 @@ use warren_producer::Client;
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// Takes part until the returned task is aborted. Nothing to do without schedules.
-pub fn take_part(config: Config) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) fn take_part(config: Config) -> Option<tokio::task::JoinHandle<()>> {
     if config.schedules.is_empty() {
         return None;
     }

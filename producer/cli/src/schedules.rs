@@ -54,7 +54,11 @@ pub(crate) async fn run(args: SchedulesArgs, config: Config, json: bool) -> anyh
         None => None,
     } {
         if config.schedule(name).is_none() {
-            return Err(Exit(EXIT_NOT_FOUND, format!("no schedule named `{name}` in the config")).into());
+            return Err(Exit(
+                EXIT_NOT_FOUND,
+                format!("no schedule named `{name}` in the config"),
+            )
+            .into());
         }
     }
     let client = Client::connect(config).await.context("connect")?;
@@ -79,11 +83,25 @@ async fn act(client: &Client, action: Option<Action>, json: bool) -> anyhow::Res
         }
         Some(Action::Pause { name }) => {
             schedules::pause(client, &name).await?;
-            outln!("{}", if json { json!({ "schedule": name, "paused": true }).to_string() } else { format!("paused {name}") });
+            outln!(
+                "{}",
+                if json {
+                    json!({ "schedule": name, "paused": true }).to_string()
+                } else {
+                    format!("paused {name}")
+                }
+            );
         }
         Some(Action::Resume { name }) => {
             schedules::resume(client, &name).await?;
-            outln!("{}", if json { json!({ "schedule": name, "paused": false }).to_string() } else { format!("resumed {name}") });
+            outln!(
+                "{}",
+                if json {
+                    json!({ "schedule": name, "paused": false }).to_string()
+                } else {
+                    format!("resumed {name}")
+                }
+            );
         }
         Some(Action::Backfill { name, from, to }) => {
             let fired = schedules::backfill(client, &name, from, to).await?;

@@ -74,7 +74,10 @@ impl Ended {
             if let Some((task, _)) = self.reader.take() {
                 task.abort();
             }
-            match client.results(Since::Time(oldest.saturating_sub(CLOCK_SKEW_MS))).await {
+            match client
+                .results(Since::Time(oldest.saturating_sub(CLOCK_SKEW_MS)))
+                .await
+            {
                 Ok(mut stream) => {
                     let seen = Arc::clone(&self.seen);
                     let task = tokio::spawn(async move {

@@ -96,9 +96,13 @@ impl LedgerReader {
         timeout: Duration,
     ) -> Result<(), LedgerError> {
         let nonce = format!("{}:{}", super::writer_id(), warren_common::JobId::new());
-        append(broker, publisher, &Record::Sync {
-            nonce: nonce.clone(),
-        })
+        append(
+            broker,
+            publisher,
+            &Record::Sync {
+                nonce: nonce.clone(),
+            },
+        )
         .await
         .map_err(|e| LedgerError {
             stream: broker.names().sched_stream(),
@@ -142,7 +146,10 @@ async fn read_once(broker: &Broker, ledger: &Mutex<Ledger>, read: &watch::Sender
         Err(e) => return e.to_string(),
     };
     let mut args = FieldTable::default();
-    args.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
     let mut consumer = match warren_broker::consume(&channel, &stream, PREFETCH, args).await {
         Ok(consumer) => consumer,
         Err(e) => return e.to_string(),

@@ -44,6 +44,9 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(10);
 /// the ledger's retention).
 const STATE_EVERY: Duration = Duration::from_secs(24 * 3600);
 
+/// A slot fired this late is on time, not missed: `catch_up = "0s"` still fires it.
+pub const LATE_GRACE: Duration = Duration::from_secs(2);
+
 /// Pause before consuming the tick queue again after losing it.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
@@ -154,7 +157,9 @@ async fn session(client: &Client, holder: &mut Holder) -> String {
             }
         }
         if holder.synced {
-            let states_due = holder.states_written.is_none_or(|t| t.elapsed() > STATE_EVERY);
+            let states_due = holder
+                .states_written
+                .is_none_or(|t| t.elapsed() > STATE_EVERY);
             if (states_due || gained) && write_states(client, &holder.ledger).await.is_ok() {
                 holder.states_written = Some(Instant::now());
             }
@@ -223,19 +228,22 @@ async fn fire_due(client: &Client, holder: &mut Holder) {
         let Some(last) = state.last_slot_ms else {
             // First sight: the slots start here; nothing before now fires.
             let start = schedule.cadence.last_at_or_before(now).unwrap_or(now);
-            if let Err(e) = fire(client, &holder.ledger, schedule, start, FireKind::Baseline).await {
+            if let Err(e) = fire(client, &holder.ledger, schedule, start, FireKind::Baseline).await
+            {
                 tracing::warn!(schedule = %schedule.name, error = %e, "Cannot record a new schedule's start.");
             }
             continue;
         };
-        let due = due_slots(&schedule.cadence, utc_ms(last), now, schedule.catch_up);
+        let window = schedule.catch_up + LATE_GRACE;
+        let due = due_slots(&schedule.cadence, utc_ms(last), now, window);
         if due.skipped > 0 {
             tracing::warn!(schedule = %schedule.name, skipped = due.skipped,
                 catch_up_s = schedule.catch_up.as_secs(),
                 "Skipped missed schedule slots older than catch_up.");
             if due.slots.is_empty() {
                 if let Some(newest) = due.newest_skipped {
-                    let _ = fire(client, &holder.ledger, schedule, newest, FireKind::Baseline).await;
+                    let _ =
+                        fire(client, &holder.ledger, schedule, newest, FireKind::Baseline).await;
                 }
             }
         }
