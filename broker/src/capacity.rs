@@ -259,7 +259,7 @@ mod tests {
         config.broker.queue_type = QueueType::Classic;
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &Names::new(&config.broker.namespace));
-        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 2));
+        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 3));
     }
 
     #[test]
