@@ -15,7 +15,7 @@ pub use actions::{backfill, pause, resume, status, trigger, ScheduleStatus};
 pub use fire::jobs_of;
 pub use ledger::{FireKind, LastFire, Ledger, Record, ScheduleState};
 pub use reader::{LedgerError, LedgerReader};
-pub use tick::{Scheduler, DROP_WITHIN, TICK};
+pub use tick::{Scheduler, DROP_WITHIN, LATE_GRACE, TICK};
 
 /// Who writes a record: host and process id.
 pub(crate) fn writer_id() -> String {

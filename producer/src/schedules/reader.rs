@@ -165,7 +165,7 @@ async fn read_once(broker: &Broker, ledger: &Mutex<Ledger>, read: &watch::Sender
             ledger.lock().expect("ledger lock").apply(record);
         }
         read.send_modify(|n| *n += 1);
-        if count % ACK_EVERY == 0 {
+        if count.is_multiple_of(ACK_EVERY) {
             let _ = delivery.acker.ack(BasicAckOptions { multiple: true }).await;
         }
     }
