@@ -69,7 +69,7 @@ pub(crate) async fn run(args: SchedulesArgs, config: Config, json: bool) -> anyh
 
 async fn act(client: &Client, action: Option<Action>, json: bool) -> anyhow::Result<()> {
     match action {
-        None => list(&schedules::status(client).await?, json),
+        None => list(&schedules::status(client).await?, json)?,
         Some(Action::Trigger { name }) => {
             let jobs = schedules::trigger(client, &name).await?;
             if json {
