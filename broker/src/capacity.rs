@@ -59,6 +59,8 @@ pub struct QueueCounts {
     pub results: usize,
     /// The control stream (hot-tenant marks).
     pub control: usize,
+    /// The schedulers' tick and delay queues and their ledger stream.
+    pub schedules: usize,
     pub quorum: usize,
     pub classic: usize,
     pub stream: usize,
@@ -100,6 +102,14 @@ impl QueueCounts {
                 counts.results += 1;
             } else if queue.name == names.control_stream() {
                 counts.control += 1;
+            } else if [
+                names.sched_tick_queue(),
+                names.sched_delay_queue(),
+                names.sched_stream(),
+            ]
+            .contains(&queue.name)
+            {
+                counts.schedules += 1;
             } else {
                 counts.delay += 1;
             }
@@ -220,14 +230,22 @@ mod tests {
             "{counts:?}"
         );
         assert_eq!(
-            (counts.dead_letter, counts.results, counts.control),
-            (1, 1, 1)
+            (
+                counts.dead_letter,
+                counts.results,
+                counts.control,
+                counts.schedules
+            ),
+            (1, 1, 1, 0)
         );
         assert_eq!(
             counts.delay,
             crate::topology::retry_delays_ms(&config).len()
         );
-        assert_eq!(counts.stream, 2, "the results and control streams");
+        assert_eq!(
+            counts.stream, 2,
+            "the results and control streams (no schedules)"
+        );
         assert_eq!(counts.quorum, counts.total() - 2, "quorum by default");
         assert_eq!(
             counts.handles(),

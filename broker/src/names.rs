@@ -56,6 +56,22 @@ impl Names {
         format!("{}.fanin.lock", self.ns)
     }
 
+    /// The schedulers' tick: a single-active-consumer queue whose one consumer at a time fires
+    /// the due schedule slots (docs/ARCHITECTURE.md, "Schedules").
+    pub fn sched_tick_queue(&self) -> String {
+        format!("{}.sched.tick", self.ns)
+    }
+
+    /// Where the next tick waits out its interval before dead-lettering back to the tick queue.
+    pub fn sched_delay_queue(&self) -> String {
+        format!("{}.sched.delay", self.ns)
+    }
+
+    /// Stream of the schedules' ledger: fired slots, pauses and resumes.
+    pub fn sched_stream(&self) -> String {
+        format!("{}.sched", self.ns)
+    }
+
     /// Where messages that cannot or must not run any more are set aside.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.ns)
@@ -95,6 +111,9 @@ mod tests {
         assert_eq!(n.events_exchange(), "acme-prod.events");
         assert_eq!(n.results_stream(), "acme-prod.results");
         assert_eq!(n.dlq(), "acme-prod.dlq");
+        assert_eq!(n.sched_tick_queue(), "acme-prod.sched.tick");
+        assert_eq!(n.sched_delay_queue(), "acme-prod.sched.delay");
+        assert_eq!(n.sched_stream(), "acme-prod.sched");
         assert_eq!(n.delay_queue(1500), "acme-prod.delay.1500");
         assert_eq!(n.delay_exchange(1500), "acme-prod.delay.1500");
         assert_eq!(

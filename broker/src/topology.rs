@@ -23,6 +23,14 @@ use crate::tokens::{TokenQueue, CAP_WAIT_DELAYS_MS};
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
 
+/// How long the schedules' ledger keeps records. The leader writes each schedule's state again
+/// at least daily, so pauses and the last fired slots outlive this.
+pub const SCHED_MAX_AGE: &str = "7D";
+
+/// Segment size of the ledger: small, so retention can drop old segments of a quiet stream
+/// (RabbitMQ removes whole segments only, and the default is 500 MB).
+pub const SCHED_SEGMENT_BYTES: i64 = 4 * 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeSpec {
     pub name: String,
@@ -69,6 +77,7 @@ impl std::fmt::Display for ExchangeType {
 pub enum Arg {
     Str(String),
     Int(i64),
+    Bool(bool),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -223,6 +232,39 @@ impl Topology {
                         Arg::Int(16 * 1024 * 1024),
                     ),
                     ("x-max-length-bytes", Arg::Int(256 * 1024 * 1024)),
+                ],
+                bindings: vec![],
+            });
+        }
+        // The schedulers' tick circulates between the first two; declared only for a config
+        // with schedules (a worker declares its topology at start, so adding one later works).
+        if !config.schedules.is_empty() {
+            let mut tick = vec![("x-queue-type", str_arg(queue_type.as_str()))];
+            tick.push(("x-single-active-consumer", Arg::Bool(true)));
+            queues.push(QueueSpec {
+                name: names.sched_tick_queue(),
+                route: None,
+                arguments: tick,
+                bindings: vec![],
+            });
+            let mut delay = vec![("x-queue-type", str_arg(queue_type.as_str()))];
+            delay.extend(dead_letter_to("", Some(names.sched_tick_queue())));
+            queues.push(QueueSpec {
+                name: names.sched_delay_queue(),
+                route: None,
+                arguments: delay,
+                bindings: vec![],
+            });
+            queues.push(QueueSpec {
+                name: names.sched_stream(),
+                route: None,
+                arguments: vec![
+                    ("x-queue-type", str_arg("stream")),
+                    ("x-max-age", str_arg(SCHED_MAX_AGE)),
+                    (
+                        "x-stream-max-segment-size-bytes",
+                        Arg::Int(SCHED_SEGMENT_BYTES),
+                    ),
                 ],
                 bindings: vec![],
             });
@@ -450,6 +492,7 @@ fn arguments(args: &[(&'static str, Arg)]) -> FieldTable {
         let value = match value {
             Arg::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
             Arg::Int(i) => AMQPValue::LongLongInt(*i),
+            Arg::Bool(b) => AMQPValue::Boolean(*b),
         };
         table.insert(ShortString::from(*key), value);
     }
@@ -577,6 +620,7 @@ handler = "h"
                 .any(|e| e.name == name && e.kind == ExchangeType::Fanout));
         }
         assert_eq!(plan.work_queues().count(), plan.queues.len() - 2);
+        assert!(!plan.queues.iter().any(|q| q.name.starts_with("ns.sched")));
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));
         let control = plan.queues.iter().find(|q| q.name == "ns.control").unwrap();
         assert_eq!(
@@ -585,5 +629,48 @@ handler = "h"
         );
         assert!(plan.queues.iter().any(|q| q.name == "ns.q.p.b.low.hot1"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");
+    }
+
+    #[test]
+    fn a_config_with_schedules_gets_the_tick_queues_and_the_ledger() {
+        let mut config = two_steps_two_shards();
+        let with = Config::parse(
+            "[broker]\nnamespace = \"ns\"\n[[pipelines]]\nname = \"p\"\n[[pipelines.steps]]\nname = \"a\"\nhandler = \"h\"\n\
+             [[schedules]]\nname = \"s\"\npipeline = \"p\"\nevery = \"1s\"\n",
+            "t",
+            Path::new("."),
+            &HashMap::new(),
+        )
+        .unwrap();
+        config.schedules = with.schedules;
+        let plan = Topology::plan(&config);
+        let tick = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.sched.tick")
+            .unwrap();
+        assert_eq!(
+            tick.argument("x-single-active-consumer"),
+            Some(&Arg::Bool(true))
+        );
+        let delay = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.sched.delay")
+            .unwrap();
+        assert_eq!(
+            delay.argument("x-dead-letter-routing-key"),
+            Some(&Arg::Str("ns.sched.tick".into()))
+        );
+        assert_eq!(
+            delay.argument("x-dead-letter-strategy"),
+            Some(&Arg::Str("at-least-once".into()))
+        );
+        assert!(plan.queues.iter().any(|q| q.name == "ns.sched"));
+        assert_eq!(
+            plan.work_queues().count(),
+            plan.queues.len() - 3,
+            "all but the streams"
+        );
     }
 }

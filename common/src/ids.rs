@@ -108,6 +108,20 @@ impl JobId {
         Self(uuid)
     }
 
+    /// The id of the job a schedule fires for `tenant` at `slot_ms`: the same on every machine
+    /// and every try, so a repeated fire (after a fail-over) is recognisable and a step can
+    /// dedupe on its idempotency key. Still a v7 id, whose time is the slot; the rest is a
+    /// stable hash (FNV-1a) of the three.
+    pub fn for_slot(schedule: &str, slot_ms: u64, tenant: &str) -> Self {
+        let key = format!("{schedule}\0{slot_ms}\0{tenant}");
+        let high = crate::shard::fnv1a64(key.as_bytes());
+        let low = crate::shard::fnv1a64(format!("warren-schedule\0{key}").as_bytes());
+        let mut random = [0u8; 10];
+        random[..8].copy_from_slice(&high.to_be_bytes());
+        random[8..].copy_from_slice(&low.to_be_bytes()[..2]);
+        Self(uuid::Builder::from_unix_timestamp_millis(slot_ms, &random).into_uuid())
+    }
+
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
     }
@@ -187,5 +201,16 @@ mod tests {
         assert!(now.abs_diff(a.timestamp_ms().unwrap()) < 5_000);
         assert_eq!(a.to_string().parse::<JobId>().unwrap(), a);
         assert_eq!(a.idempotency_key("fetch"), format!("{a}/fetch"));
+    }
+
+    #[test]
+    fn slot_ids_are_deterministic_v7_ids_at_the_slot() {
+        let a = JobId::for_slot("nightly", 1_767_232_800_000, "acme");
+        assert_eq!(a, JobId::for_slot("nightly", 1_767_232_800_000, "acme"));
+        assert_eq!(a.as_uuid().get_version_num(), 7);
+        assert_eq!(a.timestamp_ms(), Some(1_767_232_800_000));
+        assert_ne!(a, JobId::for_slot("nightly", 1_767_232_800_000, "globex"));
+        assert_ne!(a, JobId::for_slot("nightly", 1_767_232_801_000, "acme"));
+        assert_ne!(a, JobId::for_slot("hourly", 1_767_232_800_000, "acme"));
     }
 }

@@ -14,6 +14,7 @@ pub mod exit;
 pub mod fanout;
 pub mod ids;
 pub mod priority;
+pub mod schedule;
 pub mod shard;
 pub mod telemetry;
 pub mod trace;

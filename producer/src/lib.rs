@@ -23,6 +23,7 @@ mod dlq;
 mod error;
 mod flood;
 mod results;
+pub mod schedules;
 
 pub use client::{Client, Job, CONFIRM_WINDOW};
 pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};

@@ -13,6 +13,7 @@ mod kill;
 mod logs;
 mod metrics;
 mod retry;
+mod schedules;
 mod security;
 mod supervisor;
 mod topology;

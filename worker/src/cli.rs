@@ -99,6 +99,10 @@ struct RunArgs {
     #[arg(long, env = ENV_WARREN_METRICS_ADDR, hide_env_values = true,
           default_value = WORKER_DEFAULT_ADDR)]
     metrics_addr: MetricsAddr,
+    /// Take no part in firing the config's `[[schedules]]` (by default every worker does, and
+    /// one at a time fires).
+    #[arg(long)]
+    no_schedules: bool,
 }
 
 /// Parses the command line, builds the worker (after `customize` adds handlers) and runs it.
@@ -132,6 +136,7 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
         Ok(config) => config,
         Err(code) => return code,
     };
+    let schedules = (!args.no_schedules).then(|| config.clone());
     let builder = Worker::builder(config)
         .pipeline(args.pipeline)
         .step(args.step)
@@ -148,7 +153,12 @@ fn run(args: RunArgs, customize: impl FnOnce(WorkerBuilder) -> WorkerBuilder) ->
             return usage(e);
         }
         let supervisor = shutdown::supervisor_pid(&ProcessEnv);
-        match worker.run(shutdown::requested(signals, supervisor)).await {
+        let scheduler = schedules.and_then(crate::schedules::take_part);
+        let outcome = worker.run(shutdown::requested(signals, supervisor)).await;
+        if let Some(scheduler) = scheduler {
+            scheduler.abort();
+        }
+        match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) if e.is_setup() => usage(e),
             Err(e) => fail(e, ExitCode::FAILURE),

@@ -35,6 +35,7 @@ mod intake;
 mod metrics;
 mod registry;
 mod runtime;
+mod schedules;
 pub mod shutdown;
 mod step;
 mod supervisor;

@@ -2,6 +2,7 @@
 //! relative command paths against the file's folder.
 
 mod model;
+mod schedule;
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ pub use model::{
     BrokerConfig, ClientCert, Config, FanOut, OnPartFailure, PipelineConfig, QueueType, StepConfig,
     StepKind, TlsConfig,
 };
+pub use schedule::{Overlap, ScheduleConfig, DEFAULT_SCHEDULE_TENANT};
 
 use crate::env::{
     Env, ENV_WARREN_AMQP_URL, ENV_WARREN_CONFIG, ENV_WARREN_MANAGEMENT_URL, ENV_WARREN_NAMESPACE,
@@ -80,6 +82,13 @@ impl Config {
                 line: Some(line_of(text, at)),
                 message,
             })?;
+        schedule::check_pipelines(&config.schedules, |p| config.pipeline(p).is_some()).map_err(
+            |(at, message)| ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: Some(line_of(text, at)),
+                message,
+            },
+        )?;
         config.apply_env(env)?;
         config.resolve_paths(base_dir);
         Ok(config)
@@ -155,6 +164,10 @@ impl Config {
                 }
             }
         }
+    }
+
+    pub fn schedule(&self, name: &str) -> Option<&ScheduleConfig> {
+        self.schedules.iter().find(|s| s.name == name)
     }
 
     pub fn pipeline(&self, name: &str) -> Option<&PipelineConfig> {
@@ -394,6 +407,53 @@ handler = "resize"
         );
         let e = err(&last);
         assert!(e.contains("step `x` has `fan_out` but no next step"), "{e}");
+    }
+
+    #[test]
+    fn schedules_parse_with_defaults_and_name_bad_keys_by_line() {
+        let with = |table: &str| format!("{EXAMPLE}\n[[schedules]]\n{table}\n");
+        let c = parse(&with(
+            "name = \"nightly\"\npipeline = \"thumbnails\"\ncron = \"0 2 * * *\"\n\
+             timezone = \"Europe/Warsaw\"\ntenants = [\"acme\", \"globex\"]\n\
+             payload = { full = false }\ncatch_up = \"6h\"\npriority = \"low\"",
+        ))
+        .unwrap();
+        let s = c.schedule("nightly").unwrap();
+        assert_eq!(s.tenants.len(), 2);
+        assert_eq!(s.catch_up, Duration::from_secs(6 * 3600));
+        assert_eq!(s.overlap, Overlap::Skip);
+        assert_eq!(s.priority, crate::Priority::Low);
+        assert_eq!(s.payload["full"], serde_json::json!(false));
+        let c = parse(&with(
+            "name = \"s\"\npipeline = \"thumbnails\"\nevery = \"30s\"",
+        ))
+        .unwrap();
+        let s = c.schedule("s").unwrap();
+        assert_eq!(s.tenants[0].as_str(), DEFAULT_SCHEDULE_TENANT);
+        assert_eq!(s.catch_up, Duration::from_secs(3600));
+        // Its `name` is on line 23 of this text, its fourth key on line 26.
+        let base = "name = \"s\"\npipeline = \"thumbnails\"\n";
+        let e = err(&with(&format!(
+            "{base}every = \"30s\"\ntimezone = \"Mars/Base\""
+        )));
+        assert!(e.contains(":26:") && e.contains("`timezone`"), "{e}");
+        let e = err(&with(&format!("{base}cron = \"0 2 * *\"")));
+        assert!(e.contains("`cron`") && e.contains("4 fields"), "{e}");
+        let e = err(&with(&format!(
+            "{base}cron = \"0 2 * * *\"\nevery = \"1s\""
+        )));
+        assert!(e.contains("not both"), "{e}");
+        let e = err(&with(&format!("{base}every = \"1s\"\noverlap = \"queue\"")));
+        assert!(e.contains(":26:") && e.contains("variant"), "{e}");
+        let e = err(&with(&format!("{base}every = \"1s\"\ntenant = \"a.b\"")));
+        assert!(e.contains(":26:") && e.contains("tenant"), "{e}");
+        let e = err(&with(&format!("{base}every = \"1s\"\ncatchup = \"1h\"")));
+        assert!(e.contains(":26:") && e.contains("catchup"), "{e}");
+        let e = err(&with("name = \"s\"\npipeline = \"nope\"\nevery = \"1s\""));
+        assert!(
+            e.contains(":24:") && e.contains("`pipeline`") && e.contains("nope"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Config {
     pub pipelines: Vec<PipelineConfig>,
     #[serde(default)]
     pub fairness: FairnessConfig,
+    #[serde(default, deserialize_with = "super::schedule::schedules")]
+    pub schedules: Vec<super::schedule::ScheduleConfig>,
 }
 
 /// `[fairness]`: when a tenant counts as hot (flooding) and for how long. A hot tenant's jobs

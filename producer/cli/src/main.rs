@@ -5,6 +5,7 @@ mod dlq;
 mod output;
 mod queues;
 mod results;
+mod schedules;
 mod submit;
 mod topology;
 
@@ -56,6 +57,8 @@ enum Command {
     Queues(queues::QueuesArgs),
     /// Show the results of a fan-out's parts.
     Results(results::ResultsArgs),
+    /// Show each schedule's next and last fire; trigger, pause, resume or backfill one.
+    Schedules(schedules::SchedulesArgs),
     /// Measure warren against a raw lapin program on this broker, in a throw-away namespace.
     Bench(bench::BenchArgs),
 }
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
             Command::Dlq(args) => dlq::run(args, config, cli.json).await,
             Command::Queues(args) => queues::run(args, &config, cli.json).await,
             Command::Results(args) => results::run(args, config, cli.json).await,
+            Command::Schedules(args) => schedules::run(args, config, cli.json).await,
             Command::Bench(_) => unreachable!("handled before the config is loaded"),
         }
     });
