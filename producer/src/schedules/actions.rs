@@ -101,7 +101,7 @@ pub async fn trigger(client: &Client, name: &str) -> Result<Vec<JobId>, SubmitEr
 }
 
 /// Fires every slot of `name` in [`from`, `to`], oldest first (at most
-/// [`MAX_BACKFILL_SLOTS`]); returns the slots and their job ids. The ids are the ones the
+/// 10,000 slots); returns the slots and their job ids. The ids are the ones the
 /// schedule itself gives those slots, so a slot that ran already is recognisable.
 pub async fn backfill(
     client: &Client,
