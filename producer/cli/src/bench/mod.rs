@@ -258,6 +258,8 @@ fn bench_config(base: &Config, ns: &str, concurrency: u16, more: &str) -> anyhow
     let mut config = Config::parse(&text, "bench", Path::new("."), &HashMap::new())?;
     config.broker = base.broker.clone();
     config.broker.namespace = ns.to_string();
+    // The user's `[fairness]` tuning is what the fairness scenarios measure.
+    config.fairness = base.fairness.clone();
     Ok(config)
 }
 
