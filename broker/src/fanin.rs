@@ -7,8 +7,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, QueueDeclareOptions};
-use lapin::protocol::AMQPSoftError;
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
 use warren_common::fanout::{Fold, Opened};
@@ -156,32 +155,5 @@ pub async fn checkpoint(
 /// Tries to take the coordinator's lock: an exclusive queue, held by this channel's connection
 /// and gone with it. `Ok(None)`: another connection holds it.
 pub async fn try_lock(broker: &Broker) -> Result<Option<Channel>, BrokerError> {
-    let channel = broker.channel().await?;
-    let name = broker.names().fanin_lock();
-    let declared = channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match declared {
-        Ok(_) => Ok(Some(channel)),
-        Err(e) if is_locked(&e) => Ok(None),
-        Err(cause) => Err(BrokerError::Amqp {
-            action: format!("lock {name}"),
-            cause,
-        }),
-    }
-}
-
-fn is_locked(err: &lapin::Error) -> bool {
-    matches!(
-        crate::error::server_reply(err),
-        Some((Some(AMQPSoftError::RESOURCELOCKED), _))
-    )
+    crate::lock::try_lock(broker, &broker.names().fanin_lock()).await
 }

@@ -17,6 +17,7 @@ mod dial;
 pub mod error;
 pub mod fanin;
 pub mod hot;
+mod lock;
 pub mod management;
 pub mod names;
 pub mod publish;

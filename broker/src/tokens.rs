@@ -19,13 +19,12 @@
 use std::time::Duration;
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::Channel;
 use warren_common::config::Config;
 
 use crate::connection::Broker;
-use crate::error::{server_reply, BrokerError, PublishError};
+use crate::error::{BrokerError, PublishError};
 use crate::names::Names;
 use crate::publish::{Outgoing, Publisher};
 
@@ -139,31 +138,20 @@ impl TokenQueue {
         let deadline = tokio::time::Instant::now() + LOCK_PATIENCE;
         let mut pause = Duration::from_millis(10);
         loop {
-            let channel = broker.channel().await?;
-            let declared = channel
-                .queue_declare(
-                    self.lock_name().as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            match declared {
-                Ok(_) => return Ok(channel),
-                Err(e) if is_locked(&e) && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
-                    pause = (pause * 2).min(Duration::from_millis(200));
-                }
-                Err(e) => {
-                    return Err(BrokerError::Amqp {
-                        action: format!("lock {}", self.lock_name()),
-                        cause: e,
-                    })
-                }
+            if let Some(channel) = crate::lock::try_lock(broker, &self.lock_name()).await? {
+                return Ok(channel);
             }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(BrokerError::Fill {
+                    queue: self.name(),
+                    reason: format!(
+                        "lock {} still held by another connection after {LOCK_PATIENCE:?}",
+                        self.lock_name()
+                    ),
+                });
+            }
+            tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -239,13 +227,6 @@ fn publish_failed(queue: &str) -> impl Fn(PublishError) -> BrokerError + '_ {
             reason: other.to_string(),
         },
     }
-}
-
-fn is_locked(err: &lapin::Error) -> bool {
-    matches!(
-        server_reply(err),
-        Some((Some(AMQPSoftError::RESOURCELOCKED), _))
-    )
 }
 
 /// The `max_in_flight` token queues of `config`, one per capped step.
