@@ -196,7 +196,16 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
         floods["ratio"].as_f64().is_some_and(|v| v > 0.0),
         "{floods}"
     );
-    assert_eq!(rows.len(), 4 + 10, "{report:#}");
+    for metric in [
+        "small tenants' jobs/s while the floods ran vs hot_lanes = 0",
+        "all jobs/s while the floods ran vs hot_lanes = 0",
+    ] {
+        // A rate, so zero is possible only for the small tenants in a tiny run; never negative.
+        let row = figure("S7t", &format!("{set}: {metric}"));
+        assert!(row["warren"].as_f64().is_some_and(|v| v >= 0.0), "{row}");
+        assert!(row["baseline"].as_f64().is_some_and(|v| v >= 0.0), "{row}");
+    }
+    assert_eq!(rows.len(), 4 + 12, "{report:#}");
 
     // The fairness pipelines were in the bench's namespace, which was deleted.
     let ns = report["conditions"]["namespace"]
