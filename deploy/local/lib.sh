@@ -268,7 +268,7 @@ broker_nofile_now() {
 _warren_started_broker=0
 
 # Logs how big a namespace the local broker's open-files limit holds, and, when it is low, what
-# to do. A broker this script did not start is never restarted: it only says how.
+# to do. False when the limit is known and low.
 check_broker_nofile() {
     local limit queues
     if ! limit=$(broker_nofile_now) || [ -z "$limit" ]; then
@@ -290,6 +290,26 @@ check_broker_nofile() {
     else
         log "to raise it: stop it (as root: rabbitmqctl stop), then run deploy/local/rabbitmq.sh again (it restarts RabbitMQ with a limit of up to $WARREN_BROKER_NOFILE); queues and messages are kept"
     fi
+    return 1
+}
+
+# Stops the local node and starts it again with the open-files limit start_rabbitmq gives. Durable
+# queues and their messages survive; clients connected now are cut off.
+restart_rabbitmq() {
+    log "restarting the local RabbitMQ to raise its open-files limit (durable queues and messages are kept; WARREN_BROKER_RESTART=0 leaves a running broker alone)"
+    if _has_systemd && as_root systemctl is-active --quiet rabbitmq-server; then
+        as_root systemctl stop rabbitmq-server
+    else
+        as_root rabbitmqctl stop >/dev/null 2>&1 || die "rabbitmqctl stop failed; stop RabbitMQ yourself and run deploy/local/rabbitmq.sh"
+    fi
+    # `rabbitmqctl stop` may return before the node has let go of its port.
+    local deadline=$((SECONDS + WARREN_BROKER_WAIT_SECS))
+    while port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT" || _rabbitmq_booted; do
+        [ "$SECONDS" -lt "$deadline" ] || die "RabbitMQ did not stop within ${WARREN_BROKER_WAIT_SECS}s"
+        sleep 1
+    done
+    start_rabbitmq
+    wait_for_rabbitmq
 }
 
 start_rabbitmq() {
@@ -358,7 +378,12 @@ ensure_broker() {
     fi
     if port_answers "$WARREN_BROKER_HOST" "$WARREN_BROKER_PORT"; then
         log "RabbitMQ answers on $WARREN_BROKER_HOST:$WARREN_BROKER_PORT"
-        check_broker_nofile
+        # A broker started from a shell has 1,024 open files, which the test suite and a few
+        # pipelines outgrow; every new connection would then hang. Restart it with room.
+        if ! check_broker_nofile && _may_restart_for_room; then
+            restart_rabbitmq
+            check_broker_nofile || true
+        fi
         return 0
     fi
     if ! command -v rabbitmq-server >/dev/null 2>&1 && [ ! -x /usr/sbin/rabbitmq-server ]; then
@@ -366,5 +391,17 @@ ensure_broker() {
     fi
     start_rabbitmq
     wait_for_rabbitmq
-    check_broker_nofile
+    check_broker_nofile || true
+}
+
+# True when a restart is allowed (WARREN_BROKER_RESTART is not 0), possible (root, or sudo without
+# a password) and worth it: the limit it would get is more than twice today's. In a container whose
+# hard limit is low a restart gains nothing, and every run would otherwise restart again.
+_may_restart_for_room() {
+    [ "${WARREN_BROKER_RESTART:-1}" != 0 ] || return 1
+    [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null || return 1
+    local now target
+    now=$(broker_nofile_now) || return 1
+    target=$(broker_nofile_target)
+    [ "$now" -lt $((target / 2)) ]
 }
