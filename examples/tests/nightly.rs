@@ -91,9 +91,9 @@ async fn the_nightly_schedule_fans_out_and_its_join_reports_every_tenant() {
         (failed[0].tenant.as_str(), failed[0].step.as_str()),
         ("umbrella", "transform")
     );
-    assert!(parts
-        .iter()
-        .all(|p| p.part_of.is_some_and(|o| o.job_id == join.job_id && o.total == 16)));
+    assert!(parts.iter().all(|p| p
+        .part_of
+        .is_some_and(|o| o.job_id == join.job_id && o.total == 16)));
 
     // The summary: every tenant of the data file with its items, umbrella's failure named.
     assert_eq!(
@@ -115,10 +115,16 @@ async fn the_nightly_schedule_fans_out_and_its_join_reports_every_tenant() {
         assert_eq!(row["items"], json!(items), "{tenant}: {row}");
         assert_eq!(row["stored"], json!(stored), "{tenant}: {row}");
         assert_eq!(row["parts"], json!(parts), "{tenant}: {row}");
-        assert_eq!(row["failed"], json!(u64::from(tenant == "umbrella")), "{tenant}: {row}");
+        assert_eq!(
+            row["failed"],
+            json!(u64::from(tenant == "umbrella")),
+            "{tenant}: {row}"
+        );
     }
     assert_eq!(tenants["big-customer"]["parts"], json!(5));
-    let why = tenants["umbrella"]["errors"][0].as_str().unwrap_or_default();
+    let why = tenants["umbrella"]["errors"][0]
+        .as_str()
+        .unwrap_or_default();
     assert!(why.contains("record umbrella-0012 has no price"), "{why}");
     client.close().await;
 
@@ -147,7 +153,12 @@ fn expected_items() -> BTreeMap<String, u64> {
         .as_array()
         .expect("tenants")
         .iter()
-        .map(|t| (t["id"].as_str().unwrap().to_string(), t["items"].as_u64().unwrap()))
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap().to_string(),
+                t["items"].as_u64().unwrap(),
+            )
+        })
         .collect()
 }
 

@@ -48,7 +48,14 @@ fn time(t: Option<DateTime<Utc>>) -> String {
 pub(crate) async fn run(args: SchedulesArgs, config: Config, json: bool) -> anyhow::Result<()> {
     // What the config alone answers needs no broker.
     if args.action.is_none() && config.schedules.is_empty() {
-        outln!("{}", if json { "[]" } else { "no schedules in the config" });
+        outln!(
+            "{}",
+            if json {
+                "[]"
+            } else {
+                "no schedules in the config"
+            }
+        );
         return Ok(());
     }
     if let Some(Action::Backfill { from, to, .. }) = &args.action {

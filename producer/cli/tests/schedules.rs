@@ -92,9 +92,13 @@ mod tempdir {
 
 #[test]
 fn without_schedules_it_says_so_without_connecting() {
-    let pipeline = "[[pipelines]]\nname = \"p\"\n\n[[pipelines.steps]]\nname = \"a\"\nhandler = \"a\"\n";
+    let pipeline =
+        "[[pipelines]]\nname = \"p\"\n\n[[pipelines.steps]]\nname = \"a\"\nhandler = \"a\"\n";
     let (config, _dir) = offline_config("no-schedules", pipeline);
-    assert_eq!(ok(warren(&config, &["schedules"])), "no schedules in the config\n");
+    assert_eq!(
+        ok(warren(&config, &["schedules"])),
+        "no schedules in the config\n"
+    );
     assert_eq!(ok(warren(&config, &["--json", "schedules"])), "[]\n");
 }
 
