@@ -49,7 +49,7 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// Succeeded, printed nothing on stderr (no warning, no log line), and its stdout.
-fn ok(out: Output) -> String {
+fn ok(out: &Output) -> String {
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert!(
         out.status.success(),
@@ -96,10 +96,10 @@ fn without_schedules_it_says_so_without_connecting() {
         "[[pipelines]]\nname = \"p\"\n\n[[pipelines.steps]]\nname = \"a\"\nhandler = \"a\"\n";
     let (config, _dir) = offline_config("no-schedules", pipeline);
     assert_eq!(
-        ok(warren(&config, &["schedules"])),
+        ok(&warren(&config, &["schedules"])),
         "no schedules in the config\n"
     );
-    assert_eq!(ok(warren(&config, &["--json", "schedules"])), "[]\n");
+    assert_eq!(ok(&warren(&config, &["--json", "schedules"])), "[]\n");
 }
 
 #[test]
@@ -129,7 +129,7 @@ fn a_backfill_from_after_to_is_a_usage_error() {
 async fn list_trigger_pause_resume_and_backfill_read_well() {
     let ns = TestNamespace::new(SCHEDULES).await;
     // Nothing else runs on this test's runtime, so the blocking calls below hold up nobody.
-    let run = |args: &[&str]| ok(warren(&ns.config_path, args));
+    let run = |args: &[&str]| ok(&warren(&ns.config_path, args));
 
     // The list: both schedules, active, never fired.
     let list = run(&["schedules"]);
