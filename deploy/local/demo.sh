@@ -4,21 +4,35 @@
 # workload and shows what happened. Everything lives in a fresh namespace that is deleted on exit,
 # so the demo never touches other queues on the broker. Extra arguments go to the driver
 # (`deploy/local/demo.sh --help` lists them).
+#
+# `deploy/local/demo.sh --nightly` runs the nightly shape instead (examples/nightly/): two
+# workers whose schedule fires within 20 s, a fan-out of 16 parts over 12 tenants, and the
+# join's per-tenant summary; then it stops the workers and deletes its namespace.
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
+NIGHTLY=0
+if [ "${1:-}" = "--nightly" ]; then
+    NIGHTLY=1
+    shift
+fi
+DEMO_STARTED=$(date +%s)
+
 cd "$WARREN_ROOT"
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install Rust (https://rustup.rs)"
 ensure_broker
-ensure_management # unacked counts for the supervisor's backlog
-ensure_python3    # the example steps are Python programs
+if [ "$NIGHTLY" -eq 0 ]; then
+    ensure_management # unacked counts for the supervisor's backlog
+fi
+ensure_python3 # the example steps are Python programs
 
 log "building (cargo build --workspace)"
 cargo build --workspace --quiet
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 CONFIG=examples/warren.toml
+[ "$NIGHTLY" -eq 1 ] && CONFIG=examples/nightly/warren.toml
 LOG_DIR=.warren-demo
 # A namespace of its own: every exchange and queue name starts with it, so a run never sees an
 # earlier run's leftovers and deleting it afterwards removes exactly what the demo made.
@@ -26,22 +40,33 @@ WARREN_NAMESPACE="demo-$(date +%s)"
 export WARREN_NAMESPACE
 
 SUPERVISOR_PID=""
+WORKER_PIDS=()
 TOPOLOGY_APPLIED=0
+
+# SIGTERM to a process (the step in hand finishes, then it exits); SIGKILL after 45 s, so a
+# stuck one never hangs the terminal.
+stop_process() {
+    local pid=$1 waited=0
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 45 ]; do
+        sleep 1
+        waited=$((waited + 1))
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
 
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ "${#WORKER_PIDS[@]}" -gt 0 ]; then
+        log "stopping the workers (SIGTERM)"
+        for pid in "${WORKER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+        for pid in "${WORKER_PIDS[@]}"; do stop_process "$pid"; done
+    fi
     if [ -n "$SUPERVISOR_PID" ]; then
         log "stopping the supervisor (SIGTERM: its workers finish the step in hand, then exit)"
-        kill -TERM "$SUPERVISOR_PID" 2>/dev/null || true
-        # Give them time to drain, but never hang the terminal on a stuck one.
-        local waited=0
-        while kill -0 "$SUPERVISOR_PID" 2>/dev/null && [ "$waited" -lt 45 ]; do
-            sleep 1
-            waited=$((waited + 1))
-        done
-        kill -KILL "$SUPERVISOR_PID" 2>/dev/null || true
-        wait "$SUPERVISOR_PID" 2>/dev/null || true
+        stop_process "$SUPERVISOR_PID"
         log "scaling decisions:"
         # time (UTC), then the pool's ready + unacked backlog, desired and running workers
         grep -F 'Scaling decision.' "$LOG_DIR/supervisor.log" |
@@ -52,7 +77,12 @@ cleanup() {
         "$BIN/warren" topology delete --config "$CONFIG" --yes >/dev/null ||
             log "could not delete namespace $WARREN_NAMESPACE; its queues stay on the broker"
     fi
-    log "supervisor and worker logs: $LOG_DIR/supervisor.log"
+    if [ "$NIGHTLY" -eq 1 ]; then
+        log "worker logs: $LOG_DIR/nightly-worker-1.log, $LOG_DIR/nightly-worker-2.log"
+        log "took $(($(date +%s) - DEMO_STARTED)) s"
+    else
+        log "supervisor and worker logs: $LOG_DIR/supervisor.log"
+    fi
     exit "$rc"
 }
 trap cleanup EXIT
@@ -65,6 +95,19 @@ log "namespace $WARREN_NAMESPACE"
 TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
+
+if [ "$NIGHTLY" -eq 1 ]; then
+    # Two plain workers: both take part in the schedule (one fires each slot) and run every step.
+    for n in 1 2; do
+        WARREN_METRICS_ADDR=127.0.0.1:0 "$BIN/warren-worker" run --config "$CONFIG" \
+            >"$LOG_DIR/nightly-worker-$n.log" 2>&1 &
+        WORKER_PIDS+=($!)
+    done
+    log "started 2 workers; logs in $LOG_DIR/nightly-worker-{1,2}.log"
+    "$BIN/nightly-demo" --config "$CONFIG" "$@"
+    exit 0
+fi
+
 # The supervisor counts messages its workers hold unacked as backlog too, when it can read them.
 if [ -z "${WARREN_MANAGEMENT_URL:-}" ] && port_answers "$WARREN_BROKER_HOST" "$WARREN_MANAGEMENT_PORT"; then
     export WARREN_MANAGEMENT_URL="http://$WARREN_BROKER_HOST:$WARREN_MANAGEMENT_PORT"

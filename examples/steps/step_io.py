@@ -2,7 +2,7 @@
 
 The protocol (docs/config.md): JSON on stdin, JSON on stdout, exit 0 = success, exit 65 =
 permanent failure (the job goes to the dead-letter queue), any other exit = retry. A step runs as
-`python3 steps/<name>.py`, so this folder is on the import path.
+`python3 steps/<name>.py`, so this folder is on the import path (examples/nightly/steps adds it).
 """
 
 import json
@@ -15,7 +15,8 @@ EX_TEMPFAIL = 75  # retryable
 
 def fail(message, code=EX_DATAERR):
     """Ends the step with `message` on stderr (kept with the failure) and exit `code`."""
-    step = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    # The step's name as the config has it; a file that serves several steps has one per run.
+    step = os.environ.get("WARREN_STEP") or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     print(f"{step}: {message}", file=sys.stderr)
     sys.exit(code)
 

@@ -9,7 +9,7 @@ use warren_common::dead_letter::Reason;
 use warren_common::Config;
 use warren_producer::{Client, DeadLetter, DlqFilter, ReplayOptions};
 
-use crate::output::outln;
+use crate::output::{count, outln};
 use crate::{Exit, EXIT_NOT_FOUND};
 
 #[derive(Debug, Args)]
@@ -177,7 +177,7 @@ async fn act(client: &Client, action: Action, json: bool) -> anyhow::Result<()> 
             if json {
                 outln!("{}", json!({"purged": purged.len()}));
             } else {
-                outln!("purged {} dead letters", purged.len());
+                outln!("purged {}", count(purged.len(), "dead letter"));
             }
         }
     }
@@ -223,7 +223,7 @@ fn print_table(letters: &[DeadLetter]) {
             l.failed_at.map_or("-".into(), time),
         );
     }
-    outln!("{} dead letters", letters.len());
+    outln!("{}", count(letters.len(), "dead letter"));
 }
 
 fn print_detail(l: &DeadLetter) {

@@ -24,3 +24,22 @@ macro_rules! outln {
     };
 }
 pub(crate) use outln;
+
+/// `n` and `noun`, made plural unless `n` is 1: "1 job", "3 jobs", "0 dead letters".
+pub(crate) fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_are_singular_for_one_only() {
+        assert_eq!(super::count(0, "job"), "0 jobs");
+        assert_eq!(super::count(1, "dead letter"), "1 dead letter");
+        assert_eq!(super::count(2, "slot"), "2 slots");
+    }
+}

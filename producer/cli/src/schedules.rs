@@ -8,8 +8,8 @@ use warren_common::Config;
 use warren_producer::schedules::{self, ScheduleStatus};
 use warren_producer::Client;
 
-use crate::output::outln;
-use crate::{Exit, EXIT_NOT_FOUND};
+use crate::output::{count, outln};
+use crate::{Exit, EXIT_NOT_FOUND, EXIT_USAGE};
 
 #[derive(Debug, Args)]
 pub(crate) struct SchedulesArgs {
@@ -19,13 +19,13 @@ pub(crate) struct SchedulesArgs {
 
 #[derive(Debug, Subcommand)]
 enum Action {
-    /// Fire a schedule now (its slot is this second), whatever its cadence.
+    /// Fire a schedule now, whatever its cadence: fresh jobs each time (not one of its slots).
     Trigger { name: String },
     /// Stop a schedule firing until `resume`.
     Pause { name: String },
     /// Let a paused schedule fire again (missed slots are caught up as after an outage).
     Resume { name: String },
-    /// Fire every slot of a schedule between two times (RFC 3339), oldest first.
+    /// Fire every slot of a schedule between two times (RFC 3339, both included), oldest first.
     Backfill {
         name: String,
         #[arg(long, value_parser = parse_time)]
@@ -46,6 +46,25 @@ fn time(t: Option<DateTime<Utc>>) -> String {
 }
 
 pub(crate) async fn run(args: SchedulesArgs, config: Config, json: bool) -> anyhow::Result<()> {
+    // What the config alone answers needs no broker.
+    if args.action.is_none() && config.schedules.is_empty() {
+        outln!(
+            "{}",
+            if json {
+                "[]"
+            } else {
+                "no schedules in the config"
+            }
+        );
+        return Ok(());
+    }
+    if let Some(Action::Backfill { from, to, .. }) = &args.action {
+        if from > to {
+            let (from, to) = (time(Some(*from)), time(Some(*to)));
+            let why = format!("--from {from} is after --to {to}; nothing to backfill");
+            return Err(Exit(EXIT_USAGE, why).into());
+        }
+    }
     if let Some(name) = match &args.action {
         Some(Action::Trigger { name })
         | Some(Action::Pause { name })
@@ -75,7 +94,7 @@ async fn act(client: &Client, action: Option<Action>, json: bool) -> anyhow::Res
             if json {
                 outln!("{}", json!({ "schedule": name, "jobs": jobs }));
             } else {
-                outln!("fired {name}: {} jobs", jobs.len());
+                outln!("fired {name}: {}", count(jobs.len(), "job"));
                 for id in jobs {
                     outln!("  {id}");
                 }
@@ -113,7 +132,11 @@ async fn act(client: &Client, action: Option<Action>, json: bool) -> anyhow::Res
                 outln!("{}", json!({ "schedule": name, "slots": slots }));
             } else {
                 let jobs: usize = fired.iter().map(|(_, jobs)| jobs.len()).sum();
-                outln!("backfilled {name}: {} slots, {jobs} jobs", fired.len());
+                outln!(
+                    "backfilled {name}: {}, {}",
+                    count(fired.len(), "slot"),
+                    count(jobs, "job")
+                );
             }
         }
     }
@@ -124,9 +147,6 @@ fn list(all: &[ScheduleStatus], json: bool) -> anyhow::Result<()> {
     if json {
         outln!("{}", serde_json::to_string(all)?);
         return Ok(());
-    }
-    if all.is_empty() {
-        outln!("no schedules in the config");
     }
     for s in all {
         let state = if s.paused { "paused" } else { "active" };
@@ -140,12 +160,18 @@ fn list(all: &[ScheduleStatus], json: bool) -> anyhow::Result<()> {
             s.tenants.join(",")
         );
         outln!(
-            "  next {}  last slot {}  last fire {} ({}, {} jobs)",
+            "  next {}  last slot {}  last fire {}",
             time(s.next),
             time(s.last_slot),
-            time(s.last_fire),
-            s.last_fire_kind.map_or("-", |k| k.as_str()),
-            s.last_fire_jobs.len()
+            match s.last_fire_kind {
+                Some(kind) => format!(
+                    "{} ({}, {})",
+                    time(s.last_fire),
+                    kind.as_str(),
+                    count(s.last_fire_jobs.len(), "job")
+                ),
+                None => "-".into(),
+            }
         );
     }
     Ok(())

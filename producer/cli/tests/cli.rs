@@ -259,7 +259,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let dead_id = dead["id"].as_str().unwrap().to_string();
     let out = warren(args(&["dlq", "list"]), None).await;
     assert!(
-        text(&out.stdout).contains(&dead_id) && text(&out.stdout).contains("1 dead letters"),
+        text(&out.stdout).contains(&dead_id) && text(&out.stdout).contains("1 dead letter\n"),
         "{}",
         text(&out.stdout)
     );

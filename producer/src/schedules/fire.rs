@@ -49,6 +49,15 @@ pub(super) async fn fire(
 ) -> Result<Vec<JobId>, SubmitError> {
     let jobs = match how {
         FireKind::Skipped | FireKind::Baseline => Vec::new(),
+        // A manual fire is not one of the schedule's slots: fresh ids, so triggering twice
+        // (or in the second of a slot) runs the jobs again instead of repeating ids.
+        FireKind::Trigger => {
+            let fresh = jobs_of(schedule, slot).into_iter().map(|mut job| {
+                job.id = JobId::new();
+                job
+            });
+            client.submit_many(fresh.collect::<Vec<_>>()).await?
+        }
         _ => client.submit_many(jobs_of(schedule, slot)).await?,
     };
     let record = Record::Fired {
@@ -70,8 +79,12 @@ pub(super) async fn fire(
     if matches!(how, FireKind::Skipped) {
         tracing::info!(schedule = %schedule.name, slot = %slot_text, how = how.as_str(),
             "Skipped a schedule slot: its previous fire still runs (overlap = \"skip\").");
-    } else if !matches!(how, FireKind::Baseline) {
+    } else if matches!(how, FireKind::Scheduled) {
         tracing::info!(schedule = %schedule.name, slot = %slot_text, how = how.as_str(),
+            pipeline = %schedule.pipeline, jobs = jobs.len(), "Fired a schedule slot.");
+    } else if !matches!(how, FireKind::Baseline) {
+        // `warren schedules trigger|backfill`: the command prints what it fired.
+        tracing::debug!(schedule = %schedule.name, slot = %slot_text, how = how.as_str(),
             pipeline = %schedule.pipeline, jobs = jobs.len(), "Fired a schedule slot.");
     }
     Ok(jobs)
