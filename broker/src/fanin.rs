@@ -10,7 +10,8 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
-use warren_common::fanout::{Fold, Opened};
+use warren_common::fanin::{Checkpoint, Restored};
+use warren_common::fanout::Opened;
 use warren_common::ResultEvent;
 
 use crate::connection::Broker;
@@ -118,9 +119,9 @@ pub async fn read_fanin(
     .await
 }
 
-/// The newest checkpoint, or an empty fold when there is none (or it cannot be read: then the
-/// coordinator folds the whole stream, which is slower, never wrong).
-pub async fn last_checkpoint(broker: &Broker) -> Result<Fold, BrokerError> {
+/// The newest checkpoint, in either format; `None` when there is none (or it cannot be read:
+/// then the coordinator folds the whole stream, which is slower, never wrong).
+pub async fn last_checkpoint(broker: &Broker) -> Result<Option<Restored>, BrokerError> {
     let stream = broker.names().fanin_checkpoints();
     let last = AMQPValue::LongString(LongString::from("last"));
     let (channel, mut consumer) = consume_from(broker, &stream, last, 100).await?;
@@ -133,20 +134,17 @@ pub async fn last_checkpoint(broker: &Broker) -> Result<Fold, BrokerError> {
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
     }
     let _ = channel.close(200, "read".into()).await;
-    let fold = newest
-        .and_then(|(_, body)| rmp_serde::from_slice::<Fold>(&body).ok())
-        .unwrap_or_default();
-    Ok(fold)
+    Ok(newest.and_then(|(_, body)| Restored::read(&body)))
 }
 
 /// Appends a checkpoint and waits for the confirm.
 pub async fn checkpoint(
     publisher: &Publisher,
     stream: &str,
-    fold: &Fold,
+    checkpoint: &Checkpoint,
 ) -> Result<(), PublishError> {
-    let body = rmp_serde::to_vec_named(fold).expect("a fold encodes");
-    let id = format!("ckpt:{}", fold.next_offset);
+    let body = checkpoint.encode();
+    let id = format!("ckpt:{}", checkpoint.next_offset);
     publisher
         .publish(Outgoing::persistent("", stream, &body, &id))
         .await
