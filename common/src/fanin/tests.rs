@@ -105,21 +105,34 @@ fn the_first_format_is_still_read() {
     let (p, e) = end(&opened, 1, true);
     fold.end(p, e);
     fold.next_offset = 12;
-    // The first format had no `opened_offset` on a run.
-    let mut old = rmpv::ext::to_value(&fold).unwrap();
-    let runs = old
-        .as_map_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|(k, _)| k.as_str() == Some("runs"))
-        .unwrap();
-    for (_, run) in runs.1.as_map_mut().unwrap() {
-        run.as_map_mut()
-            .unwrap()
-            .retain(|(k, _)| k.as_str() != Some("opened_offset"));
+    // The first format: the fold as it was, with no `opened_offset` on a run.
+    #[derive(Serialize)]
+    struct OldRun<'a> {
+        opened: &'a Opened,
+        ended: &'a BTreeMap<u32, PartEnd>,
+        released: u32,
     }
-    let mut body = Vec::new();
-    rmpv::encode::write_value(&mut body, &old).unwrap();
+    #[derive(Serialize)]
+    struct OldFold<'a> {
+        runs: BTreeMap<JobId, OldRun<'a>>,
+        next_offset: u64,
+    }
+    let old = OldFold {
+        runs: fold
+            .runs
+            .iter()
+            .map(|(id, run)| {
+                let run = OldRun {
+                    opened: &run.opened,
+                    ended: &run.ended,
+                    released: run.released,
+                };
+                (*id, run)
+            })
+            .collect(),
+        next_offset: fold.next_offset,
+    };
+    let body = rmp_serde::to_vec_named(&old).unwrap();
     assert_eq!(Restored::read(&body), Some(Restored::Full(fold)));
     assert_eq!(Restored::read(b"\xc1junk"), None);
 }
@@ -315,5 +328,23 @@ proptest! {
             }
         }
         prop_assert_eq!(first.len() + second.len(), whole.len());
+    }
+}
+
+proptest! {
+    #[test]
+    fn a_part_set_is_a_set_on_the_wire_too(items in proptest::collection::vec(0u32..300, 0..200)) {
+        let mut set = PartSet::default();
+        let mut model = std::collections::BTreeSet::new();
+        for i in &items {
+            prop_assert_eq!(set.insert(*i), model.insert(*i));
+        }
+        prop_assert_eq!(set.iter().collect::<Vec<_>>(), model.iter().copied().collect::<Vec<_>>());
+        prop_assert_eq!(set.len() as usize, model.len());
+        for i in 0..300 {
+            prop_assert_eq!(set.contains(i), model.contains(&i));
+        }
+        let back: PartSet = rmp_serde::from_slice(&rmp_serde::to_vec_named(&set).unwrap()).unwrap();
+        prop_assert_eq!(back, set);
     }
 }
