@@ -220,6 +220,56 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
     .await;
 }
 
+/// S9 at a small size (200 parts, twice), beside S1 for its baseline: every S9 row is there
+/// with a number, the join ran once per fan-out, and the namespace is gone.
+#[tokio::test]
+async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
+    let out = Command::new(WARREN)
+        .args(["--json", "bench", "--scenarios", "s1,s9"])
+        .args(["--jobs", "200", "--fanout-parts", "200", "--fanout-runs", "2"])
+        .args(["--settle", "0s", "--patience", "60s"])
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    let figure = |metric: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == "S9" && r["metric"] == metric)
+            .unwrap_or_else(|| panic!("no S9 {metric:?} in {report:#}"))
+    };
+    for metric in [
+        "200-part fan-out vs S1 drain",
+        "200-part fan-out vs S1 submit then drain",
+    ] {
+        let row = figure(metric);
+        assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["baseline"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["ratio"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+    }
+    assert_eq!(figure("200-part fan-out vs S1 drain")["target"], ">= 0.8x");
+    let gap = figure("last part end to join start, p50");
+    assert!(gap["warren"].as_f64().is_some_and(|v| v >= 0.0), "{gap}");
+    let joins = figure("joins per fan-out");
+    assert_eq!(joins["warren"].as_f64(), Some(1.0), "{joins}");
+    let s9 = rows.iter().filter(|r| r["scenario"] == "S9").count();
+    assert_eq!(s9, 4, "{report:#}");
+
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    assert_gone(&[
+        format!("{ns}.q.fan.plan.normal.0"),
+        format!("{ns}.q.part.stamp.normal.0"),
+        format!("{ns}.fanin"),
+        format!("{ns}.fanin.ckpt"),
+    ])
+    .await;
+}
+
 /// None of `queues` exists on the test broker any more.
 async fn assert_gone(queues: &[String]) {
     let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();

@@ -77,6 +77,9 @@ const SINGLE_JOBS: usize = 20;
 /// The metric of S1's drain row, which S3 compares its flood's drain rate with.
 pub(super) const S1_DRAIN: &str = "drain vs raw relay";
 
+/// The metric of S1's submit row, which S9 composes with its drain.
+pub(super) const S1_SUBMIT: &str = "submit_many vs raw publish";
+
 /// How long after `start` the last of `done` came.
 pub(super) fn span(start: Instant, done: &[Instant]) -> Duration {
     done.iter()
@@ -149,7 +152,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let drain = rate(n, warren_drain);
     rows.push(Row::new(
         "S1",
-        "submit_many vs raw publish",
+        S1_SUBMIT,
         "jobs/s",
         rate(n, warren_submit),
         Some(rate(n, raw_publish)),
