@@ -30,6 +30,11 @@ pub const PART_KEY: &str = "fanin.part";
 /// Quiet time after which reading the last checkpoint counts as done.
 const QUIET: Duration = Duration::from_millis(500);
 
+/// How long the first checkpoint may take to come: longer than [`QUIET`], since a busy broker
+/// can be slow to start a stream consumer, and a checkpoint missed costs a refold of the whole
+/// fan-in stream. Only a namespace with no checkpoint yet waits it out.
+const FIRST_WAIT: Duration = Duration::from_secs(3);
+
 /// Adds the `CC` header that copies a part's result event into the fan-in stream.
 pub fn cc_fanin(mut msg: Outgoing<'_>) -> Outgoing<'_> {
     let mut table = msg.properties.headers().clone().unwrap_or_default();
@@ -126,7 +131,9 @@ pub async fn last_checkpoint(broker: &Broker) -> Result<Option<Restored>, Broker
     let last = AMQPValue::LongString(LongString::from("last"));
     let (channel, mut consumer) = consume_from(broker, &stream, last, 100).await?;
     let mut newest: Option<(u64, Vec<u8>)> = None;
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(QUIET, consumer.next()).await {
+    let mut wait = FIRST_WAIT;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, consumer.next()).await {
+        wait = QUIET;
         let offset = offset_of(&delivery.properties).unwrap_or(0);
         if newest.as_ref().is_none_or(|(o, _)| offset >= *o) {
             newest = Some((offset, delivery.data.clone()));

@@ -131,19 +131,24 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
     ];
     let client = ns.client().await;
     let parts: Vec<Value> = (0..1_000)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": 40}, "tenant": format!("t{}", i % 30)}))
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 250}, "tenant": format!("t{}", i % 30)}))
         .collect();
     let parent = client
         .submit(Job::new("nightly", "ops", json!({"parts": parts})))
         .await
         .unwrap();
 
-    // When, a third of the way, the coordinating worker and one other are SIGKILLed (the
+    // When, midway, the coordinating worker and one other are SIGKILLed (the
     // successor resumes from a checkpoint that no longer holds the parts' outputs), and a
     // fresh worker starts
     let leads = |w: &warren_tests::WorkerProcess| w.log_text().contains("Coordinating fan-ins.");
+    // (after the parts have run for 2.5 s: the leader checkpoints every 2 s)
     let midway = eventually(Duration::from_secs(60), || async {
-        ns.step_starts().len() >= 700 && workers.iter().any(leads)
+        // (a marker being written reads as 0)
+        let times: Vec<u64> = ns.step_starts().iter().map(|s| s.2).filter(|t| *t > 0).collect();
+        let first = times.iter().min().copied().unwrap_or(0);
+        let last = times.iter().max().copied().unwrap_or(0);
+        last >= first + 2_500 && workers.iter().any(leads)
     })
     .await;
     assert!(
@@ -188,6 +193,20 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
     assert!(joins >= 1, "the join never ran");
     let survivors = workers.iter().filter(|w| leads(w)).count();
     assert!(survivors >= 2, "no other worker took over the coordination");
+    let read_back = |w: &warren_tests::WorkerProcess| {
+        w.log_text()
+            .contains("Read the open fan-outs back from the stream.")
+    };
+    assert!(
+        workers.iter().any(read_back),
+        "the successor did not resume from a checkpoint with the fan-out open: {}",
+        workers
+            .iter()
+            .filter(|w| leads(w))
+            .map(|w| w.log_text().lines().filter(|l| l.contains("fanin")).collect::<Vec<_>>().join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
     // Duplicates: part steps that ran more than once (the killed workers' in-flight steps).
     let starts = ns.step_starts();
     let parts_only = starts.iter().filter(|(_, step, _)| step != "notify").count();

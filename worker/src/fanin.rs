@@ -206,8 +206,10 @@ fn resumed(resume: Option<Resume>) -> Fold {
         warn!(parent_job_id = %parent,
             "A fan-out's opened record is no longer in the fan-in stream; its join cannot run.");
     }
-    info!(open_fan_outs = fold.runs.len(), from_offset = fold.next_offset,
-        "Read the open fan-outs back.");
+    if !fold.runs.is_empty() {
+        info!(open_fan_outs = fold.runs.len(), from_offset = fold.next_offset,
+            "Read the open fan-outs back from the stream.");
+    }
     fold
 }
 
