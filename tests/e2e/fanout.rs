@@ -131,7 +131,7 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
     ];
     let client = ns.client().await;
     let parts: Vec<Value> = (0..1_000)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": 250}, "tenant": format!("t{}", i % 30)}))
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 400}, "tenant": format!("t{}", i % 30)}))
         .collect();
     let parent = client
         .submit(Job::new("nightly", "ops", json!({"parts": parts})))
@@ -142,19 +142,23 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
     // successor resumes from a checkpoint that no longer holds the parts' outputs), and a
     // fresh worker starts
     let leads = |w: &warren_tests::WorkerProcess| w.log_text().contains("Coordinating fan-ins.");
-    // (after the parts have run for 2.5 s: the leader checkpoints every 2 s)
+    // (once a worker has led for 2.5 s: a leader checkpoints every 2 s)
+    let leading_since = std::cell::Cell::new(None::<std::time::Instant>);
     let midway = eventually(Duration::from_secs(60), || async {
-        // (a marker being written reads as 0)
-        let times: Vec<u64> = ns.step_starts().iter().map(|s| s.2).filter(|t| *t > 0).collect();
-        let first = times.iter().min().copied().unwrap_or(0);
-        let last = times.iter().max().copied().unwrap_or(0);
-        last >= first + 2_500 && workers.iter().any(leads)
+        if leading_since.get().is_none() && workers.iter().any(leads) {
+            leading_since.set(Some(std::time::Instant::now()));
+        }
+        leading_since
+            .get()
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(2_500))
     })
     .await;
     assert!(
         midway,
         "the parts never got going, or no worker coordinates"
     );
+    let ended_before = ns.step_starts().iter().filter(|s| s.1 == "b").count();
+    assert!(ended_before < 1_000, "every part ran before the kill");
     let leader = workers.iter().position(leads).expect("a coordinator");
     workers[leader].kill_hard();
     workers[(leader + 1) % 3].kill_hard();
@@ -203,17 +207,26 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
         workers
             .iter()
             .filter(|w| leads(w))
-            .map(|w| w.log_text().lines().filter(|l| l.contains("fanin")).collect::<Vec<_>>().join("\n"))
+            .map(|w| w
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("fanin"))
+                .collect::<Vec<_>>()
+                .join("\n"))
             .collect::<Vec<_>>()
             .join("\n----\n")
     );
     // Duplicates: part steps that ran more than once (the killed workers' in-flight steps).
     let starts = ns.step_starts();
-    let parts_only = starts.iter().filter(|(_, step, _)| step != "notify").count();
+    let parts_only = starts
+        .iter()
+        .filter(|(_, step, _)| step != "notify")
+        .count();
     let repeats = parts_only - 2 * 1_000;
     eprintln!(
-        "fan-out of 1,000 over 30 tenants, coordinator and one more worker SIGKILLed: \
-         join ran {joins} time(s), {repeats} part step(s) ran again"
+        "fan-out of 1,000 over 30 tenants, coordinator and one more worker SIGKILLed with \
+         {ended_before} parts in step b or past it: join ran {joins} time(s), {repeats} part \
+         step(s) ran again"
     );
 }
 

@@ -90,7 +90,9 @@ async fn lead(session: &StepSession) -> Result<(), String> {
         .and_then(Resume::from_offset)
         .unwrap_or(fold.next_offset);
     info!(
-        open_fan_outs = resume.as_ref().map_or(fold.runs.len(), Resume::open_fan_outs),
+        open_fan_outs = resume
+            .as_ref()
+            .map_or(fold.runs.len(), Resume::open_fan_outs),
         from_offset = read_from,
         checkpoint_offset = fold.next_offset,
         "Coordinating fan-ins."
@@ -207,8 +209,11 @@ fn resumed(resume: Option<Resume>) -> Fold {
             "A fan-out's opened record is no longer in the fan-in stream; its join cannot run.");
     }
     if !fold.runs.is_empty() {
-        info!(open_fan_outs = fold.runs.len(), from_offset = fold.next_offset,
-            "Read the open fan-outs back from the stream.");
+        info!(
+            open_fan_outs = fold.runs.len(),
+            from_offset = fold.next_offset,
+            "Read the open fan-outs back from the stream."
+        );
     }
     fold
 }

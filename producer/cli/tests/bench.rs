@@ -226,7 +226,14 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
 async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
     let out = Command::new(WARREN)
         .args(["--json", "bench", "--scenarios", "s1,s9"])
-        .args(["--jobs", "200", "--fanout-parts", "200", "--fanout-runs", "2"])
+        .args([
+            "--jobs",
+            "200",
+            "--fanout-parts",
+            "200",
+            "--fanout-runs",
+            "2",
+        ])
         .args(["--settle", "0s", "--patience", "60s"])
         .env_remove("WARREN_CONFIG")
         .current_dir(std::env::temp_dir())

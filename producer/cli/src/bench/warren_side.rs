@@ -96,7 +96,12 @@ async fn stamp(_input: Value, _ctx: StepContext) -> Result<Value, StepError> {
 /// S9's join: notes its start, and passes on the counts.
 async fn join(input: Value, ctx: StepContext) -> Result<Value, StepError> {
     let start_us = now_us();
-    note(|n| n.join_starts_us.entry(ctx.job_id).or_default().push(start_us));
+    note(|n| {
+        n.join_starts_us
+            .entry(ctx.job_id)
+            .or_default()
+            .push(start_us)
+    });
     Ok(serde_json::json!({
         "start_us": start_us,
         "total": input["total"],
