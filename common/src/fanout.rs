@@ -274,7 +274,8 @@ impl Run {
         let total = self.opened.total();
         match self.opened.on_part_failure {
             OnPartFailure::Continue => self.ended.len() as u32 == total,
-            OnPartFailure::Wait => self.succeeded() == total,
+            // Counting successes walks every part: only once every part has ended.
+            OnPartFailure::Wait => self.ended.len() as u32 == total && self.succeeded() == total,
         }
     }
 
