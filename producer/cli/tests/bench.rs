@@ -26,6 +26,7 @@ async fn bench_reports_every_scenario_and_cleans_up() {
             "200",
         ])
         .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
+        .args(["--fanout-parts", "200", "--fanout-runs", "2"])
         .args(["--settle", "0s"])
         // Defaults plus WARREN_AMQP_URL, as on a machine without a warren.toml.
         .env_remove("WARREN_CONFIG")
@@ -39,7 +40,7 @@ async fn bench_reports_every_scenario_and_cleans_up() {
     let scenarios: BTreeSet<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
     assert_eq!(
         scenarios,
-        ["S1", "S2", "S3", "S4", "S5", "S6"].into(),
+        ["S1", "S2", "S3", "S4", "S5", "S6", "S9"].into(),
         "{report:#}"
     );
     for row in rows {

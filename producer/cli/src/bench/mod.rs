@@ -88,7 +88,7 @@ impl std::str::FromStr for FloodSet {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
     /// Scenarios to run, comma-separated (S3c, S7, S7t and S8 only when named).
-    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
+    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6,s9")]
     scenarios: Vec<Scenario>,
     /// S1 (and S6's load): one-step no-op jobs.
     #[arg(long, default_value_t = 20_000)]
