@@ -10,7 +10,8 @@ use futures::StreamExt;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{Channel, Consumer};
-use warren_common::fanout::{Fold, Opened};
+use warren_common::fanin::{Checkpoint, Restored};
+use warren_common::fanout::Opened;
 use warren_common::ResultEvent;
 
 use crate::connection::Broker;
@@ -28,6 +29,11 @@ pub const PART_KEY: &str = "fanin.part";
 
 /// Quiet time after which reading the last checkpoint counts as done.
 const QUIET: Duration = Duration::from_millis(500);
+
+/// How long the first checkpoint may take to come: longer than [`QUIET`], since a busy broker
+/// can be slow to start a stream consumer, and a checkpoint missed costs a refold of the whole
+/// fan-in stream. Only a namespace with no checkpoint yet waits it out.
+const FIRST_WAIT: Duration = Duration::from_secs(3);
 
 /// Adds the `CC` header that copies a part's result event into the fan-in stream.
 pub fn cc_fanin(mut msg: Outgoing<'_>) -> Outgoing<'_> {
@@ -118,14 +124,16 @@ pub async fn read_fanin(
     .await
 }
 
-/// The newest checkpoint, or an empty fold when there is none (or it cannot be read: then the
-/// coordinator folds the whole stream, which is slower, never wrong).
-pub async fn last_checkpoint(broker: &Broker) -> Result<Fold, BrokerError> {
+/// The newest checkpoint, in either format; `None` when there is none (or it cannot be read:
+/// then the coordinator folds the whole stream, which is slower, never wrong).
+pub async fn last_checkpoint(broker: &Broker) -> Result<Option<Restored>, BrokerError> {
     let stream = broker.names().fanin_checkpoints();
     let last = AMQPValue::LongString(LongString::from("last"));
     let (channel, mut consumer) = consume_from(broker, &stream, last, 100).await?;
     let mut newest: Option<(u64, Vec<u8>)> = None;
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(QUIET, consumer.next()).await {
+    let mut wait = FIRST_WAIT;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, consumer.next()).await {
+        wait = QUIET;
         let offset = offset_of(&delivery.properties).unwrap_or(0);
         if newest.as_ref().is_none_or(|(o, _)| offset >= *o) {
             newest = Some((offset, delivery.data.clone()));
@@ -133,20 +141,17 @@ pub async fn last_checkpoint(broker: &Broker) -> Result<Fold, BrokerError> {
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
     }
     let _ = channel.close(200, "read".into()).await;
-    let fold = newest
-        .and_then(|(_, body)| rmp_serde::from_slice::<Fold>(&body).ok())
-        .unwrap_or_default();
-    Ok(fold)
+    Ok(newest.and_then(|(_, body)| Restored::read(&body)))
 }
 
 /// Appends a checkpoint and waits for the confirm.
 pub async fn checkpoint(
     publisher: &Publisher,
     stream: &str,
-    fold: &Fold,
+    checkpoint: &Checkpoint,
 ) -> Result<(), PublishError> {
-    let body = rmp_serde::to_vec_named(fold).expect("a fold encodes");
-    let id = format!("ckpt:{}", fold.next_offset);
+    let body = checkpoint.encode();
+    let id = format!("ckpt:{}", checkpoint.next_offset);
     publisher
         .publish(Outgoing::persistent("", stream, &body, &id))
         .await

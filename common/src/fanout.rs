@@ -254,6 +254,11 @@ pub struct Run {
     pub ended: BTreeMap<u32, PartEnd>,
     /// Parts published so far: 0..released.
     pub released: u32,
+    /// Where in the fan-in stream its opened record is, or before it: a resuming coordinator
+    /// reads the record (and the parts' outputs) back from there. 0 when unknown (a run from a
+    /// checkpoint of the first format): read from the stream's start.
+    #[serde(default)]
+    pub opened_offset: u64,
 }
 
 impl Run {
@@ -269,7 +274,8 @@ impl Run {
         let total = self.opened.total();
         match self.opened.on_part_failure {
             OnPartFailure::Continue => self.ended.len() as u32 == total,
-            OnPartFailure::Wait => self.succeeded() == total,
+            // Counting successes walks every part: only once every part has ended.
+            OnPartFailure::Wait => self.ended.len() as u32 == total && self.succeeded() == total,
         }
     }
 
@@ -342,8 +348,14 @@ pub struct Fold {
 }
 
 impl Fold {
-    /// A fan-out opened. A repeat (the fan-out step ran twice) keeps what is known.
+    /// A fan-out opened (its record at an unknown offset). A repeat (the fan-out step ran
+    /// twice) keeps what is known.
     pub fn open(&mut self, opened: Opened) -> Vec<Effect> {
+        self.open_at(opened, 0)
+    }
+
+    /// A fan-out opened, its record read at stream offset `offset`.
+    pub fn open_at(&mut self, opened: Opened, offset: u64) -> Vec<Effect> {
         let parent = opened.parent;
         if self.runs.contains_key(&parent) {
             return Vec::new();
@@ -355,6 +367,7 @@ impl Fold {
                 opened,
                 ended: BTreeMap::new(),
                 released,
+                opened_offset: offset,
             },
         );
         self.decide(parent)

@@ -11,6 +11,7 @@ pub mod dead_letter;
 pub mod env;
 pub mod envelope;
 pub mod exit;
+pub mod fanin;
 pub mod fanout;
 pub mod ids;
 pub mod priority;

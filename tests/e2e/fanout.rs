@@ -121,6 +121,116 @@ async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
 }
 
 #[tokio::test]
+async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_killed() {
+    // Given three workers and a job whose plan step splits 1,000 parts over 30 tenants
+    let ns = TestNamespace::new(&config("", TWO_WORK_STEPS)).await;
+    let mut workers = vec![
+        ns.spawn_worker(&[]),
+        ns.spawn_worker(&[]),
+        ns.spawn_worker(&[]),
+    ];
+    let client = ns.client().await;
+    let parts: Vec<Value> = (0..1_000)
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 400}, "tenant": format!("t{}", i % 30)}))
+        .collect();
+    let parent = client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap();
+
+    // When, midway, the coordinating worker and one other are SIGKILLed (the
+    // successor resumes from a checkpoint that no longer holds the parts' outputs), and a
+    // fresh worker starts
+    let leads = |w: &warren_tests::WorkerProcess| w.log_text().contains("Coordinating fan-ins.");
+    // (once a worker has led for 2.5 s: a leader checkpoints every 2 s)
+    let leading_since = std::cell::Cell::new(None::<std::time::Instant>);
+    let midway = eventually(Duration::from_secs(60), || async {
+        if leading_since.get().is_none() && workers.iter().any(leads) {
+            leading_since.set(Some(std::time::Instant::now()));
+        }
+        leading_since
+            .get()
+            .is_some_and(|t| t.elapsed() >= Duration::from_millis(2_500))
+    })
+    .await;
+    assert!(
+        midway,
+        "the parts never got going, or no worker coordinates"
+    );
+    let ended_before = ns.step_starts().iter().filter(|s| s.1 == "b").count();
+    assert!(ended_before < 1_000, "every part ran before the kill");
+    let leader = workers.iter().position(leads).expect("a coordinator");
+    workers[leader].kill_hard();
+    workers[(leader + 1) % 3].kill_hard();
+    workers.push(ns.spawn_worker(&[]));
+
+    // Then the parent job finishes with its join, which accounts for every part once
+    let result = client.wait(parent, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(result.step, "notify");
+    let out = &result.output;
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(1_000), &json!(1_000), &json!(0)),
+        "{}",
+        out["parts"].as_array().map_or(0, Vec::len)
+    );
+    let listed = out["parts"].as_array().unwrap();
+    let ids: HashSet<&str> = listed
+        .iter()
+        .map(|p| p["job_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..1_000)
+        .map(|i| part_job_id(parent, i).to_string())
+        .collect();
+    assert_eq!(ids, expected.iter().map(String::as_str).collect());
+    // Every output made it through the kill: read back from the stream, not the checkpoint.
+    assert!(listed
+        .iter()
+        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    let tenants: HashSet<&str> = listed
+        .iter()
+        .map(|p| p["tenant"].as_str().unwrap())
+        .collect();
+    assert_eq!(tenants.len(), 30);
+    let joins = join_runs(&ns);
+    assert!(joins >= 1, "the join never ran");
+    let survivors = workers.iter().filter(|w| leads(w)).count();
+    assert!(survivors >= 2, "no other worker took over the coordination");
+    let read_back = |w: &warren_tests::WorkerProcess| {
+        w.log_text()
+            .contains("Read the open fan-outs back from the stream.")
+    };
+    assert!(
+        workers.iter().any(read_back),
+        "the successor did not resume from a checkpoint with the fan-out open: {}",
+        workers
+            .iter()
+            .filter(|w| leads(w))
+            .map(|w| w
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("fanin"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    );
+    // Duplicates: part steps that ran more than once (the killed workers' in-flight steps).
+    let starts = ns.step_starts();
+    let parts_only = starts
+        .iter()
+        .filter(|(_, step, _)| step != "notify")
+        .count();
+    let repeats = parts_only - 2 * 1_000;
+    eprintln!(
+        "fan-out of 1,000 over 30 tenants, coordinator and one more worker SIGKILLed with \
+         {ended_before} parts in step b or past it: join ran {joins} time(s), {repeats} part \
+         step(s) ran again"
+    );
+}
+
+#[tokio::test]
 async fn max_parts_in_flight_holds_across_workers() {
     // Given a fan-out of 24 parts of 150 ms each, at most 4 at once, and two roomy workers
     let fan_out = "max_parts_in_flight = 4";

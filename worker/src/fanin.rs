@@ -1,8 +1,11 @@
 //! The fan-in coordinator: every worker runs one, and the one that holds the lock
 //! (`{ns}.fanin.lock`, an exclusive queue that dies with its connection) leads. The leader
-//! loads the last checkpoint, reads the fan-in stream from the offset it names, folds each
-//! record (`warren_common::fanout::Fold`, pure), carries out what the fold decides (release the
-//! next parts, publish the join step's message), and checkpoints the fold with its offset.
+//! loads the last checkpoint, reads the fan-in stream back from the oldest open fan-out's
+//! opened record to the checkpoint's offset (`warren_common::fanin::Resume`: the parts' specs and
+//! outputs are not in the checkpoint), then folds each new record
+//! (`warren_common::fanout::Fold`, pure), carries out what the fold decides (release the next
+//! parts, publish the join step's message), and checkpoints (`warren_common::fanin::Checkpoint`:
+//! counts and compact part sets, a few dozen bytes per open fan-out).
 //! Nothing is held unacked for long, so RabbitMQ's `consumer_timeout` never trips.
 //!
 //! A leader killed at any instant leaves a checkpoint behind; its successor refolds from there.
@@ -19,6 +22,7 @@ use tracing::{debug, info, warn};
 use warren_broker::fanin::{self, FaninRecord};
 use warren_broker::Publisher;
 use warren_common::encode;
+use warren_common::fanin::{Checkpoint, Restored, Resume};
 use warren_common::fanout::{Effect, Fold, PartEnd};
 
 use crate::step::StepSession;
@@ -31,6 +35,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Unacked fan-in stream messages at once (a stream needs acks for its credit only).
 const PREFETCH: u16 = 500;
+
+/// Deliveries acked at once (with `multiple`), well below [`PREFETCH`].
+const ACK_EVERY: usize = 100;
 
 /// Whether `config` has a fan-out step, so the coordinator is needed.
 pub(crate) fn needed(config: &warren_common::Config) -> bool {
@@ -74,24 +81,34 @@ pub(crate) async fn coordinate(session: Arc<StepSession>, stop: CancellationToke
 /// Leads until an error: fold, carry out, checkpoint.
 async fn lead(session: &StepSession) -> Result<(), String> {
     let broker = &session.broker;
-    info!("Coordinating fan-ins.");
-    let mut fold = fanin::last_checkpoint(broker)
+    let restored = fanin::last_checkpoint(broker)
         .await
         .map_err(|e| e.to_string())?;
+    let (mut fold, mut resume) = start_from(restored);
+    let read_from = resume
+        .as_ref()
+        .and_then(Resume::from_offset)
+        .unwrap_or(fold.next_offset);
     info!(
-        open_fan_outs = fold.runs.len(),
-        from_offset = fold.next_offset,
+        open_fan_outs = resume
+            .as_ref()
+            .map_or(fold.runs.len(), Resume::open_fan_outs),
+        from_offset = read_from,
+        checkpoint_offset = fold.next_offset,
         "Coordinating fan-ins."
     );
     let publisher = Publisher::new(broker).await.map_err(|e| e.to_string())?;
     let checkpoints = broker.names().fanin_checkpoints();
-    let (_channel, mut consumer) = fanin::read_fanin(broker, fold.next_offset, PREFETCH)
+    let (_channel, mut consumer) = fanin::read_fanin(broker, read_from, PREFETCH)
         .await
         .map_err(|e| e.to_string())?;
     let mut dirty = false;
     let mut checkpointed = Instant::now();
+    // The newest delivery not acked yet, and how many are behind it: acked together.
+    let mut unacked: Option<(lapin::Acker, usize)> = None;
     loop {
         let next = tokio::time::timeout(CHECKPOINT_EVERY, consumer.next()).await;
+        let quiet = next.is_err();
         let delivery = match next {
             Ok(Some(Ok(delivery))) => Some(delivery),
             Ok(Some(Err(e))) => return Err(format!("read the fan-in stream: {e}")),
@@ -101,34 +118,104 @@ async fn lead(session: &StepSession) -> Result<(), String> {
         let mut joined = false;
         if let Some(delivery) = delivery {
             let offset = fanin::offset_of(&delivery.properties).unwrap_or(fold.next_offset);
-            // A stream starts a reader at the chunk that holds its offset: skip what was folded.
-            if offset >= fold.next_offset {
-                let record = FaninRecord::read(delivery.routing_key.as_str(), &delivery.data);
-                let effects = match record {
-                    FaninRecord::Opened(opened) => fold.open(*opened),
-                    FaninRecord::Result(event) => match PartEnd::of(&event) {
-                        Some((part_of, end)) => fold.end(part_of, end),
-                        None => Vec::new(),
-                    },
-                    FaninRecord::Other => Vec::new(),
-                };
-                fold.next_offset = offset + 1;
-                dirty = true;
-                for effect in effects {
-                    joined |= carry_out(session, &mut fold, effect).await?;
+            let record = || FaninRecord::read(delivery.routing_key.as_str(), &delivery.data);
+            if let Some(replay) = resume.as_mut().filter(|r| offset < r.until()) {
+                // Read back: folded and carried out before the checkpoint.
+                match record() {
+                    FaninRecord::Opened(opened) => replay.opened(*opened, offset),
+                    FaninRecord::Result(event) => {
+                        if let Some((part_of, end)) = PartEnd::of(&event) {
+                            replay.ended(part_of, end, offset);
+                        }
+                    }
+                    FaninRecord::Other => {}
+                }
+                if replay.is_last(offset) {
+                    fold = resumed(resume.take());
+                }
+            } else {
+                if resume.is_some() {
+                    fold = resumed(resume.take());
+                }
+                // A stream starts a reader at the chunk that holds its offset: skip what was
+                // folded.
+                if offset >= fold.next_offset {
+                    let effects = match record() {
+                        FaninRecord::Opened(opened) => fold.open_at(*opened, offset),
+                        FaninRecord::Result(event) => match PartEnd::of(&event) {
+                            Some((part_of, end)) => fold.end(part_of, end),
+                            None => Vec::new(),
+                        },
+                        FaninRecord::Other => Vec::new(),
+                    };
+                    fold.next_offset = offset + 1;
+                    dirty = true;
+                    for effect in effects {
+                        joined |= carry_out(session, &mut fold, effect).await?;
+                    }
                 }
             }
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let behind = unacked.take().map_or(0, |(_, n)| n);
+            unacked = Some((delivery.acker, behind + 1));
+        }
+        // A stream needs acks for its credit only: many at once are much cheaper. Below the
+        // prefetch, so the credit never runs out; the rest goes when the stream is quiet.
+        if let Some((acker, n)) = unacked.take() {
+            if n >= ACK_EVERY || quiet {
+                let _ = acker.ack(BasicAckOptions { multiple: true }).await;
+            } else {
+                unacked = Some((acker, n));
+            }
         }
         // A join is checkpointed at once: a successor would otherwise publish it again.
         if dirty && (joined || checkpointed.elapsed() >= CHECKPOINT_EVERY) {
-            fanin::checkpoint(&publisher, &checkpoints, &fold)
+            fanin::checkpoint(&publisher, &checkpoints, &Checkpoint::of(&fold))
                 .await
                 .map_err(|e| format!("checkpoint: {e}"))?;
             dirty = false;
             checkpointed = Instant::now();
         }
     }
+}
+
+/// The fold to start from, and the read-back a checkpoint of this format needs first.
+fn start_from(restored: Option<Restored>) -> (Fold, Option<Resume>) {
+    match restored {
+        None => (Fold::default(), None),
+        Some(Restored::Full(fold)) => (fold, None),
+        Some(Restored::Marks(checkpoint)) => {
+            let resume = Resume::new(checkpoint);
+            if resume.from_offset().is_some() {
+                let fold = Fold {
+                    next_offset: resume.until(),
+                    ..Fold::default()
+                };
+                (fold, Some(resume))
+            } else {
+                (resumed(Some(resume)), None)
+            }
+        }
+    }
+}
+
+/// The fold a finished read-back gives.
+fn resumed(resume: Option<Resume>) -> Fold {
+    let Some(resume) = resume else {
+        return Fold::default();
+    };
+    let (fold, lost) = resume.finish();
+    for parent in lost {
+        warn!(parent_job_id = %parent,
+            "A fan-out's opened record is no longer in the fan-in stream; its join cannot run.");
+    }
+    if !fold.runs.is_empty() {
+        info!(
+            open_fan_outs = fold.runs.len(),
+            from_offset = fold.next_offset,
+            "Read the open fan-outs back from the stream."
+        );
+    }
+    fold
 }
 
 /// Publishes what `effect` asks for, confirmed. `Ok(true)` when it was a join.

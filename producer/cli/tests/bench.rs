@@ -26,6 +26,7 @@ async fn bench_reports_every_scenario_and_cleans_up() {
             "200",
         ])
         .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
+        .args(["--fanout-parts", "200", "--fanout-runs", "2"])
         .args(["--settle", "0s"])
         // Defaults plus WARREN_AMQP_URL, as on a machine without a warren.toml.
         .env_remove("WARREN_CONFIG")
@@ -39,7 +40,7 @@ async fn bench_reports_every_scenario_and_cleans_up() {
     let scenarios: BTreeSet<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
     assert_eq!(
         scenarios,
-        ["S1", "S2", "S3", "S4", "S5", "S6"].into(),
+        ["S1", "S2", "S3", "S4", "S5", "S6", "S9"].into(),
         "{report:#}"
     );
     for row in rows {
@@ -216,6 +217,63 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
         format!("{ns}.q.collide_off.work.normal.0"),
         format!("{ns}.q.fair.work.normal.hot0"),
         format!("{ns}.q.fair_off.work.normal.7"),
+    ])
+    .await;
+}
+
+/// S9 at a small size (200 parts, twice), beside S1 for its baseline: every S9 row is there
+/// with a number, the join ran once per fan-out, and the namespace is gone.
+#[tokio::test]
+async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
+    let out = Command::new(WARREN)
+        .args(["--json", "bench", "--scenarios", "s1,s9"])
+        .args([
+            "--jobs",
+            "200",
+            "--fanout-parts",
+            "200",
+            "--fanout-runs",
+            "2",
+        ])
+        .args(["--settle", "0s", "--patience", "60s"])
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let rows = report["rows"].as_array().expect("rows");
+    let figure = |metric: &str| {
+        rows.iter()
+            .find(|r| r["scenario"] == "S9" && r["metric"] == metric)
+            .unwrap_or_else(|| panic!("no S9 {metric:?} in {report:#}"))
+    };
+    for metric in [
+        "200-part fan-out vs S1 drain",
+        "200-part fan-out vs S1 submit then drain",
+    ] {
+        let row = figure(metric);
+        assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["baseline"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+        assert!(row["ratio"].as_f64().is_some_and(|v| v > 0.0), "{row}");
+    }
+    assert_eq!(figure("200-part fan-out vs S1 drain")["target"], ">= 0.8x");
+    let gap = figure("last part end to join start, p50");
+    assert!(gap["warren"].as_f64().is_some_and(|v| v >= 0.0), "{gap}");
+    let joins = figure("joins per fan-out");
+    assert_eq!(joins["warren"].as_f64(), Some(1.0), "{joins}");
+    let s9 = rows.iter().filter(|r| r["scenario"] == "S9").count();
+    assert_eq!(s9, 4, "{report:#}");
+
+    let ns = report["conditions"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    assert_gone(&[
+        format!("{ns}.q.fan.plan.normal.0"),
+        format!("{ns}.q.part.stamp.normal.0"),
+        format!("{ns}.fanin"),
+        format!("{ns}.fanin.ckpt"),
     ])
     .await;
 }

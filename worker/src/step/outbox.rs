@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use warren_broker::fanin;
 use warren_broker::{
-    Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PublishError, Publisher, StepRoute,
+    Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PendingConfirm, PublishError,
+    Publisher, StepRoute,
 };
 use warren_common::backoff::Backoff;
 use warren_common::dead_letter as headers;
@@ -21,7 +22,7 @@ use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed};
 use crate::metrics::{Metrics, PublishKind};
 
 /// Part publishes awaiting their confirms at once.
-const PARTS_IN_FLIGHT: usize = 256;
+const PARTS_IN_FLIGHT: usize = 1_000;
 
 /// Longest wait between tries to hand an output to a full queue.
 const BACKLOG_FULL_MAX_WAIT: Duration = Duration::from_secs(5);
@@ -182,34 +183,49 @@ impl Outbox {
         Ok(())
     }
 
-    /// Publishes a fan-out's parts, many confirms in flight at once; each held and retried
-    /// while its queue is full, as a hand-off is.
+    /// Publishes a fan-out's parts through a sliding window of confirms: up to
+    /// [`PARTS_IN_FLIGHT`] awaited at once, the next sent as the oldest is confirmed (the
+    /// broker confirms in order, so waiting on the oldest costs nothing). Each part refused by
+    /// a full queue is held and retried, as a hand-off is.
     pub(crate) async fn publish_parts(
         &self,
         parts: &[(StepRoute, &Envelope, &[u8])],
     ) -> Result<(), PublishError> {
-        for chunk in parts.chunks(PARTS_IN_FLIGHT) {
-            let mut pending = Vec::with_capacity(chunk.len());
-            for (route, env, body) in chunk {
-                let key = route.routing_key();
-                let id = env.job_id.to_string();
-                let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
-                pending.push(self.publisher.start(msg).await);
+        let mut window = std::collections::VecDeque::with_capacity(PARTS_IN_FLIGHT);
+        for (index, (route, env, body)) in parts.iter().enumerate() {
+            if window.len() == PARTS_IN_FLIGHT {
+                self.settle_part(parts, window.pop_front()).await?;
             }
-            for ((route, env, body), confirm) in chunk.iter().zip(pending) {
-                let confirmed = match confirm {
-                    Ok(confirm) => confirm.wait().await,
-                    Err(e) => Err(e),
-                };
-                if let Err(PublishError::Nacked { .. }) = confirmed {
-                    self.hand_off(|| self.publish_step(route, env, body))
-                        .await?;
-                } else {
-                    confirmed?;
-                }
-            }
+            let key = route.routing_key();
+            let id = env.job_id.to_string();
+            let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
+            window.push_back((index, self.publisher.start(msg).await));
+        }
+        while let Some(oldest) = window.pop_front() {
+            self.settle_part(parts, Some(oldest)).await?;
         }
         Ok(())
+    }
+
+    /// Waits for one part's confirm; a refusal (its queue is full) is handed off again.
+    async fn settle_part(
+        &self,
+        parts: &[(StepRoute, &Envelope, &[u8])],
+        pending: Option<(usize, Result<PendingConfirm, PublishError>)>,
+    ) -> Result<(), PublishError> {
+        let Some((index, confirm)) = pending else {
+            return Ok(());
+        };
+        let confirmed = match confirm {
+            Ok(confirm) => confirm.wait().await,
+            Err(e) => Err(e),
+        };
+        if let Err(PublishError::Nacked { .. }) = confirmed {
+            let (route, env, body) = &parts[index];
+            self.hand_off(|| self.publish_step(route, env, body)).await
+        } else {
+            confirmed
+        }
     }
 
     /// Sends `letter` to the dead-letter queue.

@@ -6,6 +6,7 @@
 
 mod caps;
 mod collider;
+mod fanout;
 mod many_tenants;
 mod raw;
 mod report;
@@ -52,6 +53,8 @@ pub(crate) enum Scenario {
     /// Not in the default set: many small tenants beside floods, with hot lanes off and on; a
     /// few minutes per flood set (docs/bench.md). The "S7"; `s7` is the scale scenario.
     S7t,
+    /// A fan-out of `--fanout-parts` parts and its join, against S1's drain (docs/bench.md).
+    S9,
 }
 
 impl Scenario {
@@ -85,7 +88,7 @@ impl std::str::FromStr for FloodSet {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
     /// Scenarios to run, comma-separated (S3c, S7, S7t and S8 only when named).
-    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6")]
+    #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6,s9")]
     scenarios: Vec<Scenario>,
     /// S1 (and S6's load): one-step no-op jobs.
     #[arg(long, default_value_t = 20_000)]
@@ -166,6 +169,12 @@ pub(crate) struct BenchArgs {
     /// S3c, S7t: hot lanes of the pipelines with hot lanes (default: the config's default).
     #[arg(long)]
     hot_lanes: Option<u16>,
+    /// S9: parts of its fan-out.
+    #[arg(long, default_value_t = 10_000)]
+    fanout_parts: usize,
+    /// S9: fan-outs run one after the other; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    fanout_runs: usize,
     /// Internal: serve the bench's `one` pipeline in namespace NS as a worker process (S6).
     #[arg(long, hide = true, value_name = "NS")]
     serve_worker: Option<String>,
@@ -363,7 +372,11 @@ async fn run(
         true => fairness_toml(&args),
         false => String::new(),
     };
-    let config = bench_config(&base, &ns, args.concurrency, &fairness)?;
+    let fan = match args.scenarios.contains(&Scenario::S9) {
+        true => fanout::toml(args.concurrency),
+        false => String::new(),
+    };
+    let config = bench_config(&base, &ns, args.concurrency, &(fairness + &fan))?;
     let raw_config = bench_config(&base, &format!("{ns}-raw"), args.concurrency, "")?;
     let admin = Broker::connect(&config.broker)
         .await
@@ -482,6 +495,7 @@ async fn run(
             "fair_work_ms": bench.args.fair_work_ms, "fair_concurrency": bench.args.fair_concurrency,
             "fair_load": bench.args.fair_load, "fair_shards": bench.args.fair_shards,
             "fair_submitters": bench.args.fair_submitters, "hot_lanes": bench.args.hot_lanes, "fair_idle_s": bench.args.fair_idle.as_secs_f64(),
+            "fanout_parts": bench.args.fanout_parts, "fanout_runs": bench.args.fanout_runs,
         },
     });
     if json {
@@ -561,6 +575,18 @@ impl Bench {
     /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.
     async fn start_worker(&self, pipeline: &str, queue: &str) -> anyhow::Result<Instant> {
         let worker = warren_side::worker(self.config.clone(), Some(pipeline))?;
+        let running = Running::spawn(&self.workers, worker);
+        let old = self.running.lock().expect("lock").replace(running);
+        if let Some(old) = old {
+            old.stop(Duration::from_secs(10)).await?;
+        }
+        warren_side::consuming(&self.admin, queue, Duration::from_secs(60)).await
+    }
+
+    /// Starts an in-process worker on every pipeline (with the fan-in coordinator when one
+    /// fans out); returns when it consumes `queue`.
+    async fn start_worker_all(&self, queue: &str) -> anyhow::Result<Instant> {
+        let worker = warren_side::worker(self.config.clone(), None)?;
         let running = Running::spawn(&self.workers, worker);
         let old = self.running.lock().expect("lock").replace(running);
         if let Some(old) = old {

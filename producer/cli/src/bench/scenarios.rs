@@ -31,6 +31,7 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
             Scenario::S7 => super::scale::s7(b, &mut rows).await,
             Scenario::S8 => super::caps::s8(b, &mut rows).await,
             Scenario::S7t => super::many_tenants::s7t(b, &mut rows).await,
+            Scenario::S9 => super::fanout::s9(b, &mut rows).await,
         }
         .with_context(|| format!("scenario {scenario:?}"))?;
     }
@@ -74,7 +75,10 @@ pub(super) fn jobs(
 const SINGLE_JOBS: usize = 20;
 
 /// The metric of S1's drain row, which S3 compares its flood's drain rate with.
-const S1_DRAIN: &str = "drain vs raw relay";
+pub(super) const S1_DRAIN: &str = "drain vs raw relay";
+
+/// The metric of S1's submit row, which S9 composes with its drain.
+pub(super) const S1_SUBMIT: &str = "submit_many vs raw publish";
 
 /// How long after `start` the last of `done` came.
 pub(super) fn span(start: Instant, done: &[Instant]) -> Duration {
@@ -148,7 +152,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let drain = rate(n, warren_drain);
     rows.push(Row::new(
         "S1",
-        "submit_many vs raw publish",
+        S1_SUBMIT,
         "jobs/s",
         rate(n, warren_submit),
         Some(rate(n, raw_publish)),

@@ -54,6 +54,61 @@ async fn span(input: Value, ctx: StepContext) -> Result<Value, StepError> {
     Ok(serde_json::json!({"start_us": start_us, "end_us": end_us}))
 }
 
+/// Microseconds of the system clock: the fan-out figures compare instants taken in handlers
+/// with instants taken by the driver.
+pub(super) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// What S9's handlers noted: when each fan-out step returned, and each join's starts (a join
+/// that ran twice has two). Keyed by the parent job.
+#[derive(Debug, Default)]
+pub(super) struct FanNotes {
+    pub(super) planned_us: HashMap<JobId, u64>,
+    pub(super) join_starts_us: HashMap<JobId, Vec<u64>>,
+}
+
+/// S9's notes, shared by the in-process worker's handlers and the driver.
+pub(super) static FAN_NOTES: std::sync::Mutex<Option<FanNotes>> = std::sync::Mutex::new(None);
+
+fn note(f: impl FnOnce(&mut FanNotes)) {
+    let mut notes = FAN_NOTES.lock().expect("lock");
+    f(notes.get_or_insert_with(FanNotes::default));
+}
+
+/// S9's fan-out step: `{"parts": n}` becomes n parts of the parent's tenant.
+async fn plan(input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    let n = input.get("parts").and_then(Value::as_u64).unwrap_or(0);
+    let parts: Vec<Value> = (0..n).map(|i| serde_json::json!({"payload": i})).collect();
+    note(|n| {
+        n.planned_us.insert(ctx.job_id, now_us());
+    });
+    Ok(Value::Array(parts))
+}
+
+/// S9's part: a no-op that says when it ended.
+async fn stamp(_input: Value, _ctx: StepContext) -> Result<Value, StepError> {
+    Ok(serde_json::json!({"end_us": now_us()}))
+}
+
+/// S9's join: notes its start, and passes on the counts.
+async fn join(input: Value, ctx: StepContext) -> Result<Value, StepError> {
+    let start_us = now_us();
+    note(|n| {
+        n.join_starts_us
+            .entry(ctx.job_id)
+            .or_default()
+            .push(start_us)
+    });
+    Ok(serde_json::json!({
+        "start_us": start_us,
+        "total": input["total"],
+        "succeeded": input["succeeded"],
+    }))
+}
+
 /// A worker serving one pipeline of `config` (or all), with the bench's handlers.
 pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, WorkerError> {
     Worker::builder(config)
@@ -62,6 +117,9 @@ pub(super) fn worker(config: Config, pipeline: Option<&str>) -> Result<Worker, W
         .handler("noop", handler_fn(noop))
         .handler("work", handler_fn(work))
         .handler("span", handler_fn(span))
+        .handler("plan", handler_fn(plan))
+        .handler("stamp", handler_fn(stamp))
+        .handler("join", handler_fn(join))
         .build()
 }
 
