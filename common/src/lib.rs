@@ -12,6 +12,7 @@ pub mod env;
 pub mod envelope;
 pub mod exit;
 pub mod fanout;
+pub mod history;
 pub mod ids;
 pub mod priority;
 pub mod schedule;
