@@ -390,6 +390,11 @@ impl Client {
                     // Not moved: the caller's closing of the channel puts it back.
                     (_, Err(e)) => return Err(e.into()),
                 };
+                if matches!(done, Done::Replayed) {
+                    if let Some(event) = replayed(&letter) {
+                        self.record(vec![event]).await;
+                    }
+                }
                 delivery
                     .acker
                     .ack(BasicAckOptions::default())
@@ -411,4 +416,22 @@ impl Client {
         };
         self.publisher().start(msg).await
     }
+}
+
+/// The "replayed" history event of a dead letter put back on its step.
+fn replayed(letter: &DeadLetter) -> Option<warren_common::history::Event> {
+    let (Some(job_id), Some(tenant), Some(pipeline)) =
+        (letter.job_id, &letter.tenant, &letter.pipeline)
+    else {
+        return None;
+    };
+    let mut event = warren_common::history::Event::new(
+        warren_common::history::Kind::Replayed,
+        job_id,
+        tenant,
+        pipeline,
+    );
+    event.step = letter.step.clone();
+    event.parent = letter.part_of.map(|p| p.job_id);
+    Some(event)
 }

@@ -49,7 +49,25 @@ pub(super) async fn fire(
 ) -> Result<Vec<JobId>, SubmitError> {
     let jobs = match how {
         FireKind::Skipped | FireKind::Baseline => Vec::new(),
-        _ => client.submit_many(jobs_of(schedule, slot)).await?,
+        _ => {
+            let jobs = jobs_of(schedule, slot);
+            let fired: Vec<_> = jobs
+                .iter()
+                .map(|job| {
+                    let mut event = warren_common::history::Event::new(
+                        warren_common::history::Kind::Fired,
+                        job.id,
+                        &job.tenant,
+                        &job.pipeline,
+                    );
+                    event.schedule = Some(schedule.name.clone());
+                    event
+                })
+                .collect();
+            let ids = client.submit_many(jobs).await?;
+            client.record(fired).await;
+            ids
+        }
     };
     let record = Record::Fired {
         schedule: schedule.name.clone(),
