@@ -213,11 +213,7 @@ async fn publish(
         *publisher = Some(fresh);
     }
     let msg = Outgoing::persistent("", stream, body, "history");
-    let sent = publisher
-        .as_ref()
-        .expect("set above")
-        .start(msg)
-        .await;
+    let sent = publisher.as_ref().expect("set above").start(msg).await;
     sent.map_err(|e| {
         // Start afresh next time: a new channel, and for an own connection a new connection.
         *publisher = None;
@@ -272,7 +268,10 @@ pub async fn read(
     mut keep: impl FnMut(&Event) -> bool,
 ) -> Result<Vec<Event>, ReadError> {
     let stream = broker.names().history_stream();
-    if crate::depth::ready_messages(broker, &stream).await?.is_none() {
+    if crate::depth::ready_messages(broker, &stream)
+        .await?
+        .is_none()
+    {
         return Err(ReadError::Missing(stream));
     }
     let nonce = format!("end:{}:{}", std::process::id(), JobId::new());
@@ -285,10 +284,7 @@ pub async fn read(
     let channel = broker.channel().await?;
     let mut args = FieldTable::default();
     let since = from_ms.saturating_sub(CLOCK_SKEW_MS).min(now_ms());
-    args.insert(
-        "x-stream-offset".into(),
-        AMQPValue::Timestamp(since / 1000),
-    );
+    args.insert("x-stream-offset".into(), AMQPValue::Timestamp(since / 1000));
     let mut consumer = crate::consume(&channel, &stream, PREFETCH, args).await?;
     let mut kept = Vec::new();
     let mut read = 0u64;

@@ -660,8 +660,14 @@ handler = "h"
         config.history.retention = std::time::Duration::from_secs(3600);
         let plan = Topology::plan(&config);
         let history = plan.queues.iter().find(|q| q.name == "ns.history").unwrap();
-        assert_eq!(history.argument("x-max-age"), Some(&Arg::Str("3600s".into())));
-        assert_eq!(history.argument("x-queue-type"), Some(&Arg::Str("stream".into())));
+        assert_eq!(
+            history.argument("x-max-age"),
+            Some(&Arg::Str("3600s".into()))
+        );
+        assert_eq!(
+            history.argument("x-queue-type"),
+            Some(&Arg::Str("stream".into()))
+        );
         config.history.enabled = false;
         let plan = Topology::plan(&config);
         assert!(!plan.queues.iter().any(|q| q.name == "ns.history"));

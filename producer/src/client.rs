@@ -11,9 +11,9 @@ use warren_broker::{
     Broker, BrokerError, HistoryWriter, HotMark, HotRouter, HotTenant, Lane, Outgoing,
     PublishError, Publisher,
 };
-use warren_common::history::Event;
 use warren_common::backoff::Backoff;
 use warren_common::env::ProcessEnv;
+use warren_common::history::Event;
 use warren_common::trace::TraceParent;
 use warren_common::{now_ms, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 

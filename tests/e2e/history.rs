@@ -143,9 +143,16 @@ async fn an_unknown_job_and_history_off_are_told_apart() {
     let unknown = JobId::new();
     let started = std::time::Instant::now();
     let e = client.status(unknown).await.unwrap_err();
-    assert!(matches!(e, HistoryError::UnknownJob(id) if id == unknown), "{e}");
+    assert!(
+        matches!(e, HistoryError::UnknownJob(id) if id == unknown),
+        "{e}"
+    );
     // The end marker ends the read, not a timeout.
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     client.close().await;
 
     let off = TestNamespace::new(&TWO_STEPS.replace("enabled = true", "enabled = false")).await;
@@ -169,7 +176,10 @@ async fn the_history_stream_is_deleted_with_the_namespace() {
                 .unwrap()
         }
     };
-    assert!(depth(&broker).await.is_some(), "declared with the namespace");
+    assert!(
+        depth(&broker).await.is_some(),
+        "declared with the namespace"
+    );
     Topology::plan(&ns.config).delete(&broker).await.unwrap();
     assert_eq!(depth(&broker).await, None, "deleted with the namespace");
     broker.close().await;

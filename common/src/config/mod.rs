@@ -268,11 +268,17 @@ handler = "resize"
         assert!(!c.history.enabled);
         assert_eq!(c.history.max_age(), "129600s");
         let e = err("[history]\nenabled = true\nretention = \"10s\"\n");
-        assert!(e.starts_with("warren.toml:3:") && e.contains("`retention`"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:3:") && e.contains("`retention`"),
+            "{e}"
+        );
         let e = err("[history]\nretention = \"soon\"\n");
         assert!(e.starts_with("warren.toml:2:"), "{e}");
         let e = err("[history]\nenable = true\n");
-        assert!(e.starts_with("warren.toml:2:") && e.contains("unknown field `enable`"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("unknown field `enable`"),
+            "{e}"
+        );
         let e = err("[history]\nenabled = \"yes\"\n");
         assert!(e.starts_with("warren.toml:2:"), "{e}");
     }

@@ -263,7 +263,10 @@ mod tests {
         let text = value.to_string();
         assert!(text.contains("\"kind\": \"submitted\""), "{text}");
         assert!(text.contains("\"priority\": \"high\""), "{text}");
-        assert!(!text.contains("took_ms"), "absent fields are left out: {text}");
+        assert!(
+            !text.contains("took_ms"),
+            "absent fields are left out: {text}"
+        );
     }
 
     #[test]

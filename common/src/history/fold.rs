@@ -420,18 +420,30 @@ mod tests {
         let id = job();
         let life = life(id);
         let at = |n: usize| fold(&life[..n]).unwrap();
-        assert_eq!((at(1).status, at(1).step.as_deref()), (Status::Queued, Some("fetch")));
+        assert_eq!(
+            (at(1).status, at(1).step.as_deref()),
+            (Status::Queued, Some("fetch"))
+        );
         assert_eq!(at(2).status, Status::Running);
         let retrying = at(3);
         assert_eq!(retrying.status, Status::Retrying);
         assert_eq!(retrying.retry_at, Some(25));
         assert_eq!(retrying.error.as_deref(), Some("timeout"));
-        assert_eq!((at(5).status, at(5).step.as_deref()), (Status::Queued, Some("parse")));
+        assert_eq!(
+            (at(5).status, at(5).step.as_deref()),
+            (Status::Queued, Some("parse"))
+        );
         assert_eq!(at(7).status, Status::Failed);
         let dead = at(8);
-        assert_eq!((dead.status, dead.step.as_deref()), (Status::DeadLettered, Some("parse")));
+        assert_eq!(
+            (dead.status, dead.step.as_deref()),
+            (Status::DeadLettered, Some("parse"))
+        );
         assert_eq!(dead.error.as_deref(), Some("exit 65: bad row"));
-        assert_eq!((at(9).status, at(9).error.as_deref()), (Status::Queued, None));
+        assert_eq!(
+            (at(9).status, at(9).error.as_deref()),
+            (Status::Queued, None)
+        );
     }
 
     #[test]

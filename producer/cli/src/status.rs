@@ -3,9 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use warren_producer::{
-    Client, Config, HistoryError, JobFilter, JobId, JobState, Outcome, Status,
-};
+use warren_producer::{Client, Config, HistoryError, JobFilter, JobId, JobState, Outcome, Status};
 
 use crate::output::outln;
 use crate::{Exit, EXIT_NOT_FOUND, EXIT_USAGE};
@@ -39,7 +37,9 @@ pub(crate) struct JobsArgs {
 /// What a history error means for the exit code.
 fn exit(e: HistoryError) -> anyhow::Error {
     match e {
-        HistoryError::Disabled { .. } | HistoryError::NotV7(_) => Exit(EXIT_USAGE, e.to_string()).into(),
+        HistoryError::Disabled { .. } | HistoryError::NotV7(_) => {
+            Exit(EXIT_USAGE, e.to_string()).into()
+        }
         HistoryError::UnknownJob(_) => Exit(EXIT_NOT_FOUND, e.to_string()).into(),
         other => other.into(),
     }
@@ -88,7 +88,10 @@ pub(crate) async fn jobs(args: JobsArgs, config: Config, json: bool) -> anyhow::
         return Ok(());
     }
     if jobs.is_empty() {
-        outln!("no jobs made in the last {} match", humantime::format_duration(args.since));
+        outln!(
+            "no jobs made in the last {} match",
+            humantime::format_duration(args.since)
+        );
         return Ok(());
     }
     outln!(
@@ -121,7 +124,9 @@ fn describe(s: &JobState) -> Vec<String> {
         s.job_id,
         s.tenant,
         s.pipeline,
-        s.priority.map(|p| format!("  priority {p}")).unwrap_or_default()
+        s.priority
+            .map(|p| format!("  priority {p}"))
+            .unwrap_or_default()
     )];
     let at = s.step.as_deref().unwrap_or("-");
     let status = match s.status {
@@ -129,12 +134,17 @@ fn describe(s: &JobState) -> Vec<String> {
         Status::Running => format!("running step {at}"),
         Status::Retrying => format!(
             "retrying step {at}{}",
-            s.retry_at.map(|t| format!(" at {}", time(Some(t)))).unwrap_or_default()
+            s.retry_at
+                .map(|t| format!(" at {}", time(Some(t))))
+                .unwrap_or_default()
         ),
         Status::WaitingForParts => format!("waiting for its parts before step {at}"),
         Status::Succeeded => "succeeded".to_string(),
         Status::Failed => format!("failed at step {at}"),
-        Status::DeadLettered => format!("failed at step {at}; dead-lettered (`warren dlq replay --id {}`)", s.job_id),
+        Status::DeadLettered => format!(
+            "failed at step {at}; dead-lettered (`warren dlq replay --id {}`)",
+            s.job_id
+        ),
     };
     lines.push(format!("status: {status}"));
     if let Some(error) = &s.error {
@@ -144,7 +154,11 @@ fn describe(s: &JobState) -> Vec<String> {
         "made {}  submitted {}  {} {}",
         time(s.created_at),
         time(s.submitted_at),
-        if s.ended_at.is_some() { "ended" } else { "updated" },
+        if s.ended_at.is_some() {
+            "ended"
+        } else {
+            "updated"
+        },
         time(s.ended_at.or(Some(s.updated_at)))
     ));
     if let Some(schedule) = &s.schedule {
@@ -197,7 +211,10 @@ fn one_line(error: &str) -> String {
     let lines: Vec<&str> = error.trim().lines().collect();
     match lines.len() {
         0 | 1 => error.trim().to_string(),
-        n => format!("{} (last of {n} lines; --json has all)", lines[n - 1].trim()),
+        n => format!(
+            "{} (last of {n} lines; --json has all)",
+            lines[n - 1].trim()
+        ),
     }
 }
 

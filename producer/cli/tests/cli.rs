@@ -132,7 +132,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text(&out.stdout).contains("5 exchanges, 18 queues"),
+        text(&out.stdout).contains("5 exchanges, 19 queues"),
         "{}",
         text(&out.stdout)
     );
@@ -478,6 +478,78 @@ fn acme_submit(payload: &str, extra: &[&str]) -> Vec<String> {
 
 fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_jobs_read_the_history() {
+    // Given a worker and a job that succeeded and one that failed, both submitted by the CLI
+    let ns = TestNamespace::new(GREET).await;
+    let worker = HelloWorker::start(&ns);
+    let warren = |args, stdin| warren_off_runtime(&ns, args, stdin);
+    let submit = |payload: &'static str| async move {
+        let out = warren_off_runtime(&ns, acme_submit(payload, &["--json"]), None).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ok = submit(r#"{"name": "ada"}"#).await;
+    let bad = submit("{}").await;
+
+    // When `warren status` is asked until both ended
+    let status = |id: String| async move {
+        let out = warren_off_runtime(&ns, args(&["status", &id, "--json"]), None).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()
+    };
+    let ended = eventually(Duration::from_secs(30), || async {
+        status(ok.clone()).await["status"] == "succeeded"
+            && status(bad.clone()).await["status"] == "dead_lettered"
+    })
+    .await;
+
+    // Then each says how it ended, the failure with its error and attempt
+    let failed = status(bad.clone()).await;
+    assert!(ended, "{failed:#}");
+    assert_eq!(failed["step"], "hello", "{failed:#}");
+    assert_eq!(failed["error"], "no name", "{failed:#}");
+    assert_eq!(failed["attempts"][0]["outcome"], "failed", "{failed:#}");
+    let out = warren(args(&["status", &bad]), None).await;
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("failed at step hello; dead-lettered") && shown.contains("error: no name"),
+        "{shown}"
+    );
+
+    // And `warren jobs` lists both newest first, and filters by status
+    let out = warren(args(&["jobs", "--tenant", "acme", "--json"]), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed: Vec<Value> = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let ids: Vec<&str> = listed.iter().filter_map(|j| j["job_id"].as_str()).collect();
+    assert_eq!(ids, [bad.as_str(), ok.as_str()]);
+    let out = warren(args(&["jobs", "--status", "succeeded"]), None).await;
+    let shown = text(&out.stdout);
+    assert!(shown.contains(&ok) && !shown.contains(&bad), "{shown}");
+
+    // When the job is unknown, then exit 5
+    let unknown = warren_producer::JobId::new().to_string();
+    let out = warren(args(&["status", &unknown]), None).await;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("no job"), "{}", text(&out.stderr));
+    worker.stop().await;
+
+    // When history is off in the config, then exit 64 saying how to turn it on
+    let off = TestNamespace::undeclared(&format!("[history]\nenabled = false\n{GREET}"));
+    for command in [vec!["status", ok.as_str()], vec!["jobs"]] {
+        let out = warren_on(&off, &command, None);
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("[history] enabled = true"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]

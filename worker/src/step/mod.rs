@@ -111,7 +111,12 @@ async fn handle(
         // The history of the attempt is confirmed beside the hand-off, not after it: the ack
         // waits for both, and neither waits for the other.
         let events = history::events(&fate, &env, timing.took, &session.config);
-        let recorded = async { writer.record_confirmed(events).await.map_err(PublishError::from) };
+        let recorded = async {
+            writer
+                .record_confirmed(events)
+                .await
+                .map_err(PublishError::from)
+        };
         tokio::try_join!(carry_out(session, route, fate), recorded).map(|_| ())
     }
     .instrument(span)

@@ -192,12 +192,11 @@ struct QuietEnv;
 
 impl BenchArgs {
     fn history(&self) -> HistoryMode {
-        self.history.unwrap_or(
-            match warren_common::config::HISTORY_ENABLED_BY_DEFAULT {
+        self.history
+            .unwrap_or(match warren_common::config::HISTORY_ENABLED_BY_DEFAULT {
                 true => HistoryMode::On,
                 false => HistoryMode::Off,
-            },
-        )
+            })
     }
 }
 
