@@ -142,7 +142,7 @@ fn describe(s: &JobState) -> Vec<String> {
         Status::Succeeded => "succeeded".to_string(),
         Status::Failed => format!("failed at step {at}"),
         Status::DeadLettered => format!(
-            "failed at step {at}; dead-lettered (`warren dlq replay --id {}`)",
+            "failed at step {at}; dead-lettered (`warren dlq replay {}`)",
             s.job_id
         ),
     };
