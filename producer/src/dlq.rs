@@ -350,6 +350,8 @@ impl Client {
             // Send everything first, then settle: one round trip per batch, not per message.
             let mut sent = Vec::with_capacity(batch.len());
             for delivery in batch {
+                // The replay's history time: before its publish, so before the step's start.
+                let at = now_ms();
                 let letter = DeadLetter::read(&delivery);
                 let fate = decide(&letter);
                 let confirm = match &fate {
@@ -365,9 +367,9 @@ impl Client {
                     }
                     Fate::Keep | Fate::Skip(_) => Some(self.keep(dlq, &delivery).await),
                 };
-                sent.push((delivery, letter, fate, confirm));
+                sent.push((delivery, letter, fate, confirm, at));
             }
-            for (delivery, letter, fate, confirm) in sent {
+            for (delivery, letter, fate, confirm, at) in sent {
                 let outcome = match confirm {
                     None => Ok(()),
                     Some(Ok(pending)) => pending.wait().await,
@@ -392,7 +394,7 @@ impl Client {
                 };
                 if matches!(done, Done::Replayed) {
                     if let Some(event) = replayed(&letter) {
-                        self.record(vec![event]).await;
+                        self.record(vec![event.at(at)]).await;
                     }
                 }
                 delivery

@@ -95,7 +95,7 @@ pub(crate) async fn jobs(args: JobsArgs, config: Config, json: bool) -> anyhow::
         return Ok(());
     }
     outln!(
-        "{:<36}  {:<19}  {:<16} {:<16} {:<18} {}",
+        "{:<36}  {:<23}  {:<16} {:<16} {:<18} {}",
         "JOB",
         "MADE",
         "TENANT",
@@ -105,7 +105,7 @@ pub(crate) async fn jobs(args: JobsArgs, config: Config, json: bool) -> anyhow::
     );
     for job in &jobs {
         outln!(
-            "{:<36}  {:<19}  {:<16} {:<16} {:<18} {}",
+            "{:<36}  {:<23}  {:<16} {:<16} {:<18} {}",
             job.job_id,
             time(job.created_at),
             job.tenant,
@@ -178,25 +178,25 @@ fn describe(s: &JobState) -> Vec<String> {
     }
     lines.push("timeline:".to_string());
     for a in &s.attempts {
+        let took = a.took_ms.map(|t| format!(" in {t} ms")).unwrap_or_default();
         let outcome = match a.outcome {
-            Some(Outcome::Succeeded) => "succeeded",
-            Some(Outcome::Retried) => "failed, retried",
-            Some(Outcome::Failed) => "failed",
-            None => "running",
+            Some(Outcome::Succeeded) => format!("succeeded{took}"),
+            Some(Outcome::Retried) => format!("failed{took}, retried"),
+            Some(Outcome::Failed) => format!("failed{took}"),
+            None => "running".to_string(),
         };
         let round = if a.round > 0 {
             format!(" (after replay {})", a.round)
         } else {
             String::new()
         };
-        let took = a.took_ms.map(|t| format!(" in {t} ms")).unwrap_or_default();
         let error = a
             .error
             .as_deref()
             .map(|e| format!(": {}", one_line(e)))
             .unwrap_or_default();
         lines.push(format!(
-            "  {}  {:<16} attempt {}{round}  {outcome}{took}{error}",
+            "  {}  {:<16} attempt {}{round}  {outcome}{error}",
             time(a.started_at.or(a.ended_at)),
             a.step,
             a.attempt

@@ -536,7 +536,11 @@ async fn status_and_jobs_read_the_history() {
     let unknown = warren_producer::JobId::new().to_string();
     let out = warren(args(&["status", &unknown]), None).await;
     assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("no job"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no job"),
+        "{}",
+        text(&out.stderr)
+    );
     worker.stop().await;
 
     // When history is off in the config, then exit 64 saying how to turn it on
