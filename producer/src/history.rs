@@ -110,7 +110,7 @@ impl Client {
             .cloned()
             .collect();
         // Ids are v7: newest first is highest first.
-        jobs.sort_by(|a, b| b.job_id.cmp(&a.job_id));
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.job_id));
         jobs.truncate(filter.limit);
         Ok(jobs
             .into_iter()
