@@ -483,11 +483,13 @@ fn args(a: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_and_jobs_read_the_history() {
     // Given a worker and a job that succeeded and one that failed, both submitted by the CLI
-    let ns = TestNamespace::new(GREET).await;
-    let worker = HelloWorker::start(&ns);
-    let warren = |args, stdin| warren_off_runtime(&ns, args, stdin);
+    let owned = TestNamespace::new(GREET).await;
+    // A reference, so each closure below copies it.
+    let ns = &owned;
+    let worker = HelloWorker::start(ns);
+    let warren = |args, stdin| warren_off_runtime(ns, args, stdin);
     let submit = |payload: &'static str| async move {
-        let out = warren_off_runtime(&ns, acme_submit(payload, &["--json"]), None).await;
+        let out = warren_off_runtime(ns, acme_submit(payload, &["--json"]), None).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
             .as_str()
@@ -499,7 +501,7 @@ async fn status_and_jobs_read_the_history() {
 
     // When `warren status` is asked until both ended
     let status = |id: String| async move {
-        let out = warren_off_runtime(&ns, args(&["status", &id, "--json"]), None).await;
+        let out = warren_off_runtime(ns, args(&["status", &id, "--json"]), None).await;
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()
     };
