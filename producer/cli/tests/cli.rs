@@ -515,12 +515,12 @@ async fn status_and_jobs_read_the_history() {
     let failed = status(bad.clone()).await;
     assert!(ended, "{failed:#}");
     assert_eq!(failed["step"], "hello", "{failed:#}");
-    assert_eq!(failed["error"], "no name", "{failed:#}");
+    assert_eq!(failed["error"], "permanent failure: no name", "{failed:#}");
     assert_eq!(failed["attempts"][0]["outcome"], "failed", "{failed:#}");
     let out = warren(args(&["status", &bad]), None).await;
     let shown = text(&out.stdout);
     assert!(
-        shown.contains("failed at step hello; dead-lettered") && shown.contains("error: no name"),
+        shown.contains("failed at step hello; dead-lettered") && shown.contains("no name"),
         "{shown}"
     );
 
