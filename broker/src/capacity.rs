@@ -59,6 +59,8 @@ pub struct QueueCounts {
     pub results: usize,
     /// The control stream (hot-tenant marks).
     pub control: usize,
+    /// The job history stream (`[history] enabled`).
+    pub history: usize,
     /// The schedulers' tick and delay queues and their ledger stream.
     pub schedules: usize,
     pub quorum: usize,
@@ -102,6 +104,8 @@ impl QueueCounts {
                 counts.results += 1;
             } else if queue.name == names.control_stream() {
                 counts.control += 1;
+            } else if queue.name == names.history_stream() {
+                counts.history += 1;
             } else if [
                 names.sched_tick_queue(),
                 names.sched_delay_queue(),
