@@ -238,22 +238,23 @@ mod tests {
                 counts.dead_letter,
                 counts.results,
                 counts.control,
+                counts.history,
                 counts.schedules
             ),
-            (1, 1, 1, 0)
+            (1, 1, 1, 1, 0)
         );
         assert_eq!(
             counts.delay,
             crate::topology::retry_delays_ms(&config).len()
         );
         assert_eq!(
-            counts.stream, 2,
-            "the results and control streams (no schedules)"
+            counts.stream, 3,
+            "the results, control and history streams (no schedules)"
         );
-        assert_eq!(counts.quorum, counts.total() - 2, "quorum by default");
+        assert_eq!(counts.quorum, counts.total() - 3, "quorum by default");
         assert_eq!(
             counts.handles(),
-            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + 2 * HANDLES_PER_STREAM
+            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + 3 * HANDLES_PER_STREAM
         );
     }
 
@@ -263,7 +264,7 @@ mod tests {
         config.broker.queue_type = QueueType::Classic;
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &Names::new(&config.broker.namespace));
-        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 2));
+        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 3));
     }
 
     #[test]

@@ -711,7 +711,7 @@ handler = "h"
         assert!(plan.queues.iter().any(|q| q.name == "ns.sched"));
         assert_eq!(
             plan.work_queues().count(),
-            plan.queues.len() - 3,
+            plan.queues.len() - 3 - usize::from(config.history.enabled),
             "all but the streams"
         );
     }
