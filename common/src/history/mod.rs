@@ -1,6 +1,6 @@
 //! Job history: the lifecycle events workers and producers append to the stream
 //! `{ns}.history` ([`event`]), and the pure fold of a job's events into where it is and what
-//! happened to it ([`fold`]). Writing and reading the stream is `warren_broker::history`.
+//! happened to it ([`fold()`]). Writing and reading the stream is `warren_broker::history`.
 
 pub mod event;
 pub mod fold;
