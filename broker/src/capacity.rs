@@ -59,6 +59,8 @@ pub struct QueueCounts {
     pub results: usize,
     /// The control stream (hot-tenant marks).
     pub control: usize,
+    /// The job history stream (`[history] enabled`).
+    pub history: usize,
     /// The schedulers' tick and delay queues and their ledger stream.
     pub schedules: usize,
     pub quorum: usize,
@@ -102,6 +104,8 @@ impl QueueCounts {
                 counts.results += 1;
             } else if queue.name == names.control_stream() {
                 counts.control += 1;
+            } else if queue.name == names.history_stream() {
+                counts.history += 1;
             } else if [
                 names.sched_tick_queue(),
                 names.sched_delay_queue(),
@@ -234,22 +238,23 @@ mod tests {
                 counts.dead_letter,
                 counts.results,
                 counts.control,
+                counts.history,
                 counts.schedules
             ),
-            (1, 1, 1, 0)
+            (1, 1, 1, 1, 0)
         );
         assert_eq!(
             counts.delay,
             crate::topology::retry_delays_ms(&config).len()
         );
         assert_eq!(
-            counts.stream, 2,
-            "the results and control streams (no schedules)"
+            counts.stream, 3,
+            "the results, control and history streams (no schedules)"
         );
-        assert_eq!(counts.quorum, counts.total() - 2, "quorum by default");
+        assert_eq!(counts.quorum, counts.total() - 3, "quorum by default");
         assert_eq!(
             counts.handles(),
-            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + 2 * HANDLES_PER_STREAM
+            counts.quorum as u64 * HANDLES_PER_QUORUM_QUEUE + 3 * HANDLES_PER_STREAM
         );
     }
 
@@ -259,7 +264,7 @@ mod tests {
         config.broker.queue_type = QueueType::Classic;
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &Names::new(&config.broker.namespace));
-        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 2));
+        assert_eq!((counts.quorum, counts.classic), (0, plan.queues.len() - 3));
     }
 
     #[test]

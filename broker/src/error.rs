@@ -101,6 +101,9 @@ pub enum PublishError {
         routing_key: String,
         waited: std::time::Duration,
     },
+    /// A publish shared with others (a batch of history events) that failed; `reason` says how.
+    #[error("a batched publish to {routing_key:?} failed: {reason}")]
+    Batched { routing_key: String, reason: String },
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }

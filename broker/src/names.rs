@@ -72,6 +72,11 @@ impl Names {
         format!("{}.sched", self.ns)
     }
 
+    /// Stream of job lifecycle events (`[history]`), read by `warren status` and `warren jobs`.
+    pub fn history_stream(&self) -> String {
+        format!("{}.history", self.ns)
+    }
+
     /// Where messages that cannot or must not run any more are set aside.
     pub fn dlq(&self) -> String {
         format!("{}.dlq", self.ns)
@@ -114,6 +119,7 @@ mod tests {
         assert_eq!(n.sched_tick_queue(), "acme-prod.sched.tick");
         assert_eq!(n.sched_delay_queue(), "acme-prod.sched.delay");
         assert_eq!(n.sched_stream(), "acme-prod.sched");
+        assert_eq!(n.history_stream(), "acme-prod.history");
         assert_eq!(n.delay_queue(1500), "acme-prod.delay.1500");
         assert_eq!(n.delay_exchange(1500), "acme-prod.delay.1500");
         assert_eq!(

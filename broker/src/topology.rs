@@ -31,6 +31,10 @@ pub const SCHED_MAX_AGE: &str = "7D";
 /// (RabbitMQ removes whole segments only, and the default is 500 MB).
 pub const SCHED_SEGMENT_BYTES: i64 = 4 * 1024 * 1024;
 
+/// Segment size of the history stream: retention drops whole segments, so smaller ones keep
+/// the stream close to its `retention`; big enough that a busy cluster makes few files.
+pub const HISTORY_SEGMENT_BYTES: i64 = 64 * 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExchangeSpec {
     pub name: String,
@@ -232,6 +236,23 @@ impl Topology {
                         Arg::Int(16 * 1024 * 1024),
                     ),
                     ("x-max-length-bytes", Arg::Int(256 * 1024 * 1024)),
+                ],
+                bindings: vec![],
+            });
+        }
+        // Declared only when on; turning history off later leaves the stream (and its events)
+        // until the namespace is deleted.
+        if config.history.enabled {
+            queues.push(QueueSpec {
+                name: names.history_stream(),
+                route: None,
+                arguments: vec![
+                    ("x-queue-type", str_arg("stream")),
+                    ("x-max-age", Arg::Str(config.history.max_age())),
+                    (
+                        "x-stream-max-segment-size-bytes",
+                        Arg::Int(HISTORY_SEGMENT_BYTES),
+                    ),
                 ],
                 bindings: vec![],
             });
@@ -619,7 +640,8 @@ handler = "h"
                 .iter()
                 .any(|e| e.name == name && e.kind == ExchangeType::Fanout));
         }
-        assert_eq!(plan.work_queues().count(), plan.queues.len() - 2);
+        let streams = 2 + usize::from(config.history.enabled);
+        assert_eq!(plan.work_queues().count(), plan.queues.len() - streams);
         assert!(!plan.queues.iter().any(|q| q.name.starts_with("ns.sched")));
         assert!(plan.queues.iter().any(|q| q.name == "ns.results"));
         let control = plan.queues.iter().find(|q| q.name == "ns.control").unwrap();
@@ -629,6 +651,26 @@ handler = "h"
         );
         assert!(plan.queues.iter().any(|q| q.name == "ns.q.p.b.low.hot1"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");
+    }
+
+    #[test]
+    fn the_history_stream_is_there_when_on_with_its_retention() {
+        let mut config = two_steps_two_shards();
+        config.history.enabled = true;
+        config.history.retention = std::time::Duration::from_secs(3600);
+        let plan = Topology::plan(&config);
+        let history = plan.queues.iter().find(|q| q.name == "ns.history").unwrap();
+        assert_eq!(
+            history.argument("x-max-age"),
+            Some(&Arg::Str("3600s".into()))
+        );
+        assert_eq!(
+            history.argument("x-queue-type"),
+            Some(&Arg::Str("stream".into()))
+        );
+        config.history.enabled = false;
+        let plan = Topology::plan(&config);
+        assert!(!plan.queues.iter().any(|q| q.name == "ns.history"));
     }
 
     #[test]
@@ -669,7 +711,7 @@ handler = "h"
         assert!(plan.queues.iter().any(|q| q.name == "ns.sched"));
         assert_eq!(
             plan.work_queues().count(),
-            plan.queues.len() - 3,
+            plan.queues.len() - 3 - usize::from(config.history.enabled),
             "all but the streams"
         );
     }

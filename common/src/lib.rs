@@ -13,6 +13,7 @@ pub mod envelope;
 pub mod exit;
 pub mod fanin;
 pub mod fanout;
+pub mod history;
 pub mod ids;
 pub mod priority;
 pub mod schedule;

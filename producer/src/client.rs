@@ -8,10 +8,12 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
 use warren_broker::{
-    Broker, BrokerError, HotMark, HotRouter, HotTenant, Lane, Outgoing, PublishError, Publisher,
+    Broker, BrokerError, HistoryWriter, HotMark, HotRouter, HotTenant, Lane, Outgoing,
+    PublishError, Publisher,
 };
 use warren_common::backoff::Backoff;
 use warren_common::env::ProcessEnv;
+use warren_common::history::Event;
 use warren_common::trace::TraceParent;
 use warren_common::{now_ms, Config, Envelope, JobId, Priority, ResultEvent, TenantId};
 
@@ -74,6 +76,8 @@ pub struct Client {
     /// No mark is tried before this time (ms) after one could not be published, so a missing
     /// control stream costs one warning and one round trip per pause, not per submit.
     marks_paused_until: AtomicU64,
+    /// Writes "submitted" (and "replayed") history events, when `[history]` is on.
+    history: Option<HistoryWriter>,
 }
 
 /// How long a producer stops marking after a mark could not be published.
@@ -87,6 +91,8 @@ struct Prepared {
     /// The step queue it goes to, and that queue's length bound.
     queue: String,
     max_queue_length: u32,
+    /// Its "submitted" history event, written once the publish is confirmed.
+    submitted: Event,
 }
 
 impl Client {
@@ -98,6 +104,7 @@ impl Client {
             router: HotRouter::start(&broker, config.fairness.hot_for),
             floods: Mutex::new(Floods::default()),
             marks_paused_until: AtomicU64::new(0),
+            history: config.history.enabled.then(|| HistoryWriter::on(&broker)),
             config: Arc::new(config),
             broker,
             publisher,
@@ -135,6 +142,7 @@ impl Client {
         if let Err(cause) = result {
             return Err(self.publish_error(&prepared, cause, 0).await);
         }
+        self.record(vec![prepared.submitted]).await;
         Ok(prepared.id)
     }
 
@@ -172,7 +180,11 @@ impl Client {
                 confirmed += 1;
             }
         }
-        Ok(prepared.into_iter().map(|p| p.id).collect())
+        let ids = prepared.iter().map(|p| p.id).collect();
+        // After every confirm, in messages of up to 500 events.
+        self.record(prepared.into_iter().map(|p| p.submitted).collect())
+            .await;
+        Ok(ids)
     }
 
     /// Waits up to `timeout` for the job's result (success or failure). Works for jobs that
@@ -288,6 +300,18 @@ impl Client {
         }
     }
 
+    /// Writes history events (after the publishes they tell of were confirmed) and waits for
+    /// their confirm, so a process that exits right after a submit leaves its "submitted"
+    /// events behind. A failure is logged, not returned: the jobs are submitted either way.
+    pub(crate) async fn record(&self, events: Vec<Event>) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        if let Err(error) = history.record_confirmed(events).await {
+            tracing::warn!(%error, "Cannot write history events; the jobs are submitted.");
+        }
+    }
+
     /// Closes the connection cleanly. Dropping a client without it is safe too.
     pub async fn close(self) {
         self.router.stop();
@@ -351,6 +375,7 @@ impl Client {
                 max: e.max,
             })?;
         Ok(Prepared {
+            submitted: Event::submitted(&envelope),
             id: job.id,
             routing_key: route.routing_key(),
             body,

@@ -350,6 +350,8 @@ impl Client {
             // Send everything first, then settle: one round trip per batch, not per message.
             let mut sent = Vec::with_capacity(batch.len());
             for delivery in batch {
+                // The replay's history time: before its publish, so before the step's start.
+                let at = now_ms();
                 let letter = DeadLetter::read(&delivery);
                 let fate = decide(&letter);
                 let confirm = match &fate {
@@ -365,9 +367,9 @@ impl Client {
                     }
                     Fate::Keep | Fate::Skip(_) => Some(self.keep(dlq, &delivery).await),
                 };
-                sent.push((delivery, letter, fate, confirm));
+                sent.push((delivery, letter, fate, confirm, at));
             }
-            for (delivery, letter, fate, confirm) in sent {
+            for (delivery, letter, fate, confirm, at) in sent {
                 let outcome = match confirm {
                     None => Ok(()),
                     Some(Ok(pending)) => pending.wait().await,
@@ -390,6 +392,11 @@ impl Client {
                     // Not moved: the caller's closing of the channel puts it back.
                     (_, Err(e)) => return Err(e.into()),
                 };
+                if matches!(done, Done::Replayed) {
+                    if let Some(event) = replayed(&letter) {
+                        self.record(vec![event.at(at)]).await;
+                    }
+                }
                 delivery
                     .acker
                     .ack(BasicAckOptions::default())
@@ -411,4 +418,22 @@ impl Client {
         };
         self.publisher().start(msg).await
     }
+}
+
+/// The "replayed" history event of a dead letter put back on its step.
+fn replayed(letter: &DeadLetter) -> Option<warren_common::history::Event> {
+    let (Some(job_id), Some(tenant), Some(pipeline)) =
+        (letter.job_id, &letter.tenant, &letter.pipeline)
+    else {
+        return None;
+    };
+    let mut event = warren_common::history::Event::new(
+        warren_common::history::Kind::Replayed,
+        job_id,
+        tenant,
+        pipeline,
+    );
+    event.step = letter.step.clone();
+    event.parent = letter.part_of.map(|p| p.job_id);
+    Some(event)
 }

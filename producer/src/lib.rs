@@ -22,14 +22,17 @@ mod client;
 mod dlq;
 mod error;
 mod flood;
+mod history;
 mod results;
 pub mod schedules;
 
 pub use client::{Client, Job, CONFIRM_WINDOW};
 pub use dlq::{DeadLetter, DlqError, DlqFilter, ReplayOptions, ReplayReport, Skipped};
 pub use error::{ConnectError, SubmitError, WaitError};
+pub use history::{HistoryError, JobFilter};
 pub use results::{ResultStream, Since, Waiting};
 pub use warren_broker::{BrokerError, HotTenant, PublishError};
 pub use warren_common::env::{Env, ProcessEnv};
+pub use warren_common::history::{Attempt, JobState, Outcome, Parts, Status};
 pub use warren_common::trace::TraceParent;
 pub use warren_common::{Config, ConfigError, JobId, JobStatus, Priority, ResultEvent, TenantId};

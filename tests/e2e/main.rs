@@ -8,6 +8,7 @@ mod dlq;
 mod fairness;
 mod fanout;
 mod flow;
+mod history;
 mod isolation;
 mod kill;
 mod logs;

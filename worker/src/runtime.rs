@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_broker::{Broker, Topology, TopologyError};
+use warren_broker::{Broker, HistoryWriter, Topology, TopologyError};
 use warren_common::backoff::Backoff;
 use warren_common::Config;
 
@@ -81,10 +81,16 @@ impl Worker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Backoff::reconnect();
+        // One per process, with its own connection: it outlives the sessions.
+        let history = self
+            .config
+            .history
+            .enabled
+            .then(|| HistoryWriter::start(&self.config.broker));
         loop {
             // Not raced with `shutdown`: once consumers start, a signal must drain them, and
             // `serve` sees a signal that came during start-up.
-            let reason = match self.session(&mut backoff).await {
+            let reason = match self.session(&mut backoff, history.clone()).await {
                 Ok(session) => {
                     let outcome = session.serve(&mut shutdown, self.grace).await;
                     self.metrics.set_connected(false);
@@ -107,7 +113,11 @@ impl Worker {
     }
 
     /// Connects, declares the topology and starts consuming.
-    async fn session(&self, backoff: &mut Backoff) -> Result<Session, WorkerError> {
+    async fn session(
+        &self,
+        backoff: &mut Backoff,
+        history: Option<HistoryWriter>,
+    ) -> Result<Session, WorkerError> {
         let broker = Broker::connect(&self.config.broker).await?;
         // Declaring is idempotent, so a worker never waits on a forgotten `topology apply`; a
         // queue that exists with other arguments stops it here, by name.
@@ -126,6 +136,7 @@ impl Worker {
             outbox: Outbox::new(&broker, lost.clone(), Arc::clone(&self.metrics)).await?,
             lost,
             metrics: Arc::clone(&self.metrics),
+            history,
         });
         // Bounded by the number of consumers: each reports at most one error before it stops.
         let (fatal, fatal_rx) = mpsc::unbounded_channel();

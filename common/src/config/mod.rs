@@ -7,8 +7,8 @@ mod schedule;
 use std::path::{Path, PathBuf};
 
 pub use model::{
-    BrokerConfig, ClientCert, Config, FanOut, OnPartFailure, PipelineConfig, QueueType, StepConfig,
-    StepKind, TlsConfig,
+    BrokerConfig, ClientCert, Config, FanOut, HistoryConfig, OnPartFailure, PipelineConfig,
+    QueueType, StepConfig, StepKind, TlsConfig, HISTORY_ENABLED_BY_DEFAULT,
 };
 pub use schedule::{Overlap, ScheduleConfig, DEFAULT_SCHEDULE_TENANT};
 
@@ -256,6 +256,31 @@ handler = "resize"
         let c = parse("").unwrap();
         assert_eq!(c.broker.namespace, "warren");
         assert!(c.broker.url.starts_with("amqp://"));
+    }
+
+    #[test]
+    fn history_defaults_and_bad_values_name_key_and_line() {
+        let c = parse("").unwrap();
+        assert_eq!(c.history.enabled, HISTORY_ENABLED_BY_DEFAULT);
+        assert_eq!(c.history.retention, Duration::from_secs(7 * 86400));
+        assert_eq!(c.history.max_age(), "604800s");
+        let c = parse("[history]\nenabled = false\nretention = \"36h\"\n").unwrap();
+        assert!(!c.history.enabled);
+        assert_eq!(c.history.max_age(), "129600s");
+        let e = err("[history]\nenabled = true\nretention = \"10s\"\n");
+        assert!(
+            e.starts_with("warren.toml:3:") && e.contains("`retention`"),
+            "{e}"
+        );
+        let e = err("[history]\nretention = \"soon\"\n");
+        assert!(e.starts_with("warren.toml:2:"), "{e}");
+        let e = err("[history]\nenable = true\n");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("unknown field `enable`"),
+            "{e}"
+        );
+        let e = err("[history]\nenabled = \"yes\"\n");
+        assert!(e.starts_with("warren.toml:2:"), "{e}");
     }
 
     #[test]

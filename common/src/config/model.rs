@@ -22,6 +22,41 @@ pub struct Config {
     pub fairness: FairnessConfig,
     #[serde(default, deserialize_with = "super::schedule::schedules")]
     pub schedules: Vec<super::schedule::ScheduleConfig>,
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+/// Whether `[history] enabled` is on when the file does not say: measured against the cost
+/// target (S1 and S2 with history on at least 0.85x of off; docs/bench.md).
+pub const HISTORY_ENABLED_BY_DEFAULT: bool = true;
+
+/// `[history]`: the job history stream `{ns}.history` (docs/ARCHITECTURE.md, "History").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// Whether workers and producers write lifecycle events, and `warren status` / `warren
+    /// jobs` can read them.
+    #[serde(default = "default_history_enabled")]
+    pub enabled: bool,
+    /// How long the stream keeps events (its `x-max-age`); whole segments go at a time.
+    #[serde(default = "default_retention", deserialize_with = "retention")]
+    pub retention: Duration,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: default_history_enabled(),
+            retention: default_retention(),
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// The retention in the stream argument's syntax (`x-max-age`), in whole seconds.
+    pub fn max_age(&self) -> String {
+        format!("{}s", self.retention.as_secs())
+    }
 }
 
 /// `[fairness]`: when a tenant counts as hot (flooding) and for how long. A hot tenant's jobs
@@ -513,6 +548,12 @@ fn default_hot_share() -> f64 {
 fn default_hot_depth() -> u32 {
     500
 }
+fn default_history_enabled() -> bool {
+    HISTORY_ENABLED_BY_DEFAULT
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 fn default_hot_for() -> Duration {
     Duration::from_secs(60)
 }
@@ -670,6 +711,17 @@ fn hot_share<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 
 fn hot_depth<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     ranged(d, "hot_depth", 1, 100_000_000).map(|v| v as u32)
+}
+
+fn retention<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value: Duration = humantime_serde::deserialize(d)?;
+    if value < Duration::from_secs(60) || value > Duration::from_secs(3650 * 24 * 3600) {
+        return Err(serde::de::Error::custom(format!(
+            "`retention` must be between 1m and 3650d, not {}",
+            humantime::format_duration(value)
+        )));
+    }
+    Ok(value)
 }
 
 fn hot_for<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

@@ -6,6 +6,7 @@ mod output;
 mod queues;
 mod results;
 mod schedules;
+mod status;
 mod submit;
 mod topology;
 
@@ -23,7 +24,8 @@ pub(crate) const EXIT_USAGE: u8 = warren_common::exit::USAGE;
 pub(crate) const EXIT_JOB_FAILED: u8 = 3;
 /// Exit code when `--wait` gave up.
 pub(crate) const EXIT_TIMEOUT: u8 = 4;
-/// Exit code when `dlq show` or `dlq replay` found no matching dead letter.
+/// Exit code when `dlq show` or `dlq replay` found no matching dead letter, or `status` no
+/// such job.
 pub(crate) const EXIT_NOT_FOUND: u8 = 5;
 
 #[derive(Debug, Parser)]
@@ -57,6 +59,10 @@ enum Command {
     Queues(queues::QueuesArgs),
     /// Show the results of a fan-out's parts.
     Results(results::ResultsArgs),
+    /// Where a job is and what happened to it, from the job history.
+    Status(status::StatusArgs),
+    /// List recent jobs from the job history, newest first.
+    Jobs(status::JobsArgs),
     /// Show each schedule's next and last fire; trigger, pause, resume or backfill one.
     Schedules(schedules::SchedulesArgs),
     /// Measure warren against a raw lapin program on this broker, in a throw-away namespace.
@@ -99,6 +105,8 @@ fn main() -> ExitCode {
             Command::Queues(args) => queues::run(args, &config, cli.json).await,
             Command::Results(args) => results::run(args, config, cli.json).await,
             Command::Schedules(args) => schedules::run(args, config, cli.json).await,
+            Command::Status(args) => status::status(args, config, cli.json).await,
+            Command::Jobs(args) => status::jobs(args, config, cli.json).await,
             Command::Bench(_) => unreachable!("handled before the config is loaded"),
         }
     });

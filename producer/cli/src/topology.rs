@@ -211,8 +211,8 @@ fn summary<'a>(
         )
     });
     let others = format!(
-        "  delay queues: {}, dead-letter queue: {}, results stream: {}, control stream: {}, schedules: {}",
-        counts.delay, counts.dead_letter, counts.results, counts.control, counts.schedules
+        "  delay queues: {}, dead-letter queue: {}, results stream: {}, control stream: {}, history stream: {}, schedules: {}",
+        counts.delay, counts.dead_letter, counts.results, counts.control, counts.history, counts.schedules
     );
     let handles = format!(
         "open files: about {} handles on each broker node ({} per quorum queue, {} per stream, {} per classic queue: RabbitMQ 3.10 figures)",
@@ -288,6 +288,7 @@ fn counts_json(counts: &QueueCounts) -> Value {
         "dead_letter": counts.dead_letter,
         "results": counts.results,
         "control": counts.control,
+        "history": counts.history,
         "schedules": counts.schedules,
         "quorum": counts.quorum,
         "classic": counts.classic,
@@ -329,6 +330,7 @@ mod tests {
             dead_letter: 1,
             results: 1,
             control: 1,
+            history: 1,
             schedules: 3,
             quorum: 95,
             classic: 0,

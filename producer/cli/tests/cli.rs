@@ -132,7 +132,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text(&out.stdout).contains("5 exchanges, 18 queues"),
+        text(&out.stdout).contains("5 exchanges, 19 queues"),
         "{}",
         text(&out.stdout)
     );
@@ -480,6 +480,84 @@ fn args(a: &[&str]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn status_and_jobs_read_the_history() {
+    // Given a worker and a job that succeeded and one that failed, both submitted by the CLI
+    let owned = TestNamespace::new(GREET).await;
+    // A reference, so each closure below copies it.
+    let ns = &owned;
+    let worker = HelloWorker::start(ns);
+    let warren = |args, stdin| warren_off_runtime(ns, args, stdin);
+    let submit = |payload: &'static str| async move {
+        let out = warren_off_runtime(ns, acme_submit(payload, &["--json"]), None).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let ok = submit(r#"{"name": "ada"}"#).await;
+    let bad = submit("{}").await;
+
+    // When `warren status` is asked until both ended
+    let status = |id: String| async move {
+        let out = warren_off_runtime(ns, args(&["status", &id, "--json"]), None).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        serde_json::from_str::<Value>(text(&out.stdout).trim()).unwrap()
+    };
+    let ended = eventually(Duration::from_secs(30), || async {
+        status(ok.clone()).await["status"] == "succeeded"
+            && status(bad.clone()).await["status"] == "dead_lettered"
+    })
+    .await;
+
+    // Then each says how it ended, the failure with its error and attempt
+    let failed = status(bad.clone()).await;
+    assert!(ended, "{failed:#}");
+    assert_eq!(failed["step"], "hello", "{failed:#}");
+    assert_eq!(failed["error"], "permanent failure: no name", "{failed:#}");
+    assert_eq!(failed["attempts"][0]["outcome"], "failed", "{failed:#}");
+    let out = warren(args(&["status", &bad]), None).await;
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("failed at step hello; dead-lettered") && shown.contains("no name"),
+        "{shown}"
+    );
+
+    // And `warren jobs` lists both newest first, and filters by status
+    let out = warren(args(&["jobs", "--tenant", "acme", "--json"]), None).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let listed: Vec<Value> = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    let ids: Vec<&str> = listed.iter().filter_map(|j| j["job_id"].as_str()).collect();
+    assert_eq!(ids, [bad.as_str(), ok.as_str()]);
+    let out = warren(args(&["jobs", "--status", "succeeded"]), None).await;
+    let shown = text(&out.stdout);
+    assert!(shown.contains(&ok) && !shown.contains(&bad), "{shown}");
+
+    // When the job is unknown, then exit 5
+    let unknown = warren_producer::JobId::new().to_string();
+    let out = warren(args(&["status", &unknown]), None).await;
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no job"),
+        "{}",
+        text(&out.stderr)
+    );
+    worker.stop().await;
+
+    // When history is off in the config, then exit 64 saying how to turn it on
+    let off = TestNamespace::undeclared(&format!("[history]\nenabled = false\n{GREET}"));
+    for command in [vec!["status", ok.as_str()], vec!["jobs"]] {
+        let out = warren_on(&off, &command, None);
+        assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("[history] enabled = true"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn queues_reports_ready_messages_per_queue_and_step() {
     // Given a namespace whose topology is not applied yet
@@ -680,8 +758,8 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     assert!(out.status.success(), "{out:?}");
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
 
-    // Then it counts the queues: 12 step queues, the delay queues, the DLQ, the results and the
-    // control streams
+    // Then it counts the queues: 12 step queues, the delay queues, the DLQ, the results, the
+    // control and the history streams
     let counts = &plan["counts"];
     let queues = plan["queues"].as_array().unwrap().len() as u64;
     assert_eq!(counts["queues"], json!(queues), "{plan}");
@@ -691,14 +769,14 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
         json!([{"pipeline": "greet", "queues": 12, "steps": 1, "priorities": 3, "shards": 2, "hot_lanes": 2}])
     );
     let delay = counts["delay"].as_u64().unwrap();
-    assert_eq!(queues, 12 + delay + 3, "{plan}");
+    assert_eq!(queues, 12 + delay + 4, "{plan}");
     assert_eq!(
         (counts["quorum"].as_u64(), counts["stream"].as_u64()),
-        (Some(queues - 2), Some(2))
+        (Some(queues - 3), Some(3))
     );
     // And the broker's open files, with every queue still to come
     let handles = counts["handles"].as_u64().unwrap();
-    assert_eq!(handles, 3 * (queues - 2) + 4, "{plan}");
+    assert_eq!(handles, 3 * (queues - 3) + 6, "{plan}");
     let files = &plan["open_files"];
     assert!(files["fd_total"].as_u64().unwrap() > 0, "{plan}");
     assert_eq!(files["needed"], json!(handles), "{plan}");
@@ -710,8 +788,8 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains(&format!(
-            "needs {queues} queues ({} quorum, 2 stream)",
-            queues - 2
+            "needs {queues} queues ({} quorum, 3 stream)",
+            queues - 3
         )) && stdout.contains(
             "pipeline greet: 12 step queues (1 steps x 3 priorities x (2 shards + 2 hot lanes))"
         ) && stdout.contains(&format!("{handles} more for the queues not there yet")),
@@ -725,5 +803,5 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let files = &plan["open_files"];
     assert_eq!(files["needed"], json!(0), "{plan}");
     let (in_use, fd_used) = (files["in_use"].as_u64(), files["fd_used"].as_u64());
-    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 2)), "{plan}");
+    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 3)), "{plan}");
 }

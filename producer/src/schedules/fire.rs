@@ -49,16 +49,32 @@ pub(super) async fn fire(
 ) -> Result<Vec<JobId>, SubmitError> {
     let jobs = match how {
         FireKind::Skipped | FireKind::Baseline => Vec::new(),
-        // A manual fire is not one of the schedule's slots: fresh ids, so triggering twice
-        // (or in the second of a slot) runs the jobs again instead of repeating ids.
-        FireKind::Trigger => {
-            let fresh = jobs_of(schedule, slot).into_iter().map(|mut job| {
-                job.id = JobId::new();
-                job
-            });
-            client.submit_many(fresh.collect::<Vec<_>>()).await?
+        _ => {
+            let mut jobs = jobs_of(schedule, slot);
+            // A manual fire is not one of the schedule's slots: fresh ids, so triggering twice
+            // (or in the second of a slot) runs the jobs again instead of repeating ids.
+            if how == FireKind::Trigger {
+                for job in &mut jobs {
+                    job.id = JobId::new();
+                }
+            }
+            let fired: Vec<_> = jobs
+                .iter()
+                .map(|job| {
+                    let mut event = warren_common::history::Event::new(
+                        warren_common::history::Kind::Fired,
+                        job.id,
+                        &job.tenant,
+                        &job.pipeline,
+                    );
+                    event.schedule = Some(schedule.name.clone());
+                    event
+                })
+                .collect();
+            let ids = client.submit_many(jobs).await?;
+            client.record(fired).await;
+            ids
         }
-        _ => client.submit_many(jobs_of(schedule, slot)).await?,
     };
     let record = Record::Fired {
         schedule: schedule.name.clone(),

@@ -6,6 +6,7 @@
 
 mod events;
 pub(crate) mod fate;
+mod history;
 mod outbox;
 mod runner;
 
@@ -17,7 +18,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
-use warren_broker::{Broker, PublishError, StepRoute};
+use warren_broker::{Broker, HistoryWriter, PublishError, StepRoute};
+use warren_common::history::{Event as HistoryEvent, Kind};
 use warren_common::{now_ms, Config, Envelope, Priority, Reason};
 
 use self::events::{
@@ -47,6 +49,8 @@ pub(crate) struct StepSession {
     /// so running steps stop and the broker hands their messages out again.
     pub(crate) lost: CancellationToken,
     pub(crate) metrics: Arc<Metrics>,
+    /// The process's history writer, when `[history]` is on.
+    pub(crate) history: Option<HistoryWriter>,
 }
 
 /// Handles one delivery of `served`'s, taken from the queue of `route`, end to end.
@@ -101,7 +105,19 @@ async fn handle(
             .lane(&served.pipeline, env.tenant.as_str());
         let fate = fate::decide(outcome, &env, served, &session.config, rand::random(), hot);
         report(&fate, &env, served, &timing, &session.metrics);
-        carry_out(session, route, fate).await
+        let Some(writer) = &session.history else {
+            return carry_out(session, route, fate).await;
+        };
+        // The history of the attempt is confirmed beside the hand-off, not after it: the ack
+        // waits for both, and neither waits for the other.
+        let events = history::events(&fate, &env, timing.took, &session.config);
+        let recorded = async {
+            writer
+                .record_confirmed(events)
+                .await
+                .map_err(PublishError::from)
+        };
+        tokio::try_join!(carry_out(session, route, fate), recorded).map(|_| ())
     }
     .instrument(span)
     .await
@@ -129,6 +145,9 @@ async fn run(
         trace: env.trace(),
     };
     let metrics = &session.metrics;
+    if let Some(writer) = &session.history {
+        writer.record(HistoryEvent::of_step(Kind::Started, env));
+    }
     let started = Instant::now();
     let queue_wait_ms = now_ms().saturating_sub(env.published_at);
     StepStarted {
@@ -285,6 +304,19 @@ async fn set_aside(
     session.outbox.dead_letter(&letter).await?;
     if let Some(result) = &aside.result {
         session.outbox.publish_result(result).await?;
+        if let Some(writer) = &session.history {
+            let mut dead = HistoryEvent::new(
+                Kind::DeadLettered,
+                result.job_id,
+                result.tenant.as_str(),
+                &result.pipeline,
+            )
+            .error(&aside.text);
+            dead.step = Some(result.step.clone());
+            dead.reason = Some(aside.reason.as_str().to_string());
+            dead.parent = result.part_of.map(|p| p.job_id);
+            writer.record_confirmed(vec![dead]).await?;
+        }
     }
     Ok(())
 }

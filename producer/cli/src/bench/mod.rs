@@ -85,8 +85,21 @@ impl std::str::FromStr for FloodSet {
     }
 }
 
+/// Job history during the bench: S1 and S2 run once per mode of `both`, with rows comparing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum HistoryMode {
+    On,
+    Off,
+    Both,
+}
+
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
+    /// Job history on or off for warren's side, or `both`: S1 and S2 then run with it off and
+    /// on, with rows of the on/off ratio [default: the config's default]. The other scenarios
+    /// run with it on when it is on or both.
+    #[arg(long)]
+    history: Option<HistoryMode>,
     /// Scenarios to run, comma-separated (S3c, S7, S7t and S8 only when named).
     #[arg(long, value_delimiter = ',', default_value = "s1,s2,s3,s4,s5,s6,s9")]
     scenarios: Vec<Scenario>,
@@ -185,6 +198,16 @@ pub(crate) struct BenchArgs {
 
 /// `WARREN_LOG` when set, else warnings only: info lines would tear the progress display.
 struct QuietEnv;
+
+impl BenchArgs {
+    fn history(&self) -> HistoryMode {
+        self.history
+            .unwrap_or(match warren_common::config::HISTORY_ENABLED_BY_DEFAULT {
+                true => HistoryMode::On,
+                false => HistoryMode::Off,
+            })
+    }
+}
 
 impl Env for QuietEnv {
     fn var(&self, key: &str) -> Option<String> {
@@ -376,12 +399,17 @@ async fn run(
         true => fanout::toml(args.concurrency),
         false => String::new(),
     };
-    let config = bench_config(&base, &ns, args.concurrency, &(fairness + &fan))?;
+    let mut config = bench_config(&base, &ns, args.concurrency, &(fairness + &fan))?;
+    config.history.enabled = args.history() != HistoryMode::Off;
     let raw_config = bench_config(&base, &format!("{ns}-raw"), args.concurrency, "")?;
     let admin = Broker::connect(&config.broker)
         .await
         .context("connecting to RabbitMQ")?;
-    let plans = [Topology::plan(&config), Topology::plan(&raw_config)];
+    // With the history stream whatever the mode: a worker process (S6) declares it by the
+    // config's default, and the namespace's deletion must take it too.
+    let mut with_history = config.clone();
+    with_history.history.enabled = true;
+    let plans = [Topology::plan(&with_history), Topology::plan(&raw_config)];
     // Declared before the SDK client connects, so its hot-lane router finds the control stream.
     let declared = async {
         for plan in &plans {
@@ -391,13 +419,11 @@ async fn run(
     }
     .await;
     let client = match declared {
-        Ok(()) => Client::connect(config.clone())
-            .await
-            .map_err(anyhow::Error::from),
+        Ok(()) => connect_clients(&config, args.history()).await,
         Err(e) => Err(e),
     };
-    let client = match client {
-        Ok(client) => client,
+    let (client, client_off) = match client {
+        Ok(clients) => clients,
         Err(e) => {
             for plan in &plans {
                 let _ = plan.delete(&admin).await;
@@ -424,6 +450,9 @@ async fn run(
         Ok(raw) => raw,
         Err(e) => {
             client.close().await;
+            if let Some(off) = client_off {
+                off.close().await;
+            }
             for plan in &plans {
                 let _ = plan.delete(&admin).await;
             }
@@ -433,8 +462,10 @@ async fn run(
     let bench = Bench {
         args,
         config_path,
+        history_on: std::sync::atomic::AtomicBool::new(config.history.enabled),
         config,
         client,
+        client_off,
         admin: admin.clone(),
         workers,
         raw,
@@ -464,6 +495,9 @@ async fn run(
     bench.stop_everything().await;
     // The client's router reads the control stream: closed before the namespaces go.
     bench.client.close().await;
+    if let Some(off) = bench.client_off {
+        off.close().await;
+    }
     let more_plans = std::mem::take(&mut *bench.more_plans.lock().expect("lock"));
     for plan in plans.iter().chain(&more_plans) {
         if let Err(e) = plan.delete(&admin).await {
@@ -483,6 +517,7 @@ async fn run(
         "load_average_after": load_average(),
         "runs": runs.len(),
         "concurrency": bench.args.concurrency,
+        "history": format!("{:?}", bench.args.history()).to_lowercase(),
         "confirm_window": raw::CONFIRM_WINDOW,
         "workers": "1 in-process warren_worker::Worker, 2 tokio threads; raw side 1 connection, 2 tokio threads",
         "sizes": {
@@ -518,6 +553,27 @@ async fn run(
     Ok(())
 }
 
+/// The bench's SDK client (history as `config` says), and for `--history both` a second one
+/// with history off.
+async fn connect_clients(
+    config: &Config,
+    mode: HistoryMode,
+) -> anyhow::Result<(Client, Option<Client>)> {
+    let client = Client::connect(config.clone()).await?;
+    if mode != HistoryMode::Both {
+        return Ok((client, None));
+    }
+    let mut off = config.clone();
+    off.history.enabled = false;
+    match Client::connect(off).await {
+        Ok(off) => Ok((client, Some(off))),
+        Err(e) => {
+            client.close().await;
+            Err(e.into())
+        }
+    }
+}
+
 /// The first three fields of /proc/loadavg.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -532,6 +588,11 @@ pub(super) struct Bench {
     /// The bench config in warren's namespace.
     config: Config,
     client: Client,
+    /// `--history both`: a client with history off, for the runs with it off.
+    client_off: Option<Client>,
+    /// Whether warren's side runs with history now (workers started from here on, and
+    /// [`Bench::client`]).
+    history_on: std::sync::atomic::AtomicBool,
     /// A connection of the bench's own, for what the SDK does not offer (queue consumers).
     admin: Broker,
     /// The runtime the in-process workers run on.
@@ -545,6 +606,24 @@ pub(super) struct Bench {
 }
 
 impl Bench {
+    /// The SDK client of the current history mode.
+    fn client(&self) -> &Client {
+        match (self.history_on(), &self.client_off) {
+            (false, Some(off)) => off,
+            _ => &self.client,
+        }
+    }
+
+    fn history_on(&self) -> bool {
+        self.history_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches history for what starts from here on (`--history both` only).
+    fn set_history(&self, on: bool) {
+        self.history_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The warren step queue a tenant's message for `pipeline`/`step` goes to.
     fn queue(&self, pipeline: &str, step: &str, priority: Priority, tenant: &str) -> String {
         let pipeline = self.config.pipeline(pipeline).expect("bench pipeline");
@@ -574,7 +653,9 @@ impl Bench {
 
     /// Starts an in-process worker on `pipeline`; returns when it consumes `queue`.
     async fn start_worker(&self, pipeline: &str, queue: &str) -> anyhow::Result<Instant> {
-        let worker = warren_side::worker(self.config.clone(), Some(pipeline))?;
+        let mut config = self.config.clone();
+        config.history.enabled = self.history_on();
+        let worker = warren_side::worker(config, Some(pipeline))?;
         let running = Running::spawn(&self.workers, worker);
         let old = self.running.lock().expect("lock").replace(running);
         if let Some(old) = old {

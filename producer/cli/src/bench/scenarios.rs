@@ -12,7 +12,7 @@ use warren_producer::Job;
 use super::raw::{Done, Hop};
 use super::report::{Row, Target};
 use super::warren_side::{memory_mib, with_log_tail, Watcher};
-use super::{Bench, Scenario};
+use super::{Bench, HistoryMode, Scenario};
 
 pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let mut scenarios = b.args.scenarios.clone();
@@ -21,6 +21,9 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for scenario in scenarios {
         match scenario {
+            Scenario::S1 | Scenario::S2 if b.args.history() == HistoryMode::Both => {
+                history_pair(b, scenario, &mut rows).await
+            }
             Scenario::S1 => s1(b, &mut rows).await,
             Scenario::S2 => s2(b, &mut rows).await,
             Scenario::S3 => noisy_neighbour(b, &mut rows, false).await,
@@ -36,6 +39,53 @@ pub(super) async fn run_once(b: &Bench) -> anyhow::Result<Vec<Row>> {
         .with_context(|| format!("scenario {scenario:?}"))?;
     }
     Ok(rows)
+}
+
+/// The cost target of job history: S1 and S2 with it on at least this fraction of off.
+const HISTORY_COST_TARGET: f64 = 0.85;
+
+/// `--history both`: S1 or S2 with history off, then on, each row of both, and a row of their
+/// ratio (on over off) per figure, held to [`HISTORY_COST_TARGET`] where the figure has a
+/// target of its own.
+async fn history_pair(b: &Bench, scenario: Scenario, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let mut runs = [Vec::new(), Vec::new()];
+    for (on, out) in [false, true].into_iter().zip(runs.iter_mut()) {
+        b.set_history(on);
+        let ran = match scenario {
+            Scenario::S1 => s1(b, out).await,
+            _ => s2(b, out).await,
+        };
+        b.set_history(true);
+        ran?;
+    }
+    let [off, on] = runs;
+    for (off, on) in off.into_iter().zip(on) {
+        let tagged = |row: &Row, mode: &str| {
+            Row::new(
+                row.scenario,
+                format!("{} [history {mode}]", row.metric),
+                row.unit,
+                row.warren,
+                row.baseline,
+                row.target,
+            )
+        };
+        rows.push(tagged(&off, "off"));
+        rows.push(tagged(&on, "on"));
+        let target = match off.target {
+            Target::Info => Target::Info,
+            _ => Target::RatioAtLeast(HISTORY_COST_TARGET),
+        };
+        rows.push(Row::new(
+            off.scenario,
+            format!("{}: history on vs off", off.metric),
+            off.unit,
+            on.warren,
+            Some(off.warren),
+            target,
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn rate(n: usize, took: Duration) -> f64 {
@@ -112,7 +162,7 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         }
         let jobs = round.to_vec();
         let started = Instant::now();
-        b.client.submit_many(jobs).await?;
+        b.client().submit_many(jobs).await?;
         warren_submit += started.elapsed();
         if i % 2 == 1 {
             raw_publish += b.raw.publish(&raw_key, round.len()).await?;
@@ -185,7 +235,7 @@ async fn s2(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
 
     let (batch, ids) = jobs(pipeline, tenant, Priority::Normal, n, 0);
     let mut watcher = Watcher::start(&b.client).await?;
-    b.client.submit_many(batch).await?;
+    b.client().submit_many(batch).await?;
     b.settle().await;
     let start = b
         .start_worker(pipeline, &b.queue(pipeline, "a", Priority::Normal, tenant))
