@@ -28,7 +28,7 @@ pub struct Config {
 
 /// Whether `[history] enabled` is on when the file does not say: measured against the cost
 /// target (S1 and S2 with history on at least 0.85x of off; docs/bench.md).
-pub const HISTORY_ENABLED_BY_DEFAULT: bool = true;
+pub const HISTORY_ENABLED_BY_DEFAULT: bool = false;
 
 /// `[history]`: the job history stream `{ns}.history` (docs/ARCHITECTURE.md, "History").
 #[derive(Debug, Clone, Deserialize)]

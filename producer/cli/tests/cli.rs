@@ -132,7 +132,7 @@ async fn submit_wait_bulk_and_exit_codes() {
     let out = warren_on(&ns, &["topology", "apply"], None);
     assert!(out.status.success(), "{out:?}");
     assert!(
-        text(&out.stdout).contains("5 exchanges, 19 queues"),
+        text(&out.stdout).contains("5 exchanges, 18 queues"),
         "{}",
         text(&out.stdout)
     );
@@ -483,7 +483,7 @@ fn args(a: &[&str]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_and_jobs_read_the_history() {
     // Given a worker and a job that succeeded and one that failed, both submitted by the CLI
-    let owned = TestNamespace::new(GREET).await;
+    let owned = TestNamespace::new(&format!("[history]\nenabled = true\n{GREET}")).await;
     // A reference, so each closure below copies it.
     let ns = &owned;
     let worker = HelloWorker::start(ns);
@@ -758,8 +758,8 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     assert!(out.status.success(), "{out:?}");
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
 
-    // Then it counts the queues: 12 step queues, the delay queues, the DLQ, the results, the
-    // control and the history streams
+    // Then it counts the queues: 12 step queues, the delay queues, the DLQ, the results and the
+    // control streams (history is off by default)
     let counts = &plan["counts"];
     let queues = plan["queues"].as_array().unwrap().len() as u64;
     assert_eq!(counts["queues"], json!(queues), "{plan}");
@@ -769,14 +769,14 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
         json!([{"pipeline": "greet", "queues": 12, "steps": 1, "priorities": 3, "shards": 2, "hot_lanes": 2}])
     );
     let delay = counts["delay"].as_u64().unwrap();
-    assert_eq!(queues, 12 + delay + 4, "{plan}");
+    assert_eq!(queues, 12 + delay + 3, "{plan}");
     assert_eq!(
         (counts["quorum"].as_u64(), counts["stream"].as_u64()),
-        (Some(queues - 3), Some(3))
+        (Some(queues - 2), Some(2))
     );
     // And the broker's open files, with every queue still to come
     let handles = counts["handles"].as_u64().unwrap();
-    assert_eq!(handles, 3 * (queues - 3) + 6, "{plan}");
+    assert_eq!(handles, 3 * (queues - 2) + 4, "{plan}");
     let files = &plan["open_files"];
     assert!(files["fd_total"].as_u64().unwrap() > 0, "{plan}");
     assert_eq!(files["needed"], json!(handles), "{plan}");
@@ -788,8 +788,8 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains(&format!(
-            "needs {queues} queues ({} quorum, 3 stream)",
-            queues - 3
+            "needs {queues} queues ({} quorum, 2 stream)",
+            queues - 2
         )) && stdout.contains(
             "pipeline greet: 12 step queues (1 steps x 3 priorities x (2 shards + 2 hot lanes))"
         ) && stdout.contains(&format!("{handles} more for the queues not there yet")),
@@ -803,5 +803,5 @@ fn plan_and_apply_count_the_queues_and_check_the_brokers_open_files() {
     let files = &plan["open_files"];
     assert_eq!(files["needed"], json!(0), "{plan}");
     let (in_use, fd_used) = (files["in_use"].as_u64(), files["fd_used"].as_u64());
-    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 3)), "{plan}");
+    assert!(in_use >= fd_used.map(|n| n + 3 * (queues - 2)), "{plan}");
 }
