@@ -218,7 +218,8 @@ mod tests {
 
     #[test]
     fn counts_step_queues_per_pipeline_and_the_others_by_role_and_type() {
-        let config = two_steps_two_shards();
+        let mut config = two_steps_two_shards();
+        config.history.enabled = true;
         let names = Names::new(&config.broker.namespace);
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &names);
@@ -261,6 +262,7 @@ mod tests {
     #[test]
     fn classic_queues_are_counted_as_classic() {
         let mut config = two_steps_two_shards();
+        config.history.enabled = true;
         config.broker.queue_type = QueueType::Classic;
         let plan = Topology::plan(&config);
         let counts = QueueCounts::of(&plan, &Names::new(&config.broker.namespace));
