@@ -52,6 +52,9 @@ const RETRY_PAUSE: Duration = Duration::from_secs(2);
 pub struct HotRouter {
     set: Arc<RwLock<HotSet>>,
     live: Arc<AtomicBool>,
+    /// Set before the reader is aborted: an abort lands only at the reader's next await, and
+    /// the connection closing meanwhile must not read as a lost stream.
+    stopped: Arc<AtomicBool>,
     reader: tokio::task::JoinHandle<()>,
     exchange: String,
 }
@@ -66,7 +69,7 @@ impl std::fmt::Debug for HotRouter {
 
 impl Drop for HotRouter {
     fn drop(&mut self) {
-        self.reader.abort();
+        self.stop();
     }
 }
 
@@ -76,15 +79,18 @@ impl HotRouter {
     pub fn start(broker: &Broker, hot_for: Duration) -> Self {
         let set = Arc::new(RwLock::new(HotSet::default()));
         let live = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
         let reader = tokio::spawn(read_forever(
             broker.clone(),
             Arc::clone(&set),
             Arc::clone(&live),
+            Arc::clone(&stopped),
             hot_for + LOOK_BACK_MARGIN,
         ));
         Self {
             set,
             live,
+            stopped,
             reader,
             exchange: broker.names().events_exchange(),
         }
@@ -93,6 +99,7 @@ impl HotRouter {
     /// Stops reading, before the connection is closed on purpose (so its end is not reported as
     /// a lost stream).
     pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
         self.reader.abort();
     }
 
@@ -213,6 +220,7 @@ async fn read_forever(
     broker: Broker,
     set: Arc<RwLock<HotSet>>,
     live: Arc<AtomicBool>,
+    stopped: Arc<AtomicBool>,
     look_back: Duration,
 ) {
     // Said once per loss: when reading stops, not again for each failed retry.
@@ -221,6 +229,9 @@ async fn read_forever(
         let error = read(&broker, &set, &live, look_back, lost).await;
         let was_live = live.swap(false, Ordering::Relaxed);
         set.write().expect("hot set lock").clear();
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
         if was_live || !lost {
             tracing::warn!(error = %error,
                 "Cannot read the control stream; routing every tenant by its shard until it is back.");
