@@ -14,28 +14,22 @@ const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
 #[tokio::test]
 async fn bench_reports_every_scenario_and_cleans_up() {
-    let out = Command::new(WARREN)
-        .args([
-            "--json",
-            "bench",
-            "--jobs",
-            "200",
-            "--chain-jobs",
-            "100",
-            "--flood",
-            "200",
-        ])
-        .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
-        .args(["--fanout-parts", "200", "--fanout-runs", "2"])
-        .args(["--settle", "0s"])
-        // Defaults plus WARREN_AMQP_URL, as on a machine without a warren.toml.
-        .env_remove("WARREN_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "warren bench failed: {stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let report = bench(
+        Command::new(WARREN)
+            .args([
+                "--json",
+                "bench",
+                "--jobs",
+                "200",
+                "--chain-jobs",
+                "100",
+                "--flood",
+                "200",
+            ])
+            .args(["--small", "10", "--latency-jobs", "20", "--patience", "60s"])
+            .args(["--fanout-parts", "200", "--fanout-runs", "2"])
+            .args(["--settle", "0s"]),
+    );
     let rows = report["rows"].as_array().expect("rows");
     let scenarios: BTreeSet<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
     assert_eq!(
@@ -69,17 +63,12 @@ async fn bench_reports_every_scenario_and_cleans_up() {
 /// pipeline and a 1 s window.
 #[tokio::test]
 async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
-    let out = Command::new(WARREN)
-        .args(["--json", "bench", "--scenarios", "s7"])
-        .args(["--scale-pipelines", "1", "--scale-window", "1s"])
-        .args(["--settle", "0s", "--patience", "60s"])
-        .env_remove("WARREN_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "warren bench failed: {stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let report = bench(
+        Command::new(WARREN)
+            .args(["--json", "bench", "--scenarios", "s7"])
+            .args(["--scale-pipelines", "1", "--scale-window", "1s"])
+            .args(["--settle", "0s", "--patience", "60s"]),
+    );
     let rows = report["rows"].as_array().expect("rows");
     let figure = |metric: &str| {
         rows.iter()
@@ -119,25 +108,20 @@ async fn the_scale_scenario_reports_its_rows_and_deletes_its_namespaces() {
 /// checked: every row is there with a number, and the namespaces are gone.
 #[tokio::test]
 async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() {
-    let out = Command::new(WARREN)
-        .args(["--json", "bench", "--scenarios", "s3c,s7t"])
-        .args(["--flood", "300", "--small", "10"])
-        .args([
-            "--tenants",
-            "20",
-            "--fair-floods",
-            "2x300",
-            "--fair-idle",
-            "2s",
-        ])
-        .args(["--settle", "0s", "--patience", "60s"])
-        .env_remove("WARREN_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "warren bench failed: {stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let report = bench(
+        Command::new(WARREN)
+            .args(["--json", "bench", "--scenarios", "s3c,s7t"])
+            .args(["--flood", "300", "--small", "10"])
+            .args([
+                "--tenants",
+                "20",
+                "--fair-floods",
+                "2x300",
+                "--fair-idle",
+                "2s",
+            ])
+            .args(["--settle", "0s", "--patience", "60s"]),
+    );
     let rows = report["rows"].as_array().expect("rows");
     let figure = |scenario: &str, metric: &str| {
         rows.iter()
@@ -225,24 +209,19 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
 /// with a number, the join ran once per fan-out, and the namespace is gone.
 #[tokio::test]
 async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
-    let out = Command::new(WARREN)
-        .args(["--json", "bench", "--scenarios", "s1,s9"])
-        .args([
-            "--jobs",
-            "200",
-            "--fanout-parts",
-            "200",
-            "--fanout-runs",
-            "2",
-        ])
-        .args(["--settle", "0s", "--patience", "60s"])
-        .env_remove("WARREN_CONFIG")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "warren bench failed: {stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON document on stdout");
+    let report = bench(
+        Command::new(WARREN)
+            .args(["--json", "bench", "--scenarios", "s1,s9"])
+            .args([
+                "--jobs",
+                "200",
+                "--fanout-parts",
+                "200",
+                "--fanout-runs",
+                "2",
+            ])
+            .args(["--settle", "0s", "--patience", "60s"]),
+    );
     let rows = report["rows"].as_array().expect("rows");
     let figure = |metric: &str| {
         rows.iter()
@@ -276,6 +255,19 @@ async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
         format!("{ns}.fanin.ckpt"),
     ])
     .await;
+}
+
+/// Runs `warren bench` as on a machine without a warren.toml (defaults plus WARREN_AMQP_URL),
+/// asserts it succeeded and returns its JSON report.
+fn bench(command: &mut Command) -> Value {
+    let out = command
+        .env_remove("WARREN_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "warren bench failed: {stderr}");
+    serde_json::from_slice(&out.stdout).expect("one JSON document on stdout")
 }
 
 /// None of `queues` exists on the test broker any more.
