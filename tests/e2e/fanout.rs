@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_common::fanout::part_job_id;
-use warren_common::JobStatus;
-use warren_producer::{Job, ReplayOptions};
+use warren_common::{JobId, JobStatus};
+use warren_producer::{Client, Job, ReplayOptions};
 use warren_tests::{eventually, TestNamespace};
 
 /// `nightly: plan (fan-out to part) -> notify`; `part: a -> b`.
@@ -62,13 +62,7 @@ async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
     let ns = TestNamespace::new(&config("", TWO_WORK_STEPS)).await;
     let mut workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
     let client = ns.client().await;
-    let parts: Vec<Value> = (0..300)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": 100}, "tenant": format!("t{}", i % 30)}))
-        .collect();
-    let parent = client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
-        .await
-        .unwrap();
+    let parent = submit_plan(&client, 300, 100).await;
 
     // When the coordinating worker (the one that took the lock) is SIGKILLed mid-run, and a
     // third starts
@@ -130,13 +124,7 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
         ns.spawn_worker(&[]),
     ];
     let client = ns.client().await;
-    let parts: Vec<Value> = (0..1_000)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": 400}, "tenant": format!("t{}", i % 30)}))
-        .collect();
-    let parent = client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
-        .await
-        .unwrap();
+    let parent = submit_plan(&client, 1_000, 400).await;
 
     // When, midway, the coordinating worker and one other are SIGKILLed (the
     // successor resumes from a checkpoint that no longer holds the parts' outputs), and a
@@ -346,4 +334,15 @@ async fn under_wait_a_failed_part_holds_the_join_until_its_replay_succeeds() {
         assert_eq!((runs(id.clone(), "a"), runs(id, "b")), (1, b), "part {i}");
     }
     assert_eq!(join_runs(&ns), 1);
+}
+
+/// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over 30 tenants.
+async fn submit_plan(client: &Client, parts: u32, sleep_ms: u64) -> JobId {
+    let parts: Vec<Value> = (0..parts)
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": sleep_ms}, "tenant": format!("t{}", i % 30)}))
+        .collect();
+    client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap()
 }
