@@ -110,23 +110,48 @@ impl HistoryWriter {
 
     /// Queues `events` and resolves once the broker confirmed the batch(es) holding them.
     pub async fn record_confirmed(&self, events: Vec<Event>) -> Result<(), HistoryError> {
-        let gone = || HistoryError {
-            stream: self.stream.clone(),
-            reason: "the history writer has stopped".into(),
-        };
+        self.send(events).wait().await
+    }
+
+    /// Queues `events` at once; the returned [`Recorded`] resolves once the batch(es) holding
+    /// them are confirmed. A caller with more to do meanwhile (publishing the next jobs) waits
+    /// on it later.
+    pub fn send(&self, mut events: Vec<Event>) -> Recorded {
         let mut confirms = Vec::new();
-        for chunk in events.chunks(MAX_EVENTS_PER_MESSAGE) {
+        while !events.is_empty() {
+            let rest = events.split_off(events.len().min(MAX_EVENTS_PER_MESSAGE));
             let (waiter, done) = oneshot::channel();
-            self.tx
-                .send(Item {
-                    events: chunk.to_vec(),
-                    waiter: Some(waiter),
-                })
-                .map_err(|_| gone())?;
+            let item = Item {
+                events: std::mem::replace(&mut events, rest),
+                waiter: Some(waiter),
+            };
+            // A stopped writer drops the waiter, which `wait` reports.
+            let _ = self.tx.send(item);
             confirms.push(done);
         }
-        for done in confirms {
-            done.await.map_err(|_| gone())??;
+        Recorded {
+            confirms,
+            stream: self.stream.clone(),
+        }
+    }
+}
+
+/// Events queued by [`HistoryWriter::send`], awaiting their confirm.
+#[must_use = "wait for the confirm, or the events may be lost with the process"]
+#[derive(Debug)]
+pub struct Recorded {
+    confirms: Vec<oneshot::Receiver<Result<(), HistoryError>>>,
+    stream: String,
+}
+
+impl Recorded {
+    /// Resolves once every batch holding the events was confirmed.
+    pub async fn wait(self) -> Result<(), HistoryError> {
+        for done in self.confirms {
+            done.await.map_err(|_| HistoryError {
+                stream: self.stream.clone(),
+                reason: "the history writer has stopped".into(),
+            })??;
         }
         Ok(())
     }

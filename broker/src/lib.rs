@@ -32,7 +32,7 @@ pub use connection::Broker;
 pub use consume::consume;
 pub use control::HotRouter;
 pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};
-pub use history::HistoryWriter;
+pub use history::{HistoryError, HistoryWriter};
 pub use hot::{HotMark, HotReason, HotSet, HotTenant};
 pub use lapin;
 pub use management::{Management, NodeFiles, QueueInfo};

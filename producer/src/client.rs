@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_broker::depth::ready_messages;
 use warren_broker::{
-    Broker, BrokerError, HistoryWriter, HotMark, HotRouter, HotTenant, Lane, Outgoing,
-    PublishError, Publisher,
+    Broker, BrokerError, HistoryError as HistoryWriteError, HistoryWriter, HotMark, HotRouter,
+    HotTenant, Lane, Outgoing, PublishError, Publisher,
 };
 use warren_common::backoff::Backoff;
 use warren_common::env::ProcessEnv;
@@ -165,6 +165,9 @@ impl Client {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut confirmed = 0;
+        // Each window's "submitted" events go out once its jobs are confirmed, while the next
+        // window is published; their confirms are awaited at the end.
+        let mut recorded = Vec::new();
         for window in prepared.chunks(CONFIRM_WINDOW) {
             let mut pending = Vec::with_capacity(window.len());
             for job in window {
@@ -179,12 +182,14 @@ impl Client {
                 }
                 confirmed += 1;
             }
+            if let Some(history) = &self.history {
+                recorded.push(history.send(window.iter().map(|p| p.submitted.clone()).collect()));
+            }
         }
-        let ids = prepared.iter().map(|p| p.id).collect();
-        // After every confirm, in messages of up to 500 events.
-        self.record(prepared.into_iter().map(|p| p.submitted).collect())
-            .await;
-        Ok(ids)
+        for batch in recorded {
+            log_unrecorded(batch.wait().await);
+        }
+        Ok(prepared.iter().map(|p| p.id).collect())
     }
 
     /// Waits up to `timeout` for the job's result (success or failure). Works for jobs that
@@ -307,9 +312,7 @@ impl Client {
         let Some(history) = &self.history else {
             return;
         };
-        if let Err(error) = history.record_confirmed(events).await {
-            tracing::warn!(%error, "Cannot write history events; the jobs are submitted.");
-        }
+        log_unrecorded(history.record_confirmed(events).await);
     }
 
     /// Closes the connection cleanly. Dropping a client without it is safe too.
@@ -391,5 +394,12 @@ impl Client {
             &job.body,
             &job.id.to_string(),
         )
+    }
+}
+
+/// A history write that failed is logged, not returned: the jobs are submitted either way.
+fn log_unrecorded(outcome: Result<(), HistoryWriteError>) {
+    if let Err(error) = outcome {
+        tracing::warn!(%error, "Cannot write history events; the jobs are submitted.");
     }
 }
