@@ -19,6 +19,7 @@ pub mod fanin;
 pub mod history;
 pub mod hot;
 mod lock;
+mod members;
 pub mod management;
 pub mod names;
 pub mod publish;
