@@ -11,8 +11,8 @@ use deadpool::Runtime;
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection};
-use warren_common::config::{BrokerConfig, TlsConfig};
 use tracing::{info, warn};
+use warren_common::config::{BrokerConfig, TlsConfig};
 use warren_common::telemetry::redact_url;
 
 use crate::dial::{dial, DialError};
@@ -111,7 +111,11 @@ impl managed::Manager for Manager {
         })
     }
 
-    async fn recycle(&self, conn: &mut MemberConnection, _: &Metrics) -> RecycleResult<BrokerError> {
+    async fn recycle(
+        &self,
+        conn: &mut MemberConnection,
+        _: &Metrics,
+    ) -> RecycleResult<BrokerError> {
         if conn.status().connected() {
             Ok(())
         } else {

@@ -71,7 +71,9 @@ impl Members {
     /// another connection has moved on already.
     pub(crate) fn lost(&self, member: usize) {
         let next = (member + 1) % self.len();
-        let _ = self.preferred.compare_exchange(member, next, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self
+            .preferred
+            .compare_exchange(member, next, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -123,7 +125,10 @@ mod tests {
         assert_eq!(listed.current(), "amqp://spread0");
         // The same process gets the same instance back, so what it learnt is kept
         listed.connected(2);
-        assert_eq!(Members::shared(&config(ConnectOrder::Listed)).current(), "amqp://spread2");
+        assert_eq!(
+            Members::shared(&config(ConnectOrder::Listed)).current(),
+            "amqp://spread2"
+        );
         // A random start is a member, and every member follows it once
         let random = Members::shared(&config(ConnectOrder::Random));
         let mut order: Vec<_> = random.order().collect();

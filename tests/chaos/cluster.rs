@@ -151,7 +151,10 @@ fn session(worker: &WorkerProcess) -> (Option<usize>, bool) {
         let port = line.split("127.0.0.1:").nth(1)?.get(..4)?;
         port.parse::<usize>().ok().map(|p| p - 5700)
     });
-    (node, started.is_some() && lost.is_none_or(|l| l < started.unwrap_or(0)))
+    (
+        node,
+        started.is_some() && lost.is_none_or(|l| l < started.unwrap_or(0)),
+    )
 }
 
 fn sessions_started(worker: &WorkerProcess) -> usize {
@@ -239,7 +242,10 @@ async fn produce(client: Client, finished: Arc<Finished>, done: Arc<Submitted>) 
             };
             if confirmed < batch.len() {
                 done.errors.fetch_add(1, Ordering::Relaxed);
-                assert!(started.elapsed() < PATIENCE, "submits failed for {PATIENCE:?}");
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "submits failed for {PATIENCE:?}"
+                );
             }
             batch.drain(..confirmed);
         }
@@ -266,8 +272,14 @@ async fn heal(
         }) && finished.get() >= floor
     })
     .await;
-    let logs: Vec<_> = workers.iter().map(|w| w.log.display().to_string()).collect();
-    assert!(healed, "{what}: not healed within {PATIENCE:?}; logs: {logs:?}");
+    let logs: Vec<_> = workers
+        .iter()
+        .map(|w| w.log.display().to_string())
+        .collect();
+    assert!(
+        healed,
+        "{what}: not healed within {PATIENCE:?}; logs: {logs:?}"
+    );
     since.elapsed()
 }
 
@@ -302,13 +314,14 @@ async fn a_cluster_losing_nodes_loses_nothing() {
             ns.spawn_worker_with_config(&path, &[])
         })
         .collect();
-    let attached = eventually(PATIENCE, || async {
-        workers.iter().all(|w| session(w).1)
-    })
-    .await;
+    let attached = eventually(PATIENCE, || async { workers.iter().all(|w| session(w).1) }).await;
     assert!(attached, "the workers did not start");
     let nodes: Vec<_> = workers.iter().map(|w| session(w).0).collect();
-    assert_eq!(nodes, [Some(1), Some(2), Some(3)], "each worker on its own node");
+    assert_eq!(
+        nodes,
+        [Some(1), Some(2), Some(3)],
+        "each worker on its own node"
+    );
     // ...and producers (each on a random member) submitting throughout, 30 tenants, 3 priorities
     let done = Arc::new(Submitted::default());
     let finished = Arc::new(Finished::default());
@@ -364,10 +377,7 @@ async fn a_cluster_losing_nodes_loses_nothing() {
 
     // Then every job's last step ran (none lost), and its result is read back by id
     let ids = done.ids.lock().expect("ids").clone();
-    let all_ran = eventually(PATIENCE, || async {
-        last_steps(&ns).len() >= ids.len()
-    })
-    .await;
+    let all_ran = eventually(PATIENCE, || async { last_steps(&ns).len() >= ids.len() }).await;
     let ran = last_steps(&ns);
     let lost: Vec<_> = ids
         .iter()
@@ -385,6 +395,27 @@ async fn a_cluster_losing_nodes_loses_nothing() {
         .filter(|r| r.status != JobStatus::Succeeded)
         .collect();
     let duplicate_results: usize = results.values().map(|r| r.len() - 1).sum();
+    // Whether the stream holds fewer events than were read (lost) or more (a reading fault).
+    if !no_result.is_empty() {
+        let path = format!("/api/queues/%2f/{}.results", ns.name);
+        let url = format!("http://127.0.0.1:{}{path}", 15700 + victim);
+        let stored = match reqwest::Client::new()
+            .get(url)
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+        {
+            Ok(response) => response
+                .json::<serde_json::Value>()
+                .await
+                .map_or_else(|e| e.to_string(), |v| v["messages"].to_string()),
+            Err(e) => e.to_string(),
+        };
+        println!(
+            "results stream holds {stored} messages; read back {} events",
+            results.values().map(Vec::len).sum::<usize>()
+        );
+    }
     // ...the dead-letter queue and every other queue of the namespace end empty
     let busy = settle_queues(&ns).await;
     // ...and no worker exited
@@ -423,7 +454,10 @@ async fn a_cluster_losing_nodes_loses_nothing() {
     );
     assert!(lost.is_empty(), "{} jobs lost: {lost:?}", lost.len());
     assert!(failed.is_empty(), "failed: {failed:?}");
-    assert!(busy.is_empty(), "queues not empty (the DLQ among them): {busy:?}");
+    assert!(
+        busy.is_empty(),
+        "queues not empty (the DLQ among them): {busy:?}"
+    );
     assert_eq!(exited, 0, "workers exited");
     let submitted: HashSet<String> = ids.iter().map(JobId::to_string).collect();
     let unknown = by_job_step

@@ -634,11 +634,17 @@ handler = "resize"
             "{e}"
         );
         let e = err("[broker]\nurls = []\n");
-        assert!(e.starts_with("warren.toml:2:") && e.contains("`urls`"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("`urls`"),
+            "{e}"
+        );
         let e = err("[broker]\nurl = \"amqp://a\"\nurls = [\"amqp://b\"]\n");
         assert!(e.contains("both `url` and `urls`"), "{e}");
         let e = err("[broker]\nconnect_order = \"nearest\"\n");
-        assert!(e.starts_with("warren.toml:2:") && e.contains("random"), "{e}");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("random"),
+            "{e}"
+        );
         // ...and WARREN_AMQP_URL takes a comma-separated list, checked and named on error
         let env = HashMap::from([(
             ENV_WARREN_AMQP_URL.to_string(),
@@ -650,7 +656,10 @@ handler = "resize"
         let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("WARREN_AMQP_URL") && e.contains("urls[1]"), "{e}");
+        assert!(
+            e.contains("WARREN_AMQP_URL") && e.contains("urls[1]"),
+            "{e}"
+        );
     }
 
     #[test]
