@@ -1,7 +1,9 @@
 //! Pooled AMQP connections (deadpool), over TLS when the URL is `amqps://`, each opened within
-//! `[broker] connect_timeout` (see `dial`). A [`Broker`] is cheap to clone; every clone shares
-//! the pool.
+//! `[broker] connect_timeout` (see `dial`), to one member of `[broker] urls` (see `members`). A
+//! [`Broker`] is cheap to clone; every clone shares the pool.
 
+use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool::managed::{self, Metrics, Pool, PoolError, RecycleError, RecycleResult};
@@ -9,11 +11,13 @@ use deadpool::Runtime;
 use lapin::options::ConfirmSelectOptions;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{Channel, Connection};
+use tracing::{info, warn};
 use warren_common::config::{BrokerConfig, TlsConfig};
 use warren_common::telemetry::redact_url;
 
 use crate::dial::{dial, DialError};
 use crate::error::BrokerError;
+use crate::members::Members;
 use crate::names::Names;
 
 /// How long closing a connection waits for the broker's answer.
@@ -23,32 +27,43 @@ pub const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 pub struct Broker {
     pool: Pool<Manager>,
     names: Names,
-    url: String,
+    members: Arc<Members>,
 }
 
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("url", &redact_url(&self.url))
+            .field("url", &self.redacted_url())
             .field("namespace", &self.names.namespace())
             .finish()
     }
 }
 
+/// A pooled connection, and which member it goes to (so its loss moves the next dial on).
+#[derive(Debug)]
+pub(crate) struct MemberConnection {
+    connection: Connection,
+    member: usize,
+}
+
+impl Deref for MemberConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
 /// Opens connections for the pool, with the TLS settings and the deadline of the config.
 struct Manager {
-    url: String,
+    members: Arc<Members>,
     tls: OwnedTLSConfig,
     patience: Duration,
 }
 
-impl managed::Manager for Manager {
-    type Type = Connection;
-    type Error = BrokerError;
-
-    async fn create(&self) -> Result<Connection, BrokerError> {
-        let url = redact_url(&self.url);
-        dial(&self.url, &self.tls, self.patience)
+impl Manager {
+    async fn dial_member(&self, member: usize) -> Result<Connection, BrokerError> {
+        let url = redact_url(self.members.url(member));
+        dial(self.members.url(member), &self.tls, self.patience)
             .await
             .map_err(|e| match e {
                 DialError::TimedOut(stage) => BrokerError::ConnectTimeout {
@@ -63,11 +78,48 @@ impl managed::Manager for Manager {
                 },
             })
     }
+}
 
-    async fn recycle(&self, conn: &mut Connection, _: &Metrics) -> RecycleResult<BrokerError> {
+impl managed::Manager for Manager {
+    type Type = MemberConnection;
+    type Error = BrokerError;
+
+    /// Tries each member once, the preferred one first. With one URL this is one dial and its
+    /// error as it was; with several, the error lists what each member said.
+    async fn create(&self) -> Result<MemberConnection, BrokerError> {
+        let mut failures = Vec::new();
+        for member in self.members.order() {
+            match self.dial_member(member).await {
+                Ok(connection) => {
+                    if !failures.is_empty() {
+                        info!(member = %redact_url(self.members.url(member)),
+                            "Connected to another member of the cluster.");
+                    }
+                    self.members.connected(member);
+                    return Ok(MemberConnection { connection, member });
+                }
+                Err(e) if self.members.len() == 1 => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, "A member of the cluster is out of reach; trying the next.");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(BrokerError::Connect {
+            url: format!("any of the {} members in [broker] urls", self.members.len()),
+            reason: failures.join("; "),
+        })
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut MemberConnection,
+        _: &Metrics,
+    ) -> RecycleResult<BrokerError> {
         if conn.status().connected() {
             Ok(())
         } else {
+            self.members.lost(conn.member);
             Err(RecycleError::message("connection closed"))
         }
     }
@@ -75,12 +127,15 @@ impl managed::Manager for Manager {
 
 /// Reads the PEM files `[broker.tls]` names. A missing or unreadable file is an error that
 /// names its key.
-fn load_tls(tls: Option<&TlsConfig>, url: &str) -> Result<OwnedTLSConfig, String> {
+fn load_tls(tls: Option<&TlsConfig>, urls: &[String]) -> Result<OwnedTLSConfig, String> {
     let Some(tls) = tls else {
         return Ok(OwnedTLSConfig::default());
     };
-    if !url.starts_with("amqps://") {
-        return Err("[broker.tls] is set, but the url is not amqps://".into());
+    if let Some(plain) = urls.iter().find(|u| !u.starts_with("amqps://")) {
+        return Err(format!(
+            "[broker.tls] is set, but the url {} is not amqps://",
+            redact_url(plain)
+        ));
     }
     let read = |key: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("broker.tls.{key} {}: {e}", path.display()))
@@ -108,14 +163,14 @@ fn load_tls(tls: Option<&TlsConfig>, url: &str) -> Result<OwnedTLSConfig, String
 impl Broker {
     /// Builds the pool and opens one connection, so a wrong URL fails here, not later.
     pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
-        let url = config.url.clone();
+        let members = Members::shared(config);
         let connect_error = |reason: String| BrokerError::Connect {
-            url: redact_url(&url),
+            url: redact_url(config.url()),
             reason,
         };
-        let tls = load_tls(config.tls.as_ref(), &url).map_err(connect_error)?;
+        let tls = load_tls(config.tls.as_ref(), &config.urls).map_err(connect_error)?;
         let manager = Manager {
-            url: url.clone(),
+            members: Arc::clone(&members),
             tls,
             patience: config.connect_timeout,
         };
@@ -126,7 +181,7 @@ impl Broker {
         let broker = Self {
             pool,
             names: Names::new(&config.namespace),
-            url,
+            members,
         };
         broker.channel().await?;
         Ok(broker)
@@ -136,9 +191,9 @@ impl Broker {
         &self.names
     }
 
-    /// The URL with its password hidden, for logs.
+    /// The URL of the member connected to (or tried first next), its password hidden, for logs.
     pub fn redacted_url(&self) -> String {
-        redact_url(&self.url)
+        redact_url(self.members.current())
     }
 
     /// A fresh channel on a pooled connection.
@@ -146,7 +201,7 @@ impl Broker {
         let conn = self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => e,
             other => BrokerError::Connect {
-                url: redact_url(&self.url),
+                url: self.redacted_url(),
                 reason: other.to_string(),
             },
         })?;

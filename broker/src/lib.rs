@@ -20,6 +20,7 @@ pub mod history;
 pub mod hot;
 mod lock;
 pub mod management;
+mod members;
 pub mod names;
 pub mod publish;
 pub mod route;

@@ -98,7 +98,7 @@ impl Management {
             reason,
         };
         let amqp: AMQPUri = config
-            .url
+            .url()
             .parse()
             .map_err(|e| invalid(format!("cannot read the AMQP url: {e}")))?;
         let mut url = reqwest::Url::parse(base).map_err(|e| invalid(e.to_string()))?;

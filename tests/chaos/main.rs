@@ -2,11 +2,14 @@
 //! a run where the server closes every connection; and a run with flaky and broken steps and a
 //! dead-letter replay. Nothing may be lost; duplicates (at-least-once) are counted and printed.
 //!
+//! The same on a three-node cluster, where nodes are killed instead: `cluster.rs`.
+//!
 //! Runs with the test suite; alone: `cargo test -p warren-tests --test chaos -- --nocapture`.
 //! `WARREN_CHAOS_JOBS` sets the size of the first run (default 4000). The broker restart and the
 //! connection closing use `rabbitmqctl` on this machine's node; set
 //! `WARREN_CHAOS_BROKER_RESTART=0` when the broker is elsewhere (those parts are then skipped).
 
+mod cluster;
 mod replay;
 
 use std::collections::{HashMap, HashSet};

@@ -66,7 +66,7 @@ async fn unroutable_job_is_an_error_not_a_silent_drop() {
     let ns = TestNamespace::new(THREE_STEPS).await;
     let extra = format!(
         "[broker]\nurl = {:?}\nnamespace = {:?}\n[[pipelines]]\nname = \"undeclared\"\n[[pipelines.steps]]\nname = \"s\"\nhandler = \"work\"\n",
-        ns.config.broker.url, ns.name
+        ns.config.broker.url(), ns.name
     );
     let config = Config::parse(
         &extra,

@@ -10,7 +10,7 @@ use warren_tests::{eventually, SilentBroker, TestNamespace};
 
 fn config(url: String, connect_timeout: Duration) -> BrokerConfig {
     BrokerConfig {
-        url,
+        urls: vec![url],
         connect_timeout,
         ..BrokerConfig::default()
     }
@@ -153,7 +153,7 @@ async fn nothing_listening_still_fails_at_once() {
 /// folder; returns the path.
 fn silent_config(ns: &TestNamespace, silent: &SilentBroker, file: &str) -> std::path::PathBuf {
     let text = std::fs::read_to_string(&ns.config_path).unwrap().replace(
-        &format!("url = {:?}", ns.config.broker.url),
+        &format!("urls = {:?}", ns.config.broker.urls),
         &format!("url = {:?}\nconnect_timeout = \"1s\"", silent.url()),
     );
     let path = ns.dir.join(file);

@@ -49,7 +49,7 @@ fn collider(of: &str) -> String {
 /// on the tenant's shard by the documented hash, with plain AMQP and confirms, ignoring hot
 /// lanes altogether. Returns their ids.
 async fn publish_foreign(ns: &TestNamespace, tenant: &str, n: usize, sleep_ms: u64) -> Vec<JobId> {
-    let conn = Connection::connect(&ns.config.broker.url, ConnectionProperties::default())
+    let conn = Connection::connect(ns.config.broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();

@@ -50,7 +50,7 @@ handler = "work"
     ]);
     let mut body = Vec::new();
     rmpv::encode::write_value(&mut body, &map).unwrap();
-    let conn = Connection::connect(&ns.config.broker.url, ConnectionProperties::default())
+    let conn = Connection::connect(ns.config.broker.url(), ConnectionProperties::default())
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();

@@ -53,12 +53,26 @@ impl TestNamespace {
     /// A namespace whose topology is not declared yet (a test declares it, or checks what
     /// happens without it). Dropping it deletes whatever was declared.
     pub fn undeclared(pipelines: &str) -> Self {
+        let urls: Vec<String> = std::env::var("WARREN_AMQP_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .collect();
+        Self::undeclared_on(&urls, pipelines)
+    }
+
+    /// A namespace on the broker (or the cluster's members) `urls`, declared.
+    pub async fn new_on(urls: &[String], pipelines: &str) -> Self {
+        let ns = Self::undeclared_on(urls, pipelines);
+        ns.declare().await;
+        ns
+    }
+
+    fn undeclared_on(urls: &[String], pipelines: &str) -> Self {
         let name = format!("wt-{:08x}", rand::random::<u32>());
         let dir = std::env::temp_dir().join(&name);
         std::fs::create_dir_all(dir.join("markers")).expect("temp dir");
-        let url = std::env::var("WARREN_AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-        let text = format!("[broker]\nurl = {url:?}\nnamespace = {name:?}\n\n{pipelines}");
+        let text = format!("[broker]\nurls = {urls:?}\nnamespace = {name:?}\n\n{pipelines}");
         let config_path = dir.join("warren.toml");
         std::fs::write(&config_path, &text).expect("write config");
         let config = Config::load(Some(&config_path), &HashMap::new()).expect("test config");
@@ -259,6 +273,11 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGKILL: no chance to clean up, as in a crash or an OOM kill.

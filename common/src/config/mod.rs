@@ -1,11 +1,13 @@
 //! Loading `warren.toml`: parse (with line-numbered errors), apply env overrides, resolve
 //! relative command paths against the file's folder.
 
+mod members;
 mod model;
 mod schedule;
 
 use std::path::{Path, PathBuf};
 
+pub use members::ConnectOrder;
 pub use model::{
     BrokerConfig, ClientCert, Config, FanOut, HistoryConfig, OnPartFailure, PipelineConfig,
     QueueType, StepConfig, StepKind, TlsConfig, HISTORY_ENABLED_BY_DEFAULT,
@@ -73,7 +75,7 @@ impl Config {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
             line: e.span().map(|span| line_of(text, span.start)),
-            message: e.message().trim().to_string(),
+            message: explain(e.message().trim()),
         })?;
         config
             .check_fan_outs()
@@ -118,12 +120,12 @@ impl Config {
     }
 
     fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
-        if let Some(url) = env.var(ENV_WARREN_AMQP_URL) {
-            model::check_url(&url).map_err(|message| ConfigError::Env {
-                key: ENV_WARREN_AMQP_URL,
-                message,
-            })?;
-            self.broker.url = url;
+        if let Some(urls) = env.var(ENV_WARREN_AMQP_URL) {
+            self.broker.urls =
+                members::parse_url_list(&urls).map_err(|message| ConfigError::Env {
+                    key: ENV_WARREN_AMQP_URL,
+                    message,
+                })?;
         }
         if let Some(ns) = env.var(ENV_WARREN_NAMESPACE) {
             validate_name("namespace", &ns).map_err(|e| ConfigError::Env {
@@ -182,6 +184,15 @@ impl Config {
                 StepKind::Command(_) => None,
             })
         })
+    }
+}
+
+/// serde's word for `url` and `urls` both given (one setting under two names) says which.
+fn explain(message: &str) -> String {
+    if message == "duplicate field `urls`" {
+        "[broker] has both `url` and `urls`: give one (`urls` for several members)".into()
+    } else {
+        message.to_string()
     }
 }
 
@@ -255,7 +266,8 @@ handler = "resize"
     fn empty_file_gets_broker_defaults() {
         let c = parse("").unwrap();
         assert_eq!(c.broker.namespace, "warren");
-        assert!(c.broker.url.starts_with("amqp://"));
+        assert_eq!(c.broker.urls, ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+        assert_eq!(c.broker.connect_order, ConnectOrder::Random);
     }
 
     #[test]
@@ -593,13 +605,61 @@ handler = "resize"
             (ENV_WARREN_NAMESPACE.to_string(), "test-1".to_string()),
         ]);
         let c = Config::parse(EXAMPLE, "x", Path::new("."), &env).unwrap();
-        assert_eq!(c.broker.url, "amqp://u:p@rabbit:5672/%2f");
+        assert_eq!(c.broker.urls, ["amqp://u:p@rabbit:5672/%2f"]);
         assert_eq!(c.broker.namespace, "test-1");
         let bad = HashMap::from([(ENV_WARREN_NAMESPACE.to_string(), "a.b".to_string())]);
         let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad)
             .unwrap_err()
             .to_string();
         assert!(e.contains("WARREN_NAMESPACE"), "{e}");
+    }
+
+    #[test]
+    fn one_url_or_a_list_of_members() {
+        // Given `url` (one broker), `urls` (a cluster), or both
+        let one = parse("[broker]\nurl = \"amqp://a:5672/%2f\"\n").unwrap();
+        let many = parse(
+            "[broker]\nurls = [\"amqp://a:5701\", \"amqp://b:5702\"]\nconnect_order = \"listed\"\n",
+        )
+        .unwrap();
+        // Then each gives the members, in order
+        assert_eq!(one.broker.urls, ["amqp://a:5672/%2f"]);
+        assert_eq!(one.broker.url(), "amqp://a:5672/%2f");
+        assert_eq!(many.broker.urls, ["amqp://a:5701", "amqp://b:5702"]);
+        assert_eq!(many.broker.connect_order, ConnectOrder::Listed);
+        // ...and a bad member, an empty list or both keys are refused, naming key and line
+        let e = err("[broker]\nnamespace = \"w\"\nurls = [\"amqp://a\", \"b:5672\"]\n");
+        assert!(
+            e.starts_with("warren.toml:3:") && e.contains("urls[1]") && e.contains("amqp://"),
+            "{e}"
+        );
+        let e = err("[broker]\nurls = []\n");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("`urls`"),
+            "{e}"
+        );
+        let e = err("[broker]\nurl = \"amqp://a\"\nurls = [\"amqp://b\"]\n");
+        assert!(e.contains("both `url` and `urls`"), "{e}");
+        let e = err("[broker]\nconnect_order = \"nearest\"\n");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("random"),
+            "{e}"
+        );
+        // ...and WARREN_AMQP_URL takes a comma-separated list, checked and named on error
+        let env = HashMap::from([(
+            ENV_WARREN_AMQP_URL.to_string(),
+            "amqp://x:5701, amqp://y:5702".to_string(),
+        )]);
+        let c = Config::parse(EXAMPLE, "x", Path::new("."), &env).unwrap();
+        assert_eq!(c.broker.urls, ["amqp://x:5701", "amqp://y:5702"]);
+        let bad = HashMap::from([(ENV_WARREN_AMQP_URL.to_string(), "amqp://x,".to_string())]);
+        let e = Config::parse(EXAMPLE, "x", Path::new("."), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("WARREN_AMQP_URL") && e.contains("urls[1]"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use super::members::ConnectOrder;
 use crate::ids::validate_name;
 use crate::priority::Priority;
 
@@ -91,9 +92,22 @@ impl Default for FairnessConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerConfig {
-    /// AMQP URL (`amqp://` or `amqps://`). Env `WARREN_AMQP_URL` wins.
-    #[serde(default = "default_url", deserialize_with = "amqp_url")]
-    pub url: String,
+    /// The RabbitMQ nodes to connect to, each an AMQP URL (`amqp://` or `amqps://`): `url =
+    /// "..."` for one broker, `urls = ["...", ...]` for the members of a cluster (either key,
+    /// not both). A process connects to one member ([`Self::connect_order`]) and moves to the
+    /// next when that one fails or goes away. Env `WARREN_AMQP_URL` (one URL, or several
+    /// separated by commas) wins.
+    #[serde(
+        rename = "urls",
+        alias = "url",
+        default = "default_urls",
+        deserialize_with = "super::members::amqp_urls"
+    )]
+    pub urls: Vec<String>,
+    /// Which member of `urls` a process tries first: `random` (the default: processes spread
+    /// over the cluster's nodes) or `listed` (in the order given).
+    #[serde(default)]
+    pub connect_order: ConnectOrder,
     /// Prefix of every exchange and queue name. Env `WARREN_NAMESPACE` wins.
     #[serde(default = "default_namespace", deserialize_with = "namespace")]
     pub namespace: String,
@@ -127,7 +141,15 @@ pub struct BrokerConfig {
 impl std::fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerConfig")
-            .field("url", &crate::telemetry::redact_url(&self.url))
+            .field(
+                "urls",
+                &self
+                    .urls
+                    .iter()
+                    .map(|u| crate::telemetry::redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("connect_order", &self.connect_order)
             .field("namespace", &self.namespace)
             .field("queue_type", &self.queue_type)
             .field("max_payload_bytes", &self.max_payload_bytes)
@@ -192,7 +214,8 @@ impl TryFrom<RawTls> for TlsConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            url: default_url(),
+            urls: default_urls(),
+            connect_order: ConnectOrder::default(),
             namespace: default_namespace(),
             queue_type: QueueType::default(),
             max_payload_bytes: default_max_payload(),
@@ -200,6 +223,14 @@ impl Default for BrokerConfig {
             management_url: None,
             connect_timeout: default_connect_timeout(),
         }
+    }
+}
+
+impl BrokerConfig {
+    /// The first member: where the credentials of every member are read from (the management
+    /// API's, when its URL has none), and the broker of a one-URL config.
+    pub fn url(&self) -> &str {
+        self.urls.first().map_or("", String::as_str)
     }
 }
 
@@ -521,8 +552,8 @@ fn check_pass_env(var: &str) -> Result<(), String> {
 
 // === defaults ===
 
-pub(crate) fn default_url() -> String {
-    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
+fn default_urls() -> Vec<String> {
+    vec!["amqp://guest:guest@127.0.0.1:5672/%2f".to_string()]
 }
 fn default_namespace() -> String {
     "warren".to_string()
@@ -617,23 +648,6 @@ fn namespace<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let value = String::deserialize(d)?;
     validate_name("namespace", &value).map_err(serde::de::Error::custom)?;
     Ok(value)
-}
-
-fn amqp_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let value = String::deserialize(d)?;
-    check_url(&value).map_err(serde::de::Error::custom)?;
-    Ok(value)
-}
-
-pub(crate) fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("amqp://") || url.starts_with("amqps://") {
-        Ok(())
-    } else {
-        Err(format!(
-            "url {:?} must start with amqp:// or amqps://",
-            crate::telemetry::redact_url(url)
-        ))
-    }
 }
 
 fn management_url<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {

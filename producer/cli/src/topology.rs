@@ -135,7 +135,7 @@ fn management_for(config: &Config) -> Option<(Management, bool)> {
             return None;
         }
     }
-    let authority = config.broker.url.parse::<AMQPUri>().ok()?.authority;
+    let authority = config.broker.url().parse::<AMQPUri>().ok()?.authority;
     let local = matches!(authority.host.as_str(), "127.0.0.1" | "localhost");
     if !local || authority.port != 5672 {
         return None;

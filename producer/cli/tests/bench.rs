@@ -277,7 +277,7 @@ fn bench(command: &mut Command) -> Value {
 async fn assert_gone(queues: &[String]) {
     let mut config = Config::parse("", "test", Path::new("."), &HashMap::new()).unwrap();
     if let Ok(url) = std::env::var("WARREN_AMQP_URL") {
-        config.broker.url = url;
+        config.broker.urls = vec![url];
     }
     let broker = Broker::connect(&config.broker).await.unwrap();
     for queue in queues {

@@ -97,7 +97,7 @@ async fn one_set(b: &Bench, rows: &mut Vec<Row>, set: Set) -> anyhow::Result<()>
     std::fs::write(&file, pipelines_toml(set, b.args.scale_shards))?;
     let config = load_config(&b.config, &ns, &file)?;
     let plan = Topology::plan(&config);
-    let broker_pid = broker_pid(&config.broker.url);
+    let broker_pid = broker_pid(config.broker.url());
     let window = b.args.scale_window;
 
     // The broker with no namespace of this set, just before.
