@@ -1,0 +1,401 @@
+//! The console's HTTP routes. Every page has its JSON twin under `/api/` (same handler, same
+//! value); a page asked with the `X-Console-Live` header gets its live part alone, which the
+//! page's script swaps in every few seconds. State changes are POSTs checked for the CSRF
+//! token and the origin, done with the SDK's own confirmed moves, then redirect back.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use minijinja::context;
+use serde::{Deserialize, Serialize};
+use warren_common::JobId;
+use warren_producer::{schedules, DlqFilter, ReplayOptions};
+
+use super::views::{self, JobSearch};
+use super::Console;
+
+/// The header the live-update script sends to get a page's live part.
+const LIVE_HEADER: &str = "x-console-live";
+
+pub(crate) fn router(console: Arc<Console>) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/api/overview", get(overview))
+        .route("/tenants", get(tenants))
+        .route("/api/tenants", get(tenants))
+        .route("/jobs", get(jobs))
+        .route("/api/jobs", get(jobs))
+        .route("/jobs/{id}", get(job))
+        .route("/api/jobs/{id}", get(job))
+        .route("/failures", get(failures))
+        .route("/api/failures", get(failures))
+        .route("/schedules", get(schedules_page))
+        .route("/api/schedules", get(schedules_page))
+        .route("/api/health", get(health))
+        .route("/static/console.js", get(script))
+        .route("/static/console.css", get(style))
+        .route("/failures/replay", post(replay))
+        .route("/failures/purge", post(purge))
+        .route("/schedules/{name}/{action}", post(schedule_action))
+        .layer(middleware::from_fn_with_state(console.clone(), guard))
+        .with_state(console)
+}
+
+/// Credentials first, for every route.
+async fn guard(State(console): State<Arc<Console>>, request: Request, next: Next) -> Response {
+    if !console.credentials.admits(request.headers()) {
+        return console.credentials.challenge().into_response();
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    // The console is never framed (clickjacking of its buttons) and scripts come from itself.
+    headers.insert(
+        header::X_FRAME_OPTIONS,
+        header::HeaderValue::from_static("DENY"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'",
+        ),
+    );
+    response
+}
+
+/// A message shown once after a POST.
+#[derive(Debug, Default, Deserialize)]
+struct Flash {
+    #[serde(default)]
+    done: Option<String>,
+    #[serde(default)]
+    problem: Option<String>,
+}
+
+/// The page `template` of `value`, its live part, or its JSON.
+fn respond<T: Serialize>(
+    console: &Console,
+    uri: &Uri,
+    headers: &HeaderMap,
+    template: &str,
+    flash: &Flash,
+    value: T,
+) -> Response {
+    let health = console.health();
+    if uri.path().starts_with("/api/") {
+        return Json(serde_json::json!({ "health": health, "page": value })).into_response();
+    }
+    let nav = match template {
+        "overview.html" => "Overview",
+        "tenants.html" => "Tenants",
+        "jobs.html" | "job.html" => "Jobs",
+        "failures.html" => "Failures",
+        _ => "Schedules",
+    };
+    let context = context! {
+        page => value,
+        nav => nav,
+        health => health,
+        csrf => console.csrf.token(),
+        here => uri.to_string(),
+        done => flash.done,
+        problem => flash.problem,
+    };
+    let rendered = console.templates.get_template(template).and_then(|t| {
+        match headers.contains_key(LIVE_HEADER) {
+            true => t
+                .render_captured(context)?
+                .with_state_mut(|state| state.render_block("live")),
+            false => t.render(context),
+        }
+    });
+    match rendered {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, template, "A console page did not render.");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response()
+        }
+    }
+}
+
+async fn overview(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let view = {
+        let jobs = console.jobs.read().expect("jobs lock");
+        let reading = console.reading.read().expect("reading lock");
+        views::overview(&jobs, &reading, console.client.hot_tenants())
+    };
+    respond(&console, &uri, &headers, "overview.html", &flash, view)
+}
+
+async fn tenants(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let view = {
+        let jobs = console.jobs.read().expect("jobs lock");
+        let reading = console.reading.read().expect("reading lock");
+        views::tenants(&jobs, &reading)
+    };
+    respond(&console, &uri, &headers, "tenants.html", &flash, view)
+}
+
+async fn jobs(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(search): Query<JobSearch>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let view = views::job_list(&console.jobs.read().expect("jobs lock"), search);
+    respond(&console, &uri, &headers, "jobs.html", &flash, view)
+}
+
+async fn job(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let Ok(id) = id.parse::<JobId>() else {
+        return (StatusCode::NOT_FOUND, "not a job id").into_response();
+    };
+    let page = views::job_page(&console.jobs.read().expect("jobs lock"), id);
+    let Some(mut page) = page else {
+        let why =
+            "no such job in the history (unknown id, older than the retention, or not read yet)";
+        return (StatusCode::NOT_FOUND, why).into_response();
+    };
+    if page.job.status == warren_common::history::Status::Succeeded {
+        // The output is in the results stream, not in the history.
+        if let Ok(result) = console.client.wait(id, views::OUTPUT_WAIT).await {
+            page.output_text = serde_json::to_string_pretty(&result.output).ok();
+            page.output = Some(result.output);
+        }
+    }
+    respond(&console, &uri, &headers, "job.html", &flash, page)
+}
+
+async fn failures(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(search): Query<JobSearch>,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let view = {
+        let jobs = console.jobs.read().expect("jobs lock");
+        let reading = console.reading.read().expect("reading lock");
+        views::failures(&jobs, search, &reading)
+    };
+    respond(&console, &uri, &headers, "failures.html", &flash, view)
+}
+
+async fn schedules_page(
+    State(console): State<Arc<Console>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(flash): Query<Flash>,
+) -> Response {
+    let view = views::Schedules {
+        schedules: console
+            .reading
+            .read()
+            .expect("reading lock")
+            .schedules
+            .clone(),
+    };
+    respond(&console, &uri, &headers, "schedules.html", &flash, view)
+}
+
+async fn health(State(console): State<Arc<Console>>) -> Response {
+    Json(console.health()).into_response()
+}
+
+async fn script() -> Response {
+    let js = include_str!("static/console.js");
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        js,
+    )
+        .into_response()
+}
+
+async fn style() -> Response {
+    let css = include_str!("static/console.css");
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], css).into_response()
+}
+
+// === POST ===
+
+/// A POSTed form: its fields in order (`id` may repeat).
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Self {
+        Self(form_urlencoded::parse(body).into_owned().collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn all(&self, key: &str) -> HashSet<String> {
+        self.0
+            .iter()
+            .filter(|(k, v)| k == key && !v.is_empty())
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Where to go back to: a path of this console, never another site.
+    fn back(&self, default: &str) -> String {
+        match self.get("back") {
+            Some(back) if back.starts_with('/') && !back.starts_with("//") => back.to_string(),
+            _ => default.to_string(),
+        }
+    }
+}
+
+/// `back` with a flash message.
+fn redirect(back: &str, key: &str, message: &str) -> Response {
+    let sep = if back.contains('?') { '&' } else { '?' };
+    let message: String = form_urlencoded::byte_serialize(message.as_bytes()).collect();
+    Redirect::to(&format!("{back}{sep}{key}={message}")).into_response()
+}
+
+/// Checks the CSRF token and origin; the form when they hold.
+fn checked(console: &Console, headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
+    let form = Form::parse(body);
+    console
+        .csrf
+        .check(headers, form.get("csrf"))
+        .map_err(|why| (StatusCode::FORBIDDEN, why).into_response())?;
+    Ok(form)
+}
+
+/// The dead letters a replay or purge form selects: the ticked ids, or every job listed by
+/// the failures search it carries (`all`).
+fn selection(console: &Console, form: &Form) -> HashSet<String> {
+    if form.get("all").is_none() {
+        return form.all("id");
+    }
+    let search = JobSearch {
+        tenant: form.get("tenant").unwrap_or("").into(),
+        pipeline: form.get("pipeline").unwrap_or("").into(),
+        step: form.get("step").unwrap_or("").into(),
+        error: form.get("error").unwrap_or("").into(),
+        since: form.get("since").unwrap_or("").into(),
+        status: "dead_lettered".into(),
+        ..JobSearch::default()
+    };
+    let jobs = console.jobs.read().expect("jobs lock");
+    let reading = console.reading.read().expect("reading lock");
+    views::failures(&jobs, search, &reading)
+        .list
+        .jobs
+        .iter()
+        .map(|row| row.job_id.to_string())
+        .collect()
+}
+
+async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    let form = match checked(&console, &headers, &body) {
+        Ok(form) => form,
+        Err(refused) => return refused,
+    };
+    let back = form.back("/failures");
+    let ids = selection(&console, &form);
+    if ids.is_empty() {
+        return redirect(&back, "problem", "nothing selected");
+    }
+    let filter = DlqFilter {
+        ids: Some(ids),
+        ..DlqFilter::default()
+    };
+    match console
+        .client
+        .dlq_replay(&filter, ReplayOptions::default())
+        .await
+    {
+        Ok(report) => {
+            let mut message = format!("replayed {}", report.replayed.len());
+            for skipped in &report.skipped {
+                message.push_str(&format!("; {} skipped: {}", skipped.letter.id, skipped.why));
+            }
+            if report.replayed.is_empty() && report.skipped.is_empty() {
+                message.push_str(" (not in the dead-letter queue)");
+            }
+            redirect(&back, "done", &message)
+        }
+        Err(e) => redirect(&back, "problem", &e.to_string()),
+    }
+}
+
+async fn purge(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
+    let form = match checked(&console, &headers, &body) {
+        Ok(form) => form,
+        Err(refused) => return refused,
+    };
+    let back = form.back("/failures");
+    if form.get("confirm") != Some("purge") {
+        return redirect(
+            &back,
+            "problem",
+            "type purge in the box to confirm the purge",
+        );
+    }
+    let ids = selection(&console, &form);
+    if ids.is_empty() {
+        return redirect(&back, "problem", "nothing selected");
+    }
+    let filter = DlqFilter {
+        ids: Some(ids),
+        ..DlqFilter::default()
+    };
+    match console.client.dlq_purge(&filter).await {
+        Ok(purged) => redirect(&back, "done", &format!("purged {}", purged.len())),
+        Err(e) => redirect(&back, "problem", &e.to_string()),
+    }
+}
+
+async fn schedule_action(
+    State(console): State<Arc<Console>>,
+    Path((name, action)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = checked(&console, &headers, &body) {
+        return refused;
+    }
+    let client = &console.client;
+    let outcome = match action.as_str() {
+        "pause" => schedules::pause(client, &name).await,
+        "resume" => schedules::resume(client, &name).await,
+        _ => return (StatusCode::NOT_FOUND, "pause or resume").into_response(),
+    };
+    match outcome {
+        Ok(()) => {
+            console.refresh_schedules().await;
+            redirect("/schedules", "done", &format!("{action}d {name}"))
+        }
+        Err(e) => redirect("/schedules", "problem", &e.to_string()),
+    }
+}
