@@ -45,6 +45,13 @@ if os.environ["WARREN_TENANT"] == "acme" and not os.path.exists(job["flag"]):
     sys.exit(65)
 json.dump({"loaded": job["note"], "rows": 42}, sys.stdout)
 ''']
+
+[[schedules]]
+name = "nightly"
+pipeline = "import"
+cron = "0 3 * * *"
+tenants = ["globex", "initech"]
+payload = { flag = "/nonexistent", note = "nightly" }
 "#;
 
 /// What the error of acme's job says (the script tag must show as text).
@@ -288,6 +295,60 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     assert!(timeline.contains("succeeded"), "{timeline}");
     screenshot(&browser, "job").await;
 
+    // When another of acme's jobs fails, and it is ticked and purged with the confirmation
+    std::fs::remove_file(&flag).unwrap();
+    let doomed = client
+        .submit(Job::new(
+            "import",
+            "acme",
+            json!({"flag": flag, "note": "second"}),
+        ))
+        .await
+        .unwrap();
+    let result = client.wait(doomed, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Failed, "{result:?}");
+    browser
+        .goto(&format!("{url}/failures?tenant=acme"))
+        .await
+        .unwrap();
+    let doomed_row = format!("tr[data-job=\"{doomed}\"]");
+    assert!(wait_text(&browser, &doomed_row, "dead_lettered").await);
+    assert!(wait_text(&browser, "#live #dead-letters", "1").await);
+    let tick = format!("{doomed_row} input[type=checkbox]");
+    browser
+        .find(Locator::Css(&tick))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let confirm = "#selected input[name=confirm]";
+    browser
+        .find(Locator::Css(confirm))
+        .await
+        .unwrap()
+        .send_keys("purge")
+        .await
+        .unwrap();
+    let purge = "#selected button[formaction=\"/failures/purge\"]";
+    browser
+        .find(Locator::Css(purge))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    browser.accept_alert().await.unwrap();
+
+    // Then it is gone from the dead-letter queue, and the replayed job was not touched
+    assert!(text_of(&browser, "#flash").await.contains("purged 1"));
+    assert!(wait_text(&browser, "#live #dead-letters", "0").await);
+    assert!(client
+        .dlq_list(&Default::default())
+        .await
+        .unwrap()
+        .is_empty());
+
     // And every page renders what happened, the tenant's payload as text
     browser
         .goto(&format!("{url}/jobs?tenant=acme"))
@@ -305,8 +366,29 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     assert!(wait_text(&browser, "#dead-letters", "0").await);
     screenshot(&browser, "overview").await;
     browser.goto(&format!("{url}/schedules")).await.unwrap();
-    let schedules = text_of(&browser, "#schedules").await;
-    assert!(schedules.contains("no schedules"), "{schedules}");
+    assert!(wait_text(&browser, "#schedules", "nightly").await);
+    let pause = "#schedules button";
+    browser
+        .find(Locator::Css(pause))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text_of(&browser, "#flash").await.contains("paused nightly"));
+    assert!(wait_text(&browser, "#schedules", "paused").await);
+    browser
+        .find(Locator::Css(pause))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(text_of(&browser, "#flash")
+        .await
+        .contains("resumed nightly"));
+    assert!(wait_text(&browser, "#schedules", "active").await);
+    screenshot(&browser, "schedules").await;
     let pwned = browser
         .execute("return window.pwned === undefined;", vec![])
         .await
