@@ -14,11 +14,9 @@ use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::{json, Value};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use warren_producer::{Job, JobId, JobStatus};
-use warren_tests::{eventually, TestNamespace};
-use warren_worker::{Worker, WorkerError};
+use warren_tests::{eventually, InProcessWorker, TestNamespace};
+use warren_worker::Worker;
 
 const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
@@ -56,29 +54,6 @@ payload = { flag = "/nonexistent", note = "nightly" }
 
 /// What the error of acme's job says (the script tag must show as text).
 const SCRIPT_ERROR: &str = "<script>window.pwned = 1</script> cannot load";
-
-/// A worker on the namespace's config, in this process.
-struct InProcessWorker {
-    stop: CancellationToken,
-    join: JoinHandle<Result<(), WorkerError>>,
-}
-
-impl InProcessWorker {
-    fn start(ns: &TestNamespace) -> Self {
-        let worker = Worker::builder(ns.config.clone())
-            .shutdown_grace(Duration::from_millis(100))
-            .build()
-            .unwrap();
-        let stop = CancellationToken::new();
-        let join = tokio::spawn(worker.run(stop.clone().cancelled_owned()));
-        Self { stop, join }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.join.await.unwrap().unwrap();
-    }
-}
 
 /// A child process killed when dropped.
 struct Killed(Child);
@@ -197,6 +172,15 @@ async fn text_of(browser: &fantoccini::Client, css: &str) -> String {
         .unwrap()
 }
 
+async fn click(browser: &fantoccini::Client, css: &str) {
+    let element = browser.find(Locator::Css(css)).await;
+    let element = element.unwrap_or_else(|e| panic!("{css}: {e}"));
+    element
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
 /// Waits (the page's live updates, no reload) until `css` holds `want`.
 async fn wait_text(browser: &fantoccini::Client, css: &str, want: &str) -> bool {
     eventually(Duration::from_secs(45), || async {
@@ -212,7 +196,11 @@ async fn wait_text(browser: &fantoccini::Client, css: &str, want: &str) -> bool 
 async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     // Given a worker, jobs of three tenants, and acme's failing for good until the flag appears
     let ns = TestNamespace::new(IMPORT).await;
-    let worker = InProcessWorker::start(&ns);
+    let worker = Worker::builder(ns.config.clone())
+        .shutdown_grace(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let worker = InProcessWorker::start(worker);
     let client = ns.client().await;
     let flag = ns.dir.join("flag");
     let note = "<script>window.pwned = 2</script>catalogue.csv";
@@ -244,13 +232,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     screenshot(&browser, "failures").await;
 
     // Then the job page says why, with the script tags as text
-    browser
-        .find(Locator::Css(&format!("{row} a[href=\"/jobs/{failed}\"]")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, &format!("{row} a[href=\"/jobs/{failed}\"]")).await;
     let error = text_of(&browser, "#job-error").await;
     assert!(error.contains(SCRIPT_ERROR), "{error}");
     assert!(error.contains("the flag file is missing"), "{error}");
@@ -272,13 +254,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
 
     // When the step is fixed and Replay is pressed
     std::fs::write(&flag, b"").unwrap();
-    browser
-        .find(Locator::Css("#replay"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, "#replay").await;
     let flash = text_of(&browser, "#flash").await;
     assert!(flash.contains("replayed 1"), "{flash}");
 
@@ -315,13 +291,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     assert!(wait_text(&browser, &doomed_row, "dead_lettered").await);
     assert!(wait_text(&browser, "#live #dead-letters", "1").await);
     let tick = format!("{doomed_row} input[type=checkbox]");
-    browser
-        .find(Locator::Css(&tick))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, &tick).await;
     let confirm = "#selected input[name=confirm]";
     browser
         .find(Locator::Css(confirm))
@@ -331,13 +301,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
         .await
         .unwrap();
     let purge = "#selected button[formaction=\"/failures/purge\"]";
-    browser
-        .find(Locator::Css(purge))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, purge).await;
     browser.accept_alert().await.unwrap();
 
     // Then it is gone from the dead-letter queue, and the replayed job was not touched
@@ -368,22 +332,10 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     browser.goto(&format!("{url}/schedules")).await.unwrap();
     assert!(wait_text(&browser, "#schedules", "nightly").await);
     let pause = "#schedules button";
-    browser
-        .find(Locator::Css(pause))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, pause).await;
     assert!(text_of(&browser, "#flash").await.contains("paused nightly"));
     assert!(wait_text(&browser, "#schedules", "paused").await);
-    browser
-        .find(Locator::Css(pause))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&browser, pause).await;
     assert!(text_of(&browser, "#flash")
         .await
         .contains("resumed nightly"));

@@ -97,6 +97,7 @@ async fn read(
             if !ready && batch.marker.as_deref() == Some(nonce.as_str()) {
                 let mut jobs = jobs.write().expect("jobs lock");
                 jobs.refold();
+                jobs.compact();
                 let took = started.elapsed();
                 tracing::info!(
                     events = jobs.events,

@@ -12,15 +12,16 @@ mod routes;
 mod state;
 mod views;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use minijinja::Environment;
-use warren_common::{now_ms, Config};
+use warren_common::{now_ms, Config, JobId};
 use warren_producer::Client;
 
 use crate::output::outln;
@@ -51,7 +52,13 @@ pub(crate) struct Console {
     templates: Environment<'static>,
     csrf: Csrf,
     credentials: Credentials,
+    /// Outputs of succeeded jobs read from the results stream, so a page's live refresh does
+    /// not read the stream again.
+    outputs: Mutex<HashMap<JobId, serde_json::Value>>,
 }
+
+/// Most outputs [`Console::outputs`] keeps; it starts afresh past that.
+const OUTPUTS_KEPT: usize = 1000;
 
 impl Console {
     fn health(&self) -> Health {
@@ -73,6 +80,27 @@ impl Console {
                 .chain(reading.error.iter().map(|e| format!("broker: {e}")))
                 .collect(),
         }
+    }
+
+    /// `f` of the jobs and the newest broker reading, under their locks.
+    fn view<R>(&self, f: impl FnOnce(&Jobs, &Reading) -> R) -> R {
+        let jobs = self.jobs.read().expect("jobs lock");
+        let reading = self.reading.read().expect("reading lock");
+        f(&jobs, &reading)
+    }
+
+    /// A succeeded job's output: it is in the results stream, not in the history.
+    async fn output(&self, id: JobId) -> Option<serde_json::Value> {
+        if let Some(known) = self.outputs.lock().expect("outputs lock").get(&id) {
+            return Some(known.clone());
+        }
+        let result = self.client.wait(id, views::OUTPUT_WAIT).await.ok()?;
+        let mut outputs = self.outputs.lock().expect("outputs lock");
+        if outputs.len() >= OUTPUTS_KEPT {
+            outputs.clear();
+        }
+        outputs.insert(id, result.output.clone());
+        Some(result.output)
     }
 
     /// Reads the schedules again now (after a pause or resume), so the page shows it at once.
@@ -108,6 +136,7 @@ pub(crate) async fn run(args: ConsoleArgs, config: Config) -> anyhow::Result<()>
         templates: templates(),
         csrf: Csrf::fresh(),
         credentials,
+        outputs: Mutex::default(),
     });
     tokio::spawn(follow::follow(
         config,

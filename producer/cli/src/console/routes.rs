@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -78,17 +79,33 @@ struct Flash {
     problem: Option<String>,
 }
 
+/// What every page's answer depends on besides its data: the URL (a page, or its JSON under
+/// `/api/`), whether the live part alone is asked, and the flash message.
+struct Asked {
+    uri: Uri,
+    live: bool,
+    flash: Flash,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Asked {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let flash = Query::<Flash>::from_request_parts(parts, state)
+            .await
+            .map_or_else(|_| Flash::default(), |Query(flash)| flash);
+        Ok(Self {
+            uri: parts.uri.clone(),
+            live: parts.headers.contains_key(LIVE_HEADER),
+            flash,
+        })
+    }
+}
+
 /// The page `template` of `value`, its live part, or its JSON.
-fn respond<T: Serialize>(
-    console: &Console,
-    uri: &Uri,
-    headers: &HeaderMap,
-    template: &str,
-    flash: &Flash,
-    value: T,
-) -> Response {
+fn respond<T: Serialize>(console: &Console, asked: &Asked, template: &str, value: T) -> Response {
     let health = console.health();
-    if uri.path().starts_with("/api/") {
+    if asked.uri.path().starts_with("/api/") {
         return Json(serde_json::json!({ "health": health, "page": value })).into_response();
     }
     let nav = match template {
@@ -103,18 +120,19 @@ fn respond<T: Serialize>(
         nav => nav,
         health => health,
         csrf => console.csrf.token(),
-        here => uri.to_string(),
-        done => flash.done,
-        problem => flash.problem,
+        here => asked.uri.to_string(),
+        done => asked.flash.done,
+        problem => asked.flash.problem,
     };
-    let rendered = console.templates.get_template(template).and_then(|t| {
-        match headers.contains_key(LIVE_HEADER) {
+    let rendered = console
+        .templates
+        .get_template(template)
+        .and_then(|t| match asked.live {
             true => t
                 .render_captured(context)?
                 .with_state_mut(|state| state.render_block("live")),
             false => t.render(context),
-        }
-    });
+        });
     match rendered {
         Ok(html) => Html(html).into_response(),
         Err(e) => {
@@ -124,101 +142,66 @@ fn respond<T: Serialize>(
     }
 }
 
-async fn overview(
-    State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let view = {
-        let jobs = console.jobs.read().expect("jobs lock");
-        let reading = console.reading.read().expect("reading lock");
-        views::overview(&jobs, &reading, console.client.hot_tenants())
-    };
-    respond(&console, &uri, &headers, "overview.html", &flash, view)
+async fn overview(State(console): State<Arc<Console>>, asked: Asked) -> Response {
+    let hot = console.client.hot_tenants();
+    let view = console.view(|jobs, reading| views::overview(jobs, reading, hot));
+    respond(&console, &asked, "overview.html", view)
 }
 
-async fn tenants(
-    State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let view = {
-        let jobs = console.jobs.read().expect("jobs lock");
-        let reading = console.reading.read().expect("reading lock");
-        views::tenants(&jobs, &reading)
-    };
-    respond(&console, &uri, &headers, "tenants.html", &flash, view)
+async fn tenants(State(console): State<Arc<Console>>, asked: Asked) -> Response {
+    let view = console.view(views::tenants);
+    respond(&console, &asked, "tenants.html", view)
 }
 
 async fn jobs(
     State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
+    asked: Asked,
     Query(search): Query<JobSearch>,
-    Query(flash): Query<Flash>,
 ) -> Response {
-    let view = views::job_list(&console.jobs.read().expect("jobs lock"), search);
-    respond(&console, &uri, &headers, "jobs.html", &flash, view)
+    let view = console.view(|jobs, _| views::job_list(jobs, search));
+    respond(&console, &asked, "jobs.html", view)
 }
 
 async fn job(
     State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
+    asked: Asked,
     Path(id): Path<String>,
-    Query(flash): Query<Flash>,
 ) -> Response {
     let Ok(id) = id.parse::<JobId>() else {
         return (StatusCode::NOT_FOUND, "not a job id").into_response();
     };
-    let page = views::job_page(&console.jobs.read().expect("jobs lock"), id);
-    let Some(mut page) = page else {
+    let Some(mut page) = console.view(|jobs, _| views::job_page(jobs, id)) else {
         let why =
             "no such job in the history (unknown id, older than the retention, or not read yet)";
         return (StatusCode::NOT_FOUND, why).into_response();
     };
     if page.job.status == warren_common::history::Status::Succeeded {
-        // The output is in the results stream, not in the history.
-        if let Ok(result) = console.client.wait(id, views::OUTPUT_WAIT).await {
-            page.output_text = serde_json::to_string_pretty(&result.output).ok();
-            page.output = Some(result.output);
-        }
+        page.output = console.output(id).await;
+        page.output_text = page
+            .output
+            .as_ref()
+            .and_then(|o| serde_json::to_string_pretty(o).ok());
     }
-    respond(&console, &uri, &headers, "job.html", &flash, page)
+    respond(&console, &asked, "job.html", page)
 }
 
 async fn failures(
     State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
+    asked: Asked,
     Query(search): Query<JobSearch>,
-    Query(flash): Query<Flash>,
 ) -> Response {
-    let view = {
-        let jobs = console.jobs.read().expect("jobs lock");
-        let reading = console.reading.read().expect("reading lock");
-        views::failures(&jobs, search, &reading)
-    };
-    respond(&console, &uri, &headers, "failures.html", &flash, view)
+    let view = console.view(|jobs, reading| views::failures(jobs, search, reading));
+    respond(&console, &asked, "failures.html", view)
 }
 
-async fn schedules_page(
-    State(console): State<Arc<Console>>,
-    uri: Uri,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let view = views::Schedules {
-        schedules: console
-            .reading
-            .read()
-            .expect("reading lock")
-            .schedules
-            .clone(),
-    };
-    respond(&console, &uri, &headers, "schedules.html", &flash, view)
+async fn schedules_page(State(console): State<Arc<Console>>, asked: Asked) -> Response {
+    let schedules = console.view(|_, reading| reading.schedules.clone());
+    respond(
+        &console,
+        &asked,
+        "schedules.html",
+        views::Schedules { schedules },
+    )
 }
 
 async fn health(State(console): State<Arc<Console>>) -> Response {
@@ -282,13 +265,14 @@ fn redirect(back: &str, key: &str, message: &str) -> Response {
 }
 
 /// Checks the CSRF token and origin; the form when they hold.
-fn checked(console: &Console, headers: &HeaderMap, body: &[u8]) -> Result<Form, Response> {
+fn checked(console: &Console, headers: &HeaderMap, body: &[u8]) -> Result<Form, &'static str> {
     let form = Form::parse(body);
-    console
-        .csrf
-        .check(headers, form.get("csrf"))
-        .map_err(|why| (StatusCode::FORBIDDEN, why).into_response())?;
+    console.csrf.check(headers, form.get("csrf"))?;
     Ok(form)
+}
+
+fn refused(why: &'static str) -> Response {
+    (StatusCode::FORBIDDEN, why).into_response()
 }
 
 /// The dead letters a replay or purge form selects: the ticked ids, or every job listed by
@@ -306,9 +290,8 @@ fn selection(console: &Console, form: &Form) -> HashSet<String> {
         status: "dead_lettered".into(),
         ..JobSearch::default()
     };
-    let jobs = console.jobs.read().expect("jobs lock");
-    let reading = console.reading.read().expect("reading lock");
-    views::failures(&jobs, search, &reading)
+    console
+        .view(|jobs, reading| views::failures(jobs, search, reading))
         .list
         .jobs
         .iter()
@@ -319,7 +302,7 @@ fn selection(console: &Console, form: &Form) -> HashSet<String> {
 async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
     let form = match checked(&console, &headers, &body) {
         Ok(form) => form,
-        Err(refused) => return refused,
+        Err(why) => return refused(why),
     };
     let back = form.back("/failures");
     let ids = selection(&console, &form);
@@ -352,7 +335,7 @@ async fn replay(State(console): State<Arc<Console>>, headers: HeaderMap, body: B
 async fn purge(State(console): State<Arc<Console>>, headers: HeaderMap, body: Bytes) -> Response {
     let form = match checked(&console, &headers, &body) {
         Ok(form) => form,
-        Err(refused) => return refused,
+        Err(why) => return refused(why),
     };
     let back = form.back("/failures");
     if form.get("confirm") != Some("purge") {
@@ -382,8 +365,8 @@ async fn schedule_action(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = checked(&console, &headers, &body) {
-        return refused;
+    if let Err(why) = checked(&console, &headers, &body) {
+        return refused(why);
     }
     let client = &console.client;
     let outcome = match action.as_str() {

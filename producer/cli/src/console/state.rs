@@ -115,6 +115,14 @@ impl Jobs {
         }
     }
 
+    /// Gives back what the event buffers over-allocated while they grew (up to half of them):
+    /// once the catch-up is done, most jobs get few events more.
+    pub(crate) fn compact(&mut self) {
+        for entry in self.entries.values_mut() {
+            entry.events.shrink_to_fit();
+        }
+    }
+
     fn name(&mut self, name: &str) -> Arc<str> {
         if let Some(known) = self.names.get(name) {
             return known.clone();
