@@ -357,7 +357,10 @@ async fn state_changes_need_the_forms_token_and_another_address_needs_credential
     // Given a console on a namespace with history
     let ns = TestNamespace::new(IMPORT).await;
     let (_console, url) = start_console(&ns);
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let ready = eventually(Duration::from_secs(30), || async {
         let health: Option<Value> = match http.get(format!("{url}/api/health")).send().await {
             Ok(response) => response.json().await.ok(),

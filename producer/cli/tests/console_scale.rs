@@ -20,6 +20,7 @@ use warren_common::history::{Event, Kind};
 use warren_producer::JobId;
 use warren_tests::{eventually, TestNamespace};
 
+/// How many events (`WARREN_SCALE_EVENTS` for another count).
 const EVENTS: usize = 1_000_000;
 /// Events per job: submitted, started, then retried + started + succeeded, or succeeded, or
 /// failed + dead-lettered.
@@ -104,9 +105,13 @@ async fn a_million_events_fit_in_500_mib_and_are_read_within_30_s() {
     let ns = TestNamespace::new(CONFIG).await;
     let broker = ns.broker().await;
     let writer = HistoryWriter::on(&broker);
-    let mut events = Vec::with_capacity(EVENTS + 10);
+    let target: usize = std::env::var("WARREN_SCALE_EVENTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(EVENTS);
+    let mut events = Vec::with_capacity(target + 10);
     let mut n = 0;
-    while events.len() < EVENTS {
+    while events.len() < target {
         events.extend(life(n));
         n += 1;
     }
@@ -130,7 +135,7 @@ async fn a_million_events_fit_in_500_mib_and_are_read_within_30_s() {
         .arg(&ns.config_path)
         .args(["console", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let pid = child.id();
@@ -143,7 +148,10 @@ async fn a_million_events_fit_in_500_mib_and_are_read_within_30_s() {
         .trim_start_matches("warren console: ")
         .trim_end_matches('/')
         .to_string();
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
     let ready = eventually(Duration::from_secs(300), || async {
         let health: Option<Value> = match http.get(format!("{url}/api/health")).send().await {
             Ok(response) => response.json().await.ok(),

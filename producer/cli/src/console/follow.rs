@@ -95,16 +95,20 @@ async fn read(
         let ready = progress.read().expect("progress lock").ready.is_some();
         if let Some(batch) = Batch::decode(&delivery.data) {
             if !ready && batch.marker.as_deref() == Some(nonce.as_str()) {
-                let mut jobs = jobs.write().expect("jobs lock");
-                jobs.refold();
-                jobs.compact();
+                let (events, count) = {
+                    let mut jobs = jobs.write().expect("jobs lock");
+                    jobs.refold();
+                    jobs.compact();
+                    (jobs.events, jobs.len())
+                };
                 let took = started.elapsed();
                 tracing::info!(
-                    events = jobs.events,
-                    jobs = jobs.len(),
+                    events,
+                    jobs = count,
                     took_ms = took.as_millis() as u64,
                     "Console ready: the history is read."
                 );
+                // Never under the jobs' lock: readers take the two one at a time.
                 progress.write().expect("progress lock").ready = Some(took);
             } else if !batch.events.is_empty() {
                 let mut jobs = jobs.write().expect("jobs lock");

@@ -62,22 +62,25 @@ const OUTPUTS_KEPT: usize = 1000;
 
 impl Console {
     fn health(&self) -> Health {
-        let progress = self.progress.read().expect("progress lock");
+        // One lock at a time: the follower takes the jobs' lock, then the progress's.
+        let (ready, history_error) = {
+            let progress = self.progress.read().expect("progress lock");
+            (progress.ready, progress.error.clone())
+        };
         let (events, jobs) = {
             let jobs = self.jobs.read().expect("jobs lock");
             (jobs.events, jobs.len())
         };
-        let reading = self.reading.read().expect("reading lock");
+        let broker_error = self.reading.read().expect("reading lock").error.clone();
         Health {
-            ready: progress.ready.is_some(),
-            ready_after_ms: progress.ready.map(|d| d.as_millis() as u64),
+            ready: ready.is_some(),
+            ready_after_ms: ready.map(|d| d.as_millis() as u64),
             events,
             jobs,
-            errors: progress
-                .error
-                .iter()
+            errors: history_error
                 .map(|e| format!("history: {e}"))
-                .chain(reading.error.iter().map(|e| format!("broker: {e}")))
+                .into_iter()
+                .chain(broker_error.map(|e| format!("broker: {e}")))
                 .collect(),
         }
     }
