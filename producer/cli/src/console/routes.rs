@@ -120,7 +120,7 @@ fn respond<T: Serialize>(console: &Console, asked: &Asked, template: &str, value
         nav => nav,
         health => health,
         csrf => console.csrf.token(),
-        here => asked.uri.to_string(),
+        here => back_here(&asked.uri),
         done => asked.flash.done,
         problem => asked.flash.problem,
     };
@@ -139,6 +139,20 @@ fn respond<T: Serialize>(console: &Console, asked: &Asked, template: &str, value
             tracing::error!(error = %e, template, "A console page did not render.");
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response()
         }
+    }
+}
+
+/// This page's URL without its flash message: where a form on it comes back to.
+fn back_here(uri: &Uri) -> String {
+    let query = uri.query().unwrap_or("");
+    let kept: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            form_urlencoded::parse(query.as_bytes()).filter(|(k, _)| k != "done" && k != "problem"),
+        )
+        .finish();
+    match kept.is_empty() {
+        true => uri.path().to_string(),
+        false => format!("{}?{kept}", uri.path()),
     }
 }
 
@@ -380,5 +394,22 @@ async fn schedule_action(
             redirect("/schedules", "done", &format!("{action}d {name}"))
         }
         Err(e) => redirect("/schedules", "problem", &e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_way_back_drops_the_flash_and_stays_on_this_console() {
+        let uri: Uri = "/failures?tenant=acme&done=replayed%201".parse().unwrap();
+        assert_eq!(back_here(&uri), "/failures?tenant=acme");
+        let uri: Uri = "/jobs/x?problem=no".parse().unwrap();
+        assert_eq!(back_here(&uri), "/jobs/x");
+        let form = |back: &str| Form(vec![("back".into(), back.into())]);
+        assert_eq!(form("/jobs/1").back("/failures"), "/jobs/1");
+        assert_eq!(form("//evil.example/x").back("/failures"), "/failures");
+        assert_eq!(form("https://evil.example").back("/failures"), "/failures");
     }
 }
