@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo build --release -p warren-cli
-//! WARREN_BIN=target/release/warren cargo test --release -p warren-cli --test console_scale -- --ignored --nocapture
+//! WARREN_BIN=$PWD/target/release/warren cargo test -p warren-cli --test console_scale -- --ignored --nocapture
 //! ```
 //!
 //! It prints the time until `/api/health` says ready and the console's peak RSS, and fails past
