@@ -6,10 +6,9 @@
 //! With `WARREN_CONSOLE_SCREENSHOTS=<folder>` the browser test saves a screenshot of each page
 //! there (how docs/console/*.png are made).
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use fantoccini::{ClientBuilder, Locator};
@@ -17,6 +16,10 @@ use serde_json::{json, Value};
 use warren_producer::{Job, JobId, JobStatus};
 use warren_tests::{eventually, InProcessWorker, TestNamespace};
 use warren_worker::Worker;
+
+mod support;
+
+use support::{health, Killed};
 
 const WARREN: &str = env!("CARGO_BIN_EXE_warren");
 
@@ -55,39 +58,9 @@ payload = { flag = "/nonexistent", note = "nightly" }
 /// What the error of acme's job says (the script tag must show as text).
 const SCRIPT_ERROR: &str = "<script>window.pwned = 1</script> cannot load";
 
-/// A child process killed when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `warren console --listen 127.0.0.1:0` on the namespace; returns it and its URL.
+/// Starts `warren console` on the namespace; returns it and its URL.
 fn start_console(ns: &TestNamespace) -> (Killed, String) {
-    let mut child = Command::new(WARREN)
-        .arg("--config")
-        .arg(&ns.config_path)
-        .args(["console", "--listen", "127.0.0.1:0"])
-        .env_remove("WARREN_CONSOLE_TOKEN")
-        .env_remove("WARREN_CONSOLE_BASIC_AUTH")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .strip_prefix("warren console: ")
-        .unwrap_or_else(|| panic!("console said {line:?}"))
-        .trim_end_matches('/')
-        .to_string();
-    (Killed(child), url)
+    support::start_console(WARREN, &ns.config_path)
 }
 
 fn free_port() -> u16 {
@@ -362,11 +335,9 @@ async fn state_changes_need_the_forms_token_and_another_address_needs_credential
         .build()
         .unwrap();
     let ready = eventually(Duration::from_secs(30), || async {
-        let health: Option<Value> = match http.get(format!("{url}/api/health")).send().await {
-            Ok(response) => response.json().await.ok(),
-            Err(_) => None,
-        };
-        health.is_some_and(|h| h["ready"] == json!(true))
+        health(&http, &url)
+            .await
+            .is_some_and(|h| h["ready"] == json!(true))
     })
     .await;
     assert!(ready);

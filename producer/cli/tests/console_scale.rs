@@ -9,8 +9,6 @@
 //! It prints the time until `/api/health` says ready and the console's peak RSS, and fails past
 //! the targets (500 MiB, 30 s).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::future::try_join_all;
@@ -21,6 +19,8 @@ use warren_producer::JobId;
 use warren_tests::{eventually, TestNamespace};
 
 /// How many events (`WARREN_SCALE_EVENTS` for another count).
+mod support;
+
 const EVENTS: usize = 1_000_000;
 /// Events per job: submitted, started, then retried + started + succeeded, or succeeded, or
 /// failed + dead-lettered.
@@ -130,34 +130,14 @@ async fn a_million_events_fit_in_500_mib_and_are_read_within_30_s() {
     // When the console starts on it
     let bin = std::env::var("WARREN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_warren").into());
     let started = Instant::now();
-    let mut child = Command::new(&bin)
-        .arg("--config")
-        .arg(&ns.config_path)
-        .args(["console", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .trim()
-        .trim_start_matches("warren console: ")
-        .trim_end_matches('/')
-        .to_string();
+    let (console, url) = support::start_console(&bin, &ns.config_path);
+    let pid = console.0.id();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
     let ready = eventually(Duration::from_secs(300), || async {
-        let health: Option<Value> = match http.get(format!("{url}/api/health")).send().await {
-            Ok(response) => response.json().await.ok(),
-            Err(_) => None,
-        };
-        health.is_some_and(|h| {
+        support::health(&http, &url).await.is_some_and(|h| {
             h["ready"] == Value::Bool(true) && h["events"].as_u64() >= Some(written as u64)
         })
     })
@@ -168,8 +148,7 @@ async fn a_million_events_fit_in_500_mib_and_are_read_within_30_s() {
     assert!(tenants.status().is_success());
     let peak_mib = rss_kib(pid, "VmHWM:") / 1024;
     let now_mib = rss_kib(pid, "VmRSS:") / 1024;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(console);
 
     // Then it is ready within 30 s and under 500 MiB
     println!("console ({bin}): ready after {took:.1?}; RSS peak {peak_mib} MiB, now {now_mib} MiB");
