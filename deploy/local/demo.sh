@@ -40,6 +40,7 @@ WARREN_NAMESPACE="demo-$(date +%s)"
 export WARREN_NAMESPACE
 
 SUPERVISOR_PID=""
+CONSOLE_PID=""
 WORKER_PIDS=()
 TOPOLOGY_APPLIED=0
 
@@ -59,6 +60,10 @@ stop_process() {
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$CONSOLE_PID" ]; then
+        kill -TERM "$CONSOLE_PID" 2>/dev/null || true
+        wait "$CONSOLE_PID" 2>/dev/null || true
+    fi
     if [ "${#WORKER_PIDS[@]}" -gt 0 ]; then
         log "stopping the workers (SIGTERM)"
         for pid in "${WORKER_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -95,6 +100,17 @@ log "namespace $WARREN_NAMESPACE"
 TOPOLOGY_APPLIED=1
 
 mkdir -p "$LOG_DIR"
+# umbrella's "late data" job fails until this file exists (examples/src/demo.rs): start without it.
+rm -f "$LOG_DIR/late-data.csv"
+
+# The web console on the demo's history (examples/warren.toml turns history on). Another port with
+# WARREN_CONSOLE_LISTEN; it stays on 127.0.0.1, where it needs no credentials.
+CONSOLE_LISTEN="${WARREN_CONSOLE_LISTEN:-127.0.0.1:9400}"
+if [ "$NIGHTLY" -eq 0 ]; then
+    "$BIN/warren" console --config "$CONFIG" --listen "$CONSOLE_LISTEN" >"$LOG_DIR/console.log" 2>&1 &
+    CONSOLE_PID=$!
+    log "console: http://$CONSOLE_LISTEN/ (log in $LOG_DIR/console.log)"
+fi
 
 if [ "$NIGHTLY" -eq 1 ]; then
     # Two plain workers: both take part in the schedule (one fires each slot) and run every step.
@@ -130,6 +146,15 @@ if ! kill -0 "$SUPERVISOR_PID" 2>/dev/null; then
 fi
 
 "$BIN/warren-demo" --config "$CONFIG" "$@"
+
+# With someone at the terminal, keep everything up so they can use the console: find umbrella's
+# failed job, read why, create the file it waits for, replay it and watch it succeed.
+if [ -t 0 ] && [ -n "$CONSOLE_PID" ] && kill -0 "$CONSOLE_PID" 2>/dev/null; then
+    log "the console is up at http://$CONSOLE_LISTEN/failures: umbrella's job waits for $LOG_DIR/late-data.csv."
+    log "  run \`touch $LOG_DIR/late-data.csv\`, press Replay on the job's page, and watch it succeed."
+    log "press Enter to end the demo (it deletes namespace $WARREN_NAMESPACE)"
+    read -r _ || true
+fi
 
 # The other half of autoscaling: once the queues are quiet for --scale-down-after, the
 # supervisor drains workers (SIGTERM, so nothing is lost) down to --min.

@@ -68,6 +68,15 @@ ensure_python3() {
     command -v python3 >/dev/null 2>&1 || die "python3 still missing after install"
 }
 
+# The console's browser test drives Debian's chromium through chromedriver (both from the OS
+# packages; nothing is downloaded at test time).
+ensure_chromium() {
+    command -v chromedriver >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 && return 0
+    log "chromium or chromedriver not found; installing them from the OS packages (for the console's browser test)"
+    apt_install chromium chromium-driver
+    command -v chromedriver >/dev/null 2>&1 || die "chromedriver still missing after install"
+}
+
 # A policy-rc.d that says 101 ("action forbidden") stops a package's postinst from starting its
 # service. Without systemd (a container) that start fails or hangs; with systemd we start the
 # service ourselves afterwards anyway. We only add one when none exists, and always remove ours.

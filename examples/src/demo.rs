@@ -33,6 +33,10 @@ struct Args {
     timeout: Duration,
 }
 
+/// The file umbrella's "late data" job waits for (relative to the workers' folder, the
+/// repository root under `deploy/local/demo.sh`): create it, then replay the job.
+const LATE_FILE: &str = ".warren-demo/late-data.csv";
+
 const SMALL_TENANTS: [&str; 6] = ["acme", "globex", "initech", "umbrella", "hooli", "wayne"];
 const TOPICS: [&str; 5] = [
     "solar power",
@@ -81,6 +85,12 @@ async fn main() -> anyhow::Result<()> {
         "initech",
         json!({"topic": "", "paragraphs": 2}),
     ));
+    // And one that fails until its source file appears: the job to replay from the console.
+    jobs.push(Job::new(
+        &args.pipeline,
+        "umbrella",
+        json!({"topic": "late data", "paragraphs": 2, "needs_file": LATE_FILE}),
+    ));
 
     let tenants_of: BTreeMap<JobId, (String, Priority)> = jobs
         .iter()
@@ -88,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let total = jobs.len();
     println!(
-        "Submitting {total} jobs: {} for big-customer, {} for each of {} small tenants, 3 high-priority for acme, 1 flaky, 1 with bad input.",
+        "Submitting {total} jobs: {} for big-customer, {} for each of {} small tenants, 3 high-priority for acme, 1 flaky, 1 with bad input, 1 waiting for {LATE_FILE}.",
         args.flood,
         args.per_tenant,
         SMALL_TENANTS.len()

@@ -10,6 +10,8 @@ Input (the job payload):
         paragraphs  integer 1-50 (default 3)
         delay_ms    optional integer 0-10000: sleep this long first, like slow I/O
         flaky       optional integer 0-10: fail (retryably) on the first `flaky` attempts
+        needs_file  optional path: fail for good while this file does not exist (the demo's
+                    job to replay from the console once the file is there)
 
 Output: {"tenant", "topic", "title", "paragraphs", "text", "doc_id"}
 
@@ -70,6 +72,9 @@ def main():
     attempt = int(os.environ.get("WARREN_ATTEMPT", "1"))
 
     time.sleep(delay_ms / 1000)
+    needs_file = payload.get("needs_file")
+    if isinstance(needs_file, str) and not os.path.exists(needs_file):
+        fail(f"the source file {needs_file} is not there yet; create it, then replay the job")
     if attempt <= flaky:
         fail(f"simulated outage on attempt {attempt} of the first {flaky}", EX_TEMPFAIL)
 

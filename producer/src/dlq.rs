@@ -106,6 +106,8 @@ pub struct DlqFilter {
     pub pipeline: Option<String>,
     pub tenant: Option<String>,
     pub reason: Option<String>,
+    /// Any of these message ids (a selection of several dead letters, in one walk).
+    pub ids: Option<std::collections::HashSet<String>>,
 }
 
 impl DlqFilter {
@@ -121,6 +123,7 @@ impl DlqFilter {
             want.as_deref().is_none_or(|w| have == Some(w))
         }
         same(&self.id, Some(&letter.id))
+            && self.ids.as_ref().is_none_or(|ids| ids.contains(&letter.id))
             && same(&self.pipeline, letter.pipeline.as_deref())
             && same(&self.tenant, letter.tenant.as_deref())
             && same(&self.reason, Some(&letter.reason))

@@ -354,6 +354,30 @@ pub async fn collect_results(
     found
 }
 
+/// A worker running on this test's runtime (with the handlers the test registered), until
+/// [`InProcessWorker::stop`].
+#[derive(Debug)]
+pub struct InProcessWorker {
+    stop: tokio::sync::oneshot::Sender<()>,
+    join: tokio::task::JoinHandle<Result<(), warren_worker::WorkerError>>,
+}
+
+impl InProcessWorker {
+    pub fn start(worker: warren_worker::Worker) -> Self {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let join = tokio::spawn(worker.run(async move {
+            let _ = stopped.await;
+        }));
+        Self { stop, join }
+    }
+
+    /// Stops it and waits for it to end cleanly.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.join.await.expect("worker task").expect("worker run");
+    }
+}
+
 /// GET `path` (with its query, already encoded) from `127.0.0.1:port`: (status, body), or
 /// `None` when nothing answers.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

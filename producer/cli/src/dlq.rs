@@ -74,6 +74,7 @@ impl ListFilter {
             pipeline: self.pipeline,
             tenant: self.tenant,
             reason: self.reason,
+            ids: None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `warren`: the producer-side CLI. Thin: parse, load config, call the SDK, print.
 
 mod bench;
+mod console;
 mod dlq;
 mod output;
 mod queues;
@@ -65,6 +66,8 @@ enum Command {
     Jobs(status::JobsArgs),
     /// Show each schedule's next and last fire; trigger, pause, resume or backfill one.
     Schedules(schedules::SchedulesArgs),
+    /// Serve the web console (jobs, tenants, failures, schedules) on 127.0.0.1:9400.
+    Console(console::ConsoleArgs),
     /// Measure warren against a raw lapin program on this broker, in a throw-away namespace.
     Bench(bench::BenchArgs),
 }
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
             Command::Schedules(args) => schedules::run(args, config, cli.json).await,
             Command::Status(args) => status::status(args, config, cli.json).await,
             Command::Jobs(args) => status::jobs(args, config, cli.json).await,
+            Command::Console(args) => console::run(args, config).await,
             Command::Bench(_) => unreachable!("handled before the config is loaded"),
         }
     });
