@@ -3,7 +3,8 @@
 //! anything else is an error, never a silent success. Producers, worker hand-offs and dead
 //! lettering all go through here, so "confirm before ack" exists once.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::BasicPublishOptions;
@@ -80,10 +81,49 @@ pub const RECONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// publish must not poison every later one) and reconnects, with backoff, when the connection
 /// is gone. Publishes are mandatory, so an unroutable message comes back as
 /// [`PublishError::Unroutable`].
+///
+/// A channel on which a confirm did not come in time is given up: closed, and the next publish
+/// opens a fresh one. On RabbitMQ 3.10 a channel whose stream lost its leader (a node of a
+/// cluster went down) can stop confirming that stream's messages for good; a fresh channel
+/// writes to the new leader.
 pub struct Publisher {
     broker: Broker,
-    channel: Mutex<Channel>,
+    line: Mutex<Line>,
     patience: Duration,
+    confirm_patience: Duration,
+}
+
+/// One confirm channel, and whether a publish on it gave up waiting for its confirm.
+#[derive(Clone)]
+struct Line {
+    channel: Channel,
+    given_up: Arc<AtomicBool>,
+}
+
+impl Line {
+    fn new(channel: Channel) -> Self {
+        Self {
+            channel,
+            given_up: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn usable(&self) -> bool {
+        self.channel.status().connected() && !self.given_up.load(Ordering::Acquire)
+    }
+
+    /// Marks the channel given up and closes it: its other pending confirms fail at once (as
+    /// [`PublishError::Unconfirmed`]) instead of each waiting out its own timeout.
+    async fn give_up(&self) {
+        if self.given_up.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let closing = self
+            .channel
+            .close(200, "no publisher confirm in time".into());
+        // A broker that does not answer the close is why we are here; the flag is enough.
+        let _ = tokio::time::timeout(Duration::from_secs(5), closing).await;
+    }
 }
 
 impl std::fmt::Debug for Publisher {
@@ -95,9 +135,10 @@ impl std::fmt::Debug for Publisher {
 impl Publisher {
     pub async fn new(broker: &Broker) -> Result<Self, BrokerError> {
         Ok(Self {
-            channel: Mutex::new(broker.confirm_channel().await?),
+            line: Mutex::new(Line::new(broker.confirm_channel().await?)),
             broker: broker.clone(),
             patience: RECONNECT_PATIENCE,
+            confirm_patience: CONFIRM_TIMEOUT,
         })
     }
 
@@ -107,16 +148,23 @@ impl Publisher {
         self
     }
 
-    async fn live_channel(&self) -> Result<Channel, BrokerError> {
-        let current = self.channel.lock().expect("publisher lock").clone();
-        if current.status().connected() {
+    /// How long a publish waits for its confirm (default [`CONFIRM_TIMEOUT`]) before its
+    /// channel is given up and the publish fails as [`PublishError::Unconfirmed`].
+    pub fn confirm_patience(mut self, patience: Duration) -> Self {
+        self.confirm_patience = patience;
+        self
+    }
+
+    async fn live_line(&self) -> Result<Line, BrokerError> {
+        let current = self.line.lock().expect("publisher lock").clone();
+        if current.usable() {
             return Ok(current);
         }
         let deadline = Instant::now() + self.patience;
         let mut backoff = Backoff::reconnect();
         let fresh = loop {
             match self.broker.confirm_channel().await {
-                Ok(channel) => break channel,
+                Ok(channel) => break Line::new(channel),
                 Err(e) if e.is_connection_lost() && Instant::now() < deadline => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64,
@@ -126,8 +174,23 @@ impl Publisher {
                 Err(e) => return Err(e),
             }
         };
-        *self.channel.lock().expect("publisher lock") = fresh.clone();
-        Ok(fresh)
+        // Another publish may have replaced it meanwhile: keep one channel, not two.
+        let kept = {
+            let mut line = self.line.lock().expect("publisher lock");
+            if line.usable() {
+                Some(line.clone())
+            } else {
+                *line = fresh.clone();
+                None
+            }
+        };
+        match kept {
+            Some(kept) => {
+                let _ = fresh.channel.close(200, "not needed".into()).await;
+                Ok(kept)
+            }
+            None => Ok(fresh),
+        }
     }
 
     /// Publishes and waits for the broker's confirm.
@@ -138,8 +201,9 @@ impl Publisher {
     /// Sends the message and returns its pending confirm, so a caller can have many in flight
     /// and settle them afterwards (bulk submit).
     pub async fn start(&self, msg: Outgoing<'_>) -> Result<PendingConfirm, PublishError> {
-        let channel = self.live_channel().await?;
-        let confirm = channel
+        let line = self.live_line().await?;
+        let confirm = line
+            .channel
             .basic_publish(
                 msg.exchange.into(),
                 msg.routing_key.into(),
@@ -156,6 +220,8 @@ impl Publisher {
             confirm,
             exchange: msg.exchange.to_string(),
             routing_key: msg.routing_key.to_string(),
+            line,
+            patience: self.confirm_patience,
         })
     }
 }
@@ -166,23 +232,36 @@ fn is_missing_exchange(err: &lapin::Error) -> bool {
 }
 
 /// A published message whose confirm has not been read yet.
-#[derive(Debug)]
 pub struct PendingConfirm {
     confirm: PublisherConfirm,
     exchange: String,
     routing_key: String,
+    line: Line,
+    patience: Duration,
+}
+
+impl std::fmt::Debug for PendingConfirm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingConfirm")
+            .field("routing_key", &self.routing_key)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PendingConfirm {
     pub async fn wait(self) -> Result<(), PublishError> {
-        let Ok(confirmed) = tokio::time::timeout(CONFIRM_TIMEOUT, self.confirm).await else {
-            return Err(PublishError::Unconfirmed {
-                routing_key: self.routing_key,
-                waited: CONFIRM_TIMEOUT,
-            });
+        let unconfirmed = PublishError::Unconfirmed {
+            routing_key: self.routing_key.clone(),
+            waited: self.patience,
+        };
+        let Ok(confirmed) = tokio::time::timeout(self.patience, self.confirm).await else {
+            self.line.give_up().await;
+            return Err(unconfirmed);
         };
         let outcome = match confirmed {
             Ok(outcome) => outcome,
+            // Another publish gave the channel up and closed it under this one.
+            Err(_) if self.line.given_up.load(Ordering::Acquire) => return Err(unconfirmed),
             // Publishing to a missing exchange closes the channel with 404 instead of returning
             // the message; for the caller it is the same mistake.
             Err(e) if is_missing_exchange(&e) => {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod caps;
+mod confirm;
 mod connect;
 mod dlq;
 mod fairness;

@@ -204,6 +204,23 @@ impl Event for HandOffHeld<'_> {
     }
 }
 
+/// A hand-off's confirm did not come in time: it is published again on a fresh channel.
+#[derive(Debug)]
+pub(crate) struct PublishUnconfirmed<'a> {
+    pub(crate) routing_key: &'a str,
+    pub(crate) waited: Duration,
+}
+
+impl Event for PublishUnconfirmed<'_> {
+    fn emit(self, _: &Metrics) {
+        warn!(
+            routing_key = self.routing_key,
+            waited_ms = self.waited.as_millis() as u64,
+            "No confirm from the broker in time; publishing again on a fresh channel."
+        );
+    }
+}
+
 /// The output could not be handed on: the delivery goes back to its queue.
 #[derive(Debug)]
 pub(crate) struct HandOffFailed<'a> {

@@ -18,7 +18,7 @@ use warren_common::dead_letter as headers;
 use warren_common::fanout::Opened;
 use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
 
-use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed};
+use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed, PublishUnconfirmed};
 use crate::metrics::{Metrics, PublishKind};
 
 /// Part publishes awaiting their confirms at once.
@@ -26,6 +26,11 @@ const PARTS_IN_FLIGHT: usize = 1_000;
 
 /// Longest wait between tries to hand an output to a full queue.
 const BACKLOG_FULL_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a hand-off waits for its confirm before it publishes again on a fresh channel.
+/// Shorter than the publisher's default: a step holds its delivery (and a prefetch slot) while
+/// it waits, and on RabbitMQ 3.10 a channel whose stream changed leader may never confirm.
+const CONFIRM_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Where one session's step tasks publish.
 pub(crate) struct Outbox {
@@ -60,7 +65,9 @@ impl Outbox {
     ) -> Result<Self, BrokerError> {
         let names = broker.names().clone();
         Ok(Self {
-            publisher: Publisher::new(broker).await?,
+            publisher: Publisher::new(broker)
+                .await?
+                .confirm_patience(CONFIRM_PATIENCE),
             tasks_exchange: names.tasks_exchange(),
             events_exchange: names.events_exchange(),
             names,
@@ -72,6 +79,9 @@ impl Outbox {
     /// Publishes with `publish` until it is confirmed. A queue at its length bound refuses the
     /// publish (negative confirm): then the finished work waits here and tries again, rather
     /// than being dropped or dead-lettered, until the queue has room or the connection is lost.
+    /// A publish whose confirm did not come in time is sent again on a fresh channel: it may be
+    /// stored twice (readers take a job's result once by id; a step message twice runs the step
+    /// twice, as a redelivery would), never lost, and the step does not run again for it.
     pub(crate) async fn hand_off<'a, F, Fut>(&'a self, publish: F) -> Result<(), PublishError>
     where
         F: Fn() -> Fut,
@@ -93,6 +103,16 @@ impl Outbox {
                         _ = tokio::time::sleep(wait) => {}
                         _ = self.lost.cancelled() => return Err(PublishError::Nacked { routing_key }),
                     }
+                }
+                Err(PublishError::Unconfirmed {
+                    routing_key,
+                    waited,
+                }) if !self.lost.is_cancelled() => {
+                    PublishUnconfirmed {
+                        routing_key: &routing_key,
+                        waited,
+                    }
+                    .emit(&self.metrics);
                 }
                 other => return other,
             }
