@@ -132,7 +132,15 @@ start_node() {
 
 # Waits for the node's pid file, its distribution and its applications (rabbitmqctl wait).
 wait_node() {
-    local n=$1
+    local n=$1 pid_file deadline=$((SECONDS + WARREN_BROKER_WAIT_SECS))
+    pid_file="$(node_dir "$n")/pid"
+    # `rabbitmqctl wait` gives up ("garbage_in_pid_file") when it reads the file between its
+    # creation and its write: wait for the pid to be in it first.
+    until [ -s "$pid_file" ]; do
+        [ "$SECONDS" -lt "$deadline" ] ||
+            die "$(node_name "$n") wrote no pid file within ${WARREN_BROKER_WAIT_SECS}s; see $(node_dir "$n")/log/"
+        sleep 0.1
+    done
     ctl "$n" wait --timeout "$WARREN_BROKER_WAIT_SECS" "$(node_dir "$n")/pid" >/dev/null ||
         die "$(node_name "$n") did not start within ${WARREN_BROKER_WAIT_SECS}s; see $(node_dir "$n")/log/"
 }

@@ -109,11 +109,13 @@ impl Cluster {
     fn start() -> Self {
         let script = ClusterScript::new();
         let started_here = script.up().len() < 3;
-        script.run(&["start"]);
-        Self {
+        let cluster = Self {
             script,
             started_here,
-        }
+        };
+        // A start that fails panics here, and dropping `cluster` stops what did start.
+        cluster.script.run(&["start"]);
+        cluster
     }
 
     fn urls(&self) -> Vec<String> {
