@@ -34,6 +34,10 @@ pub(crate) struct Outbox {
     broker: Broker,
     /// Parts' ends for the fan-in stream, on a channel of their own; started by the first end.
     fanin: OnceCell<FaninWriter>,
+    /// A fan-out's parts, on a channel of their own: a broker confirms a channel's publishes in
+    /// order, so on the shared one every result of a part that already ran would wait behind
+    /// the window of parts still being enqueued, and the parts' processing would stall.
+    parts: OnceCell<Publisher>,
     names: Names,
     tasks_exchange: String,
     events_exchange: String,
@@ -67,6 +71,7 @@ impl Outbox {
             publisher: Publisher::new(broker).await?,
             broker: broker.clone(),
             fanin: OnceCell::new(),
+            parts: OnceCell::new(),
             tasks_exchange: names.tasks_exchange(),
             events_exchange: names.events_exchange(),
             names,
@@ -211,6 +216,10 @@ impl Outbox {
         &self,
         parts: &[(StepRoute, &Envelope, &[u8])],
     ) -> Result<(), PublishError> {
+        let publisher = self
+            .parts
+            .get_or_try_init(|| Publisher::new(&self.broker))
+            .await?;
         let mut window = std::collections::VecDeque::with_capacity(PARTS_IN_FLIGHT);
         for (index, (route, env, body)) in parts.iter().enumerate() {
             if window.len() == PARTS_IN_FLIGHT {
@@ -219,7 +228,7 @@ impl Outbox {
             let key = route.routing_key();
             let id = env.job_id.to_string();
             let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
-            window.push_back((index, self.publisher.start(msg).await));
+            window.push_back((index, publisher.start(msg).await));
         }
         while let Some(oldest) = window.pop_front() {
             self.settle_part(parts, Some(oldest)).await?;
