@@ -7,8 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
 use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
 use warren_broker::fanin::{self, FaninWriter};
 use warren_broker::{
     Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PendingConfirm, PublishError,
