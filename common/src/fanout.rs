@@ -246,6 +246,47 @@ impl PartEnd {
     }
 }
 
+/// A part's end as the fan-in stream holds it. Workers append ends in batches: one `fanin.ends`
+/// message is one or more of these maps, back to back, so a batch is the concatenation of
+/// its ends' encodings (each end is encoded once, by the task that ended the part).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedPart {
+    pub v: u32,
+    pub part_of: PartOf,
+    pub end: PartEnd,
+}
+
+impl EndedPart {
+    /// The end a result event reports, if the job was a part.
+    pub fn of(event: &ResultEvent) -> Option<Self> {
+        let (part_of, end) = PartEnd::of(event)?;
+        Some(Self {
+            v: FORMAT_VERSION,
+            part_of,
+            end,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a part end encodes")
+    }
+
+    /// Reads a batch. An unreadable end ends the read (what follows it cannot be found): the
+    /// ends before it are returned.
+    pub fn decode_batch(body: &[u8]) -> Vec<Self> {
+        let mut cursor = std::io::Cursor::new(body);
+        let mut ends = Vec::new();
+        while (cursor.position() as usize) < body.len() {
+            let mut de = rmp_serde::Deserializer::new(&mut cursor);
+            match Self::deserialize(&mut de) {
+                Ok(end) => ends.push(end),
+                Err(_) => break,
+            }
+        }
+        ends
+    }
+}
+
 /// One open fan-out, as the coordinator knows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Run {
@@ -592,6 +633,27 @@ mod tests {
             part.trace().unwrap().trace_id_hex(),
             join.trace().unwrap().trace_id_hex()
         );
+    }
+
+    #[test]
+    fn a_batch_of_ends_reads_back_in_order_up_to_a_bad_end() {
+        let opened = opened(3, OnPartFailure::Continue, None);
+        let ends: Vec<EndedPart> = (0..3)
+            .map(|i| {
+                let (part_of, end) = end(&opened, i, i != 1);
+                EndedPart {
+                    v: FORMAT_VERSION,
+                    part_of,
+                    end,
+                }
+            })
+            .collect();
+        let mut batch: Vec<u8> = ends.iter().flat_map(EndedPart::encode).collect();
+        assert_eq!(EndedPart::decode_batch(&batch), ends);
+        // A torn tail loses only itself.
+        batch.truncate(batch.len() - 3);
+        assert_eq!(EndedPart::decode_batch(&batch), ends[..2]);
+        assert!(EndedPart::decode_batch(&[]).is_empty());
     }
 
     /// Each part's outcomes, each delivered one or more times, in any order.

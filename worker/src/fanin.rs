@@ -123,6 +123,11 @@ async fn lead(session: &StepSession) -> Result<(), String> {
                 // Read back: folded and carried out before the checkpoint.
                 match record() {
                     FaninRecord::Opened(opened) => replay.opened(*opened, offset),
+                    FaninRecord::Ends(ends) => {
+                        for ended in ends {
+                            replay.ended(ended.part_of, ended.end, offset);
+                        }
+                    }
                     FaninRecord::Result(event) => {
                         if let Some((part_of, end)) = PartEnd::of(&event) {
                             replay.ended(part_of, end, offset);
@@ -141,16 +146,20 @@ async fn lead(session: &StepSession) -> Result<(), String> {
                 // folded.
                 if offset >= fold.next_offset {
                     let effects = match record() {
-                        FaninRecord::Opened(opened) => fold.open_at(*opened, offset),
+                        FaninRecord::Opened(opened) => vec![fold.open_at(*opened, offset)],
+                        FaninRecord::Ends(ends) => ends
+                            .into_iter()
+                            .map(|ended| fold.end(ended.part_of, ended.end))
+                            .collect(),
                         FaninRecord::Result(event) => match PartEnd::of(&event) {
-                            Some((part_of, end)) => fold.end(part_of, end),
+                            Some((part_of, end)) => vec![fold.end(part_of, end)],
                             None => Vec::new(),
                         },
                         FaninRecord::Other => Vec::new(),
                     };
                     fold.next_offset = offset + 1;
                     dirty = true;
-                    for effect in effects {
+                    for effect in effects.into_iter().flatten() {
                         joined |= carry_out(session, &mut fold, effect).await?;
                     }
                 }

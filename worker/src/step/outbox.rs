@@ -7,15 +7,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use warren_broker::fanin;
+use warren_broker::fanin::{self, FaninWriter};
 use warren_broker::{
     Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PendingConfirm, PublishError,
     Publisher, StepRoute,
 };
 use warren_common::backoff::Backoff;
 use warren_common::dead_letter as headers;
-use warren_common::fanout::Opened;
+use warren_common::fanout::{EndedPart, Opened};
 use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
 
 use super::events::{DeadLettered, Event, HandOffHeld, PublishConfirmed, PublishUnconfirmed};
@@ -35,6 +36,13 @@ const CONFIRM_PATIENCE: Duration = Duration::from_secs(15);
 /// Where one session's step tasks publish.
 pub(crate) struct Outbox {
     publisher: Publisher,
+    broker: Broker,
+    /// Parts' ends for the fan-in stream, on a channel of their own; started by the first end.
+    fanin: OnceCell<FaninWriter>,
+    /// A fan-out's parts, on a channel of their own: a broker confirms a channel's publishes in
+    /// order, so on the shared one every result of a part that already ran would wait behind
+    /// the window of parts still being enqueued, and the parts' processing would stall.
+    parts: OnceCell<Publisher>,
     names: Names,
     tasks_exchange: String,
     events_exchange: String,
@@ -68,6 +76,9 @@ impl Outbox {
             publisher: Publisher::new(broker)
                 .await?
                 .confirm_patience(CONFIRM_PATIENCE),
+            broker: broker.clone(),
+            fanin: OnceCell::new(),
+            parts: OnceCell::new(),
             tasks_exchange: names.tasks_exchange(),
             events_exchange: names.events_exchange(),
             names,
@@ -178,17 +189,33 @@ impl Outbox {
         self.publish(PublishKind::CapWait, msg).await
     }
 
-    /// Publishes a job's result event. A fan-out part's goes to the fan-in stream too, in the
-    /// same publish (a `CC` routing key), so the join hears of every part that ended.
+    /// Publishes a job's result event. A fan-out part's end also goes to the fan-in stream, in
+    /// a batch with other parts' ends, so the join hears of every part that ended; both are
+    /// confirmed before this returns.
     pub(crate) async fn publish_result(&self, event: &ResultEvent) -> Result<(), PublishError> {
         let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
         let body = encode_result(event);
         let id = event.job_id.to_string();
-        let mut msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
-        if event.part_of.is_some() {
-            msg = fanin::cc_fanin(msg);
+        let msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
+        let result = self.publish(PublishKind::Result, msg);
+        match EndedPart::of(event) {
+            Some(ended) => tokio::try_join!(result, self.append_end(ended)).map(|_| ()),
+            None => result.await,
         }
-        self.publish(PublishKind::Result, msg).await
+    }
+
+    /// Appends a part's end to the fan-in stream and waits for its batch's confirm.
+    async fn append_end(&self, ended: EndedPart) -> Result<(), PublishError> {
+        let writer = self
+            .fanin
+            .get_or_try_init(|| async {
+                let publisher = Publisher::new(&self.broker)
+                    .await?
+                    .confirm_patience(CONFIRM_PATIENCE);
+                Ok::<_, BrokerError>(FaninWriter::start(publisher, self.events_exchange.clone()))
+            })
+            .await?;
+        writer.append(ended.encode()).await
     }
 
     /// Appends the record that opens a fan-out to the fan-in stream.
@@ -211,6 +238,10 @@ impl Outbox {
         &self,
         parts: &[(StepRoute, &Envelope, &[u8])],
     ) -> Result<(), PublishError> {
+        let publisher = self
+            .parts
+            .get_or_try_init(|| Publisher::new(&self.broker))
+            .await?;
         let mut window = std::collections::VecDeque::with_capacity(PARTS_IN_FLIGHT);
         for (index, (route, env, body)) in parts.iter().enumerate() {
             if window.len() == PARTS_IN_FLIGHT {
@@ -219,7 +250,7 @@ impl Outbox {
             let key = route.routing_key();
             let id = env.job_id.to_string();
             let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
-            window.push_back((index, self.publisher.start(msg).await));
+            window.push_back((index, publisher.start(msg).await));
         }
         while let Some(oldest) = window.pop_front() {
             self.settle_part(parts, Some(oldest)).await?;

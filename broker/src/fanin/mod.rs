@@ -1,18 +1,22 @@
 //! The fan-in stream `{ns}.fanin` and what goes with it: the record that opens a fan-out, the
-//! results of fan-out parts (copied from the events exchange by a `CC` header, in the same
-//! publish as the result itself), the coordinator's checkpoints `{ns}.fanin.ckpt`, and the
-//! lock `{ns}.fanin.lock` whose holder is the one coordinator. The fold itself is pure, in
-//! `warren_common::fanout`; the coordinator is the worker's `fanin` module.
+//! parts' ends (appended in batches by a [`FaninWriter`]), the coordinator's checkpoints
+//! `{ns}.fanin.ckpt`, and the lock `{ns}.fanin.lock` whose holder is the one coordinator. The
+//! fold itself is pure, in `warren_common::fanout`; the coordinator is the worker's `fanin`
+//! module.
+
+mod ends;
 
 use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::BasicAckOptions;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer};
 use warren_common::fanin::{Checkpoint, Restored};
-use warren_common::fanout::Opened;
+use warren_common::fanout::{EndedPart, Opened};
 use warren_common::ResultEvent;
+
+pub use self::ends::FaninWriter;
 
 use crate::connection::Broker;
 use crate::error::{BrokerError, PublishError};
@@ -24,7 +28,11 @@ pub const FANIN_BINDING: &str = "fanin.#";
 /// Routing key of an opened record.
 pub const OPENED_KEY: &str = "fanin.opened";
 
-/// The extra routing key (`CC`) of a part's result event.
+/// Routing key of a batch of parts' ends.
+pub const ENDS_KEY: &str = "fanin.ends";
+
+/// The extra routing key (`CC`) of a part's result event, as workers before the batched ends
+/// copied it here: still read, so a stream written by them folds the same.
 pub const PART_KEY: &str = "fanin.part";
 
 /// Quiet time after which reading the last checkpoint counts as done.
@@ -34,15 +42,6 @@ const QUIET: Duration = Duration::from_millis(500);
 /// can be slow to start a stream consumer, and a checkpoint missed costs a refold of the whole
 /// fan-in stream. Only a namespace with no checkpoint yet waits it out.
 const FIRST_WAIT: Duration = Duration::from_secs(3);
-
-/// Adds the `CC` header that copies a part's result event into the fan-in stream.
-pub fn cc_fanin(mut msg: Outgoing<'_>) -> Outgoing<'_> {
-    let mut table = msg.properties.headers().clone().unwrap_or_default();
-    let keys = FieldArray::from(vec![AMQPValue::LongString(LongString::from(PART_KEY))]);
-    table.insert(ShortString::from("CC"), AMQPValue::FieldArray(keys));
-    msg.properties = msg.properties.with_headers(table);
-    msg
-}
 
 /// Appends `opened` to the fan-in stream and waits for the confirm.
 pub async fn publish_opened(
@@ -61,6 +60,9 @@ pub async fn publish_opened(
 #[derive(Debug)]
 pub enum FaninRecord {
     Opened(Box<Opened>),
+    /// A batch of parts' ends, in the order they were appended.
+    Ends(Vec<EndedPart>),
+    /// One part's result event (the copy older workers made).
     Result(Box<ResultEvent>),
     /// Not ours, or not readable: skipped.
     Other,
@@ -74,6 +76,8 @@ impl FaninRecord {
                 Ok(opened) => FaninRecord::Opened(Box::new(opened)),
                 Err(_) => FaninRecord::Other,
             }
+        } else if routing_key == ENDS_KEY {
+            FaninRecord::Ends(EndedPart::decode_batch(body))
         } else {
             match warren_common::decode_result(body) {
                 Ok(event) => FaninRecord::Result(Box::new(event)),
