@@ -109,8 +109,12 @@ async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
     assert_eq!(out["input"]["parts"].as_array().unwrap().len(), 300);
     let joins = join_runs(&ns);
     assert!(joins >= 1, "the join never ran");
-    let took_over = workers.iter().chain([&third]).filter(|w| leads(w)).count();
-    assert!(took_over >= 2, "no other worker took over the coordination");
+    // (The join may have run before the kill was noticed: the lock still passes on.)
+    let took_over = eventually(Duration::from_secs(30), || async {
+        workers.iter().chain([&third]).filter(|w| leads(w)).count() >= 2
+    })
+    .await;
+    assert!(took_over, "no other worker took over the coordination");
     eprintln!("fan-out of 300, coordinator SIGKILLed: join ran {joins} time(s)");
 }
 
