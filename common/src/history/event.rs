@@ -324,7 +324,10 @@ mod tests {
         assert_eq!(batch.events, events);
         let value: rmpv::Value = rmp_serde::from_slice(&bytes).unwrap();
         let text = value.to_string();
-        assert!(text.contains("\"packed\": [{\"kind\": \"submitted\""), "{text:.300}");
+        assert!(
+            text.contains("\"packed\": [{\"kind\": \"submitted\""),
+            "{text:.300}"
+        );
     }
 
     #[test]

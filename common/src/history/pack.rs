@@ -155,15 +155,20 @@ impl Group {
         let bytes = &self.ids.0;
         let n = bytes.len() / 16;
         let fits = |column: &Option<Vec<u64>>| column.as_ref().is_none_or(|c| c.len() == n);
-        if bytes.len() % 16 != 0 || !fits(&self.dt) || !fits(&self.took_ms) {
+        if !bytes.len().is_multiple_of(16) || !fits(&self.dt) || !fits(&self.took_ms) {
             return;
         }
         out.reserve(n);
         for (i, id) in bytes.chunks_exact(16).enumerate() {
             let id = Uuid::from_slice(id).expect("16 bytes");
             let dt = self.dt.as_ref().map_or(0, |dt| dt[i]);
-            let mut event = Event::new(self.kind, JobId::from_uuid(id), &self.tenant, &self.pipeline)
-                .at(self.at.saturating_add(dt));
+            let mut event = Event::new(
+                self.kind,
+                JobId::from_uuid(id),
+                &self.tenant,
+                &self.pipeline,
+            )
+            .at(self.at.saturating_add(dt));
             event.step = self.step.clone();
             event.attempt = self.attempt;
             event.next = self.next.clone();
@@ -196,7 +201,9 @@ mod tests {
 
     #[test]
     fn a_submit_window_packs_into_one_group() {
-        let events: Vec<Event> = (0..1000).map(|i| submitted("acme", 1_000 + i / 300)).collect();
+        let events: Vec<Event> = (0..1000)
+            .map(|i| submitted("acme", 1_000 + i / 300))
+            .collect();
         let (plain, groups) = pack(events.clone());
         assert!(plain.is_empty());
         assert_eq!(groups.len(), 1);
@@ -248,8 +255,8 @@ mod tests {
         )
             .prop_map(
                 |(kind, id, at, tenant, step, attempt, took, error, priority, parent)| {
-                    let mut e = Event::new(kind, JobId::from_uuid(Uuid::from_u128(id)), tenant, "p")
-                        .at(at);
+                    let mut e =
+                        Event::new(kind, JobId::from_uuid(Uuid::from_u128(id)), tenant, "p").at(at);
                     e.step = step.map(str::to_string);
                     e.next = step.map(|s| format!("after-{s}"));
                     e.attempt = attempt;
