@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::bin::Bin;
 use crate::envelope::JobStatus;
 use crate::fanout::{part_job_id, Fold, Opened, PartEnd, PartOf, Run};
 use crate::JobId;
@@ -98,7 +99,7 @@ struct SetWire {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     r: Vec<(u32, u32)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    b: Option<Bits>,
+    b: Option<Bin>,
 }
 
 impl From<PartSet> for SetWire {
@@ -118,7 +119,7 @@ impl From<PartSet> for SetWire {
         }
         SetWire {
             r: Vec::new(),
-            b: Some(Bits(bits)),
+            b: Some(Bin(bits)),
         }
     }
 }
@@ -139,41 +140,6 @@ impl From<SetWire> for PartSet {
             }
         }
         set
-    }
-}
-
-/// Bytes as MessagePack `bin`, not an array of numbers.
-struct Bits(Vec<u8>);
-
-impl Serialize for Bits {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Bits {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = Bits;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bits, E> {
-                Ok(Bits(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bits, E> {
-                Ok(Bits(v))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bits, A::Error> {
-                let mut bytes = Vec::new();
-                while let Some(b) = seq.next_element::<u8>()? {
-                    bytes.push(b);
-                }
-                Ok(Bits(bytes))
-            }
-        }
-        d.deserialize_bytes(Visitor)
     }
 }
 

@@ -5,6 +5,7 @@
 //! unit-tested, so producers in other languages can be checked against it.
 
 pub mod backoff;
+pub mod bin;
 pub mod codec;
 pub mod config;
 pub mod dead_letter;

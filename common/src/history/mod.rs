@@ -4,6 +4,7 @@
 
 pub mod event;
 pub mod fold;
+mod pack;
 
 pub use event::{Batch, Event, Kind, HISTORY_VERSION, MAX_EVENTS_PER_MESSAGE};
 pub use fold::{fold, fold_all, with_parts, Attempt, JobState, Outcome, Parts, Status};
