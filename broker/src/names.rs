@@ -36,6 +36,13 @@ impl Names {
         format!("{}.results", self.ns)
     }
 
+    /// Quorum queue that also gets every result event, while `[results] check` is on: the
+    /// worker that consumes it (single active consumer) looks for each event in the results
+    /// stream and writes the ones the stream lost again.
+    pub fn results_check(&self) -> String {
+        format!("{}.results.check", self.ns)
+    }
+
     /// Stream of control messages (hot-tenant marks) every producer and worker reads.
     pub fn control_stream(&self) -> String {
         format!("{}.control", self.ns)

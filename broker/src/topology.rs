@@ -23,6 +23,13 @@ use crate::tokens::{TokenQueue, CAP_WAIT_DELAYS_MS};
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
 
+/// What binds the results stream (and its check queue) to the events exchange.
+const RESULTS_BINDING: &str = "result.#";
+
+/// How long the results check queue keeps an event no worker took: an hour, far past
+/// `[results] check_after`.
+pub const RESULTS_CHECK_TTL_MS: i64 = 3_600_000;
+
 /// How long the schedules' ledger keeps records. The leader writes each schedule's state again
 /// at least daily, so pauses and the last fired slots outlive this.
 pub const SCHED_MAX_AGE: &str = "7D";
@@ -200,8 +207,21 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(RESULTS_MAX_AGE)),
             ],
-            bindings: vec![(events.clone(), "result.#".to_string())],
+            bindings: vec![(events.clone(), RESULTS_BINDING.to_string())],
         });
+        if config.checks_results() {
+            queues.push(QueueSpec {
+                name: names.results_check(),
+                route: None,
+                arguments: vec![
+                    ("x-queue-type", str_arg("quorum")),
+                    ("x-single-active-consumer", Arg::Bool(true)),
+                    // Bounded when no worker checks (all stopped, or all with the check off).
+                    ("x-message-ttl", Arg::Int(RESULTS_CHECK_TTL_MS)),
+                ],
+                bindings: vec![(events.clone(), RESULTS_BINDING.to_string())],
+            });
+        }
         queues.push(QueueSpec {
             name: names.control_stream(),
             route: None,
@@ -339,11 +359,13 @@ impl Topology {
         self.queues.iter().filter(|q| q.route.is_some())
     }
 
-    /// Every queue that holds work or dead letters: all but the results stream.
+    /// Every queue that holds work or dead letters: all but the streams and the results check
+    /// queue.
     pub fn work_queues(&self) -> impl Iterator<Item = &QueueSpec> {
-        self.queues
-            .iter()
-            .filter(|q| q.argument("x-queue-type") != Some(&Arg::Str("stream".into())))
+        self.queues.iter().filter(|q| {
+            q.argument("x-queue-type") != Some(&Arg::Str("stream".into()))
+                && !q.bindings.iter().any(|(_, key)| key == RESULTS_BINDING)
+        })
     }
 }
 
@@ -651,6 +673,35 @@ handler = "h"
         );
         assert!(plan.queues.iter().any(|q| q.name == "ns.q.p.b.low.hot1"));
         assert_eq!(plan, Topology::plan(&config), "planning is deterministic");
+    }
+
+    #[test]
+    fn the_results_check_queue_is_there_when_the_check_is_on() {
+        let mut config = two_steps_two_shards();
+        assert!(!Topology::plan(&config)
+            .queues
+            .iter()
+            .any(|q| q.name == "ns.results.check"));
+        config.results.check = warren_common::config::ResultsCheck::On;
+        let plan = Topology::plan(&config);
+        let check = plan
+            .queues
+            .iter()
+            .find(|q| q.name == "ns.results.check")
+            .unwrap();
+        assert_eq!(
+            check.argument("x-single-active-consumer"),
+            Some(&Arg::Bool(true))
+        );
+        assert_eq!(
+            check.argument("x-queue-type"),
+            Some(&Arg::Str("quorum".into()))
+        );
+        assert_eq!(
+            check.bindings,
+            vec![("ns.events".to_string(), "result.#".to_string())]
+        );
+        assert!(!plan.work_queues().any(|q| q.name == "ns.results.check"));
     }
 
     #[test]

@@ -80,7 +80,8 @@ impl std::fmt::Debug for ResultStream {
 }
 
 impl ResultStream {
-    pub(crate) async fn open(broker: &Broker, since: Since) -> Result<Self, BrokerError> {
+    /// Opens a reader on `broker` (a process without a [`crate::Client`]: a worker).
+    pub async fn open(broker: &Broker, since: Since) -> Result<Self, BrokerError> {
         let channel = broker.channel().await?;
         let mut args = FieldTable::default();
         args.insert("x-stream-offset".into(), since.offset());

@@ -14,6 +14,7 @@ mod isolation;
 mod kill;
 mod logs;
 mod metrics;
+mod results_check;
 mod retry;
 mod schedules;
 mod security;

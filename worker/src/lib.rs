@@ -34,6 +34,7 @@ mod handler;
 mod intake;
 mod metrics;
 mod registry;
+mod results_check;
 mod runtime;
 mod schedules;
 pub mod shutdown;

@@ -161,6 +161,12 @@ impl Worker {
                 session.control.cancel.clone(),
             ));
         }
+        if self.config.checks_results() {
+            tokio::spawn(crate::results_check::check(
+                Arc::clone(&session.steps),
+                session.control.cancel.clone(),
+            ));
+        }
         for served in &self.served {
             let started =
                 Intake::start(&session.broker, &session.steps, served, &session.control).await;

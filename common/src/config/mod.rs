@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 pub use members::ConnectOrder;
 pub use model::{
     BrokerConfig, ClientCert, Config, FanOut, HistoryConfig, OnPartFailure, PipelineConfig,
-    QueueType, StepConfig, StepKind, TlsConfig, HISTORY_ENABLED_BY_DEFAULT,
+    QueueType, ResultsCheck, ResultsConfig, StepConfig, StepKind, TlsConfig,
+    HISTORY_ENABLED_BY_DEFAULT,
 };
 pub use schedule::{Overlap, ScheduleConfig, DEFAULT_SCHEDULE_TENANT};
 
@@ -268,6 +269,28 @@ handler = "resize"
         assert_eq!(c.broker.namespace, "warren");
         assert_eq!(c.broker.urls, ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
         assert_eq!(c.broker.connect_order, ConnectOrder::Random);
+    }
+
+    #[test]
+    fn results_check_is_on_for_a_cluster_unless_told() {
+        let one = parse("").unwrap();
+        assert_eq!(one.results.check, ResultsCheck::Auto);
+        assert_eq!(one.results.check_after, Duration::from_secs(15));
+        assert!(!one.checks_results());
+        let urls = "[broker]\nurls = [\"amqp://a:5672\", \"amqp://b:5672\"]\n";
+        assert!(parse(urls).unwrap().checks_results());
+        let off = format!("{urls}[results]\ncheck = \"off\"\n");
+        assert!(!parse(&off).unwrap().checks_results());
+        let on = parse("[results]\ncheck = \"on\"\ncheck_after = \"2s\"\n").unwrap();
+        assert!(on.checks_results());
+        assert_eq!(on.results.check_after, Duration::from_secs(2));
+        let e = err("[results]\ncheck = \"sometimes\"\n");
+        assert!(e.starts_with("warren.toml:2:"), "{e}");
+        let e = err("[results]\ncheck_after = \"10ms\"\n");
+        assert!(
+            e.starts_with("warren.toml:2:") && e.contains("`check_after`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Config {
     pub schedules: Vec<super::schedule::ScheduleConfig>,
     #[serde(default)]
     pub history: HistoryConfig,
+    #[serde(default)]
+    pub results: ResultsConfig,
 }
 
 /// Whether `[history] enabled` is on when the file does not say: measured against the cost
@@ -57,6 +59,52 @@ impl HistoryConfig {
     /// The retention in the stream argument's syntax (`x-max-age`), in whole seconds.
     pub fn max_age(&self) -> String {
         format!("{}s", self.retention.as_secs())
+    }
+}
+
+/// `[results]`: the check that every result event reached the results stream
+/// (docs/ARCHITECTURE.md, "Results"). On RabbitMQ 3.10 a stream can lose events it confirmed
+/// when its leader moves (rabbitmq-server#9457), which on one node never happens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsConfig {
+    /// `auto` (the default: on when `[broker] urls` lists more than one member), `on` or `off`.
+    #[serde(default)]
+    pub check: ResultsCheck,
+    /// How old a result event is before the check looks for it in the stream: longer than a
+    /// publish takes to land, so what is merely late is not written twice.
+    #[serde(default = "default_check_after", deserialize_with = "check_after")]
+    pub check_after: Duration,
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        Self {
+            check: ResultsCheck::default(),
+            check_after: default_check_after(),
+        }
+    }
+}
+
+/// `[results] check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultsCheck {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Config {
+    /// Whether result events also go to the check queue and workers check them: on a cluster
+    /// (or when asked), since only a stream leader's move loses events.
+    pub fn checks_results(&self) -> bool {
+        match self.results.check {
+            ResultsCheck::On => true,
+            ResultsCheck::Off => false,
+            ResultsCheck::Auto => self.broker.urls.len() > 1,
+        }
     }
 }
 
@@ -732,6 +780,21 @@ fn retention<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     if value < Duration::from_secs(60) || value > Duration::from_secs(3650 * 24 * 3600) {
         return Err(serde::de::Error::custom(format!(
             "`retention` must be between 1m and 3650d, not {}",
+            humantime::format_duration(value)
+        )));
+    }
+    Ok(value)
+}
+
+fn default_check_after() -> Duration {
+    Duration::from_secs(15)
+}
+
+fn check_after<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value: Duration = humantime_serde::deserialize(d)?;
+    if value < Duration::from_secs(1) || value > Duration::from_secs(1800) {
+        return Err(serde::de::Error::custom(format!(
+            "`check_after` must be between 1s and 30m, not {}",
             humantime::format_duration(value)
         )));
     }

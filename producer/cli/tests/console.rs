@@ -133,25 +133,42 @@ async fn screenshot(browser: &fantoccini::Client, name: &str) {
     }
 }
 
+/// The text of `css` once it is there. Live updates replace elements, so a read that finds its
+/// element gone (stale) looks it up again.
 async fn text_of(browser: &fantoccini::Client, css: &str) -> String {
-    browser
-        .wait()
-        .at_most(Duration::from_secs(30))
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .text()
-        .await
-        .unwrap()
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = browser.find(Locator::Css(css)).await;
+        let error = match found {
+            Ok(element) => match element.text().await {
+                Ok(text) => return text,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(tokio::time::Instant::now() < deadline, "{css}: {error}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
+/// Clicks `css`, looking it up again if a live update replaced it between the find and the click.
 async fn click(browser: &fantoccini::Client, css: &str) {
-    let element = browser.find(Locator::Css(css)).await;
-    let element = element.unwrap_or_else(|e| panic!("{css}: {e}"));
-    element
-        .click()
-        .await
-        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = browser.find(Locator::Css(css)).await;
+        let error = match found {
+            Ok(element) => match element.click().await {
+                Ok(_) => return,
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "click {css}: {error}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits (the page's live updates, no reload) until `css` holds `want`.

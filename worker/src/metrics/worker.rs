@@ -83,6 +83,16 @@ const HOT_TENANTS: Def = Def {
     help: "Tenants hot now, as this worker reads the control stream.",
     labels: &["pipeline"],
 };
+const RESULTS_CHECKED: Def = Def {
+    name: "warren_results_checked_total",
+    help: "Result events the results check looked for in the results stream.",
+    labels: &[],
+};
+const RESULTS_REWRITTEN: Def = Def {
+    name: "warren_results_rewritten_total",
+    help: "Result events the results stream had lost, written to it again by the results check.",
+    labels: &[],
+};
 
 /// Every metric the worker exports.
 #[cfg(test)]
@@ -102,6 +112,8 @@ pub(super) const DEFS: &[&Def] = &[
     &LANE_MOVES,
     &HOT_MARKS,
     &HOT_TENANTS,
+    &RESULTS_CHECKED,
+    &RESULTS_REWRITTEN,
 ];
 
 /// What happened to one attempt, as the `outcome` label says it.
@@ -170,6 +182,8 @@ pub(crate) struct Metrics {
     lane_moves: IntCounterVec,
     hot_marks: IntCounterVec,
     hot_tenants: IntGaugeVec,
+    results_checked: IntCounter,
+    results_rewritten: IntCounter,
 }
 
 /// Buckets from 1 ms to about 17 minutes: steps range from no-ops to long imports.
@@ -199,6 +213,8 @@ impl Metrics {
             lane_moves: exposition.counter_vec(&LANE_MOVES),
             hot_marks: exposition.counter_vec(&HOT_MARKS),
             hot_tenants: exposition.gauge_vec(&HOT_TENANTS),
+            results_checked: exposition.counter(&RESULTS_CHECKED),
+            results_rewritten: exposition.counter(&RESULTS_REWRITTEN),
             exposition,
         }
     }
@@ -311,6 +327,12 @@ impl Metrics {
             let n = counts.get(pipeline).copied().unwrap_or(0);
             self.hot_tenants.with_label_values(&[pipeline]).set(n);
         }
+    }
+
+    /// A round of the results check: `checked` events looked for, `rewritten` of them missing.
+    pub(crate) fn results_checked(&self, checked: usize, rewritten: usize) {
+        self.results_checked.inc_by(checked as u64);
+        self.results_rewritten.inc_by(rewritten as u64);
     }
 
     pub(crate) fn reconnected(&self) {
