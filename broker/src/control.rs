@@ -1,4 +1,5 @@
-//! The namespace's control stream (`{ns}.control`), where hot marks are published and read.
+//! The namespace's control stream (`{ns}.control`), where hot marks are published and read,
+//! and where workers report their lanes (`tenants.rs`) and themselves (`workers.rs`).
 //! Every producer and worker tails it into its [`HotSet`] from a little before the longest a
 //! mark lives, so a process that starts mid-flood knows the hot tenants at once. When the stream
 //! cannot be read the set is emptied, which routes every job by the plain hash again (the
@@ -20,6 +21,7 @@ use crate::hot::{HotMark, HotSet, HotTenant};
 use crate::publish::{Outgoing, Publisher};
 use crate::route::{Lane, StepRoute};
 use crate::tenants::LaneDigest;
+use crate::workers::WorkerReport;
 
 /// How long the control stream keeps marks: far more than a reader looks back.
 pub const CONTROL_MAX_AGE: &str = "1h";
@@ -32,6 +34,9 @@ pub const HOT_KEY_PREFIX: &str = "control.hot.";
 
 /// Routing key prefix of lane digests (`tenants.rs`) on the events exchange.
 pub const LANES_KEY_PREFIX: &str = "control.lanes.";
+
+/// Routing key prefix of worker reports (`workers.rs`) on the events exchange.
+pub const WORKERS_KEY_PREFIX: &str = "control.worker.";
 
 /// How long [`read_recent`] waits for one more entry before it counts the stream as read.
 const QUIET: Duration = Duration::from_millis(500);
@@ -169,6 +174,20 @@ impl HotRouter {
             .await
     }
 
+    /// Publishes a worker's report on itself (with confirm).
+    pub async fn report(
+        &self,
+        publisher: &Publisher,
+        report: &WorkerReport,
+    ) -> Result<(), PublishError> {
+        let key = format!("{WORKERS_KEY_PREFIX}{}", report.id);
+        let body = report.encode();
+        let id = format!("worker:{}:{}", report.id, report.at);
+        publisher
+            .publish(Outgoing::persistent(&self.exchange, &key, &body, &id))
+            .await
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HotSet> {
         self.set.read().expect("hot set lock")
     }
@@ -188,14 +207,23 @@ async fn open(broker: &Broker, look_back: Duration) -> Result<(Channel, Consumer
     Ok((channel, consumer))
 }
 
-/// What the control stream holds from `look_back` ago until now: the tenants hot now, and the
-/// lane digests. For a one-off look (`warren queues --tenants`), not for routing.
-pub async fn read_recent(
-    broker: &Broker,
-    look_back: Duration,
-) -> Result<(Vec<HotTenant>, Vec<LaneDigest>), BrokerError> {
+/// What the control stream held over a look-back window.
+#[derive(Debug, Clone, Default)]
+pub struct Recent {
+    /// The tenants hot now.
+    pub hot: Vec<HotTenant>,
+    /// Every lane digest of the window.
+    pub digests: Vec<LaneDigest>,
+    /// The newest report of each worker heard from in the window (stopped ones included: see
+    /// [`crate::workers::live`]).
+    pub workers: Vec<WorkerReport>,
+}
+
+/// What the control stream holds from `look_back` ago until now. For a one-off look
+/// (`warren queues --tenants`, the console), not for routing.
+pub async fn read_recent(broker: &Broker, look_back: Duration) -> Result<Recent, BrokerError> {
     let (channel, mut consumer) = open(broker, look_back).await?;
-    let (mut set, mut digests) = (HotSet::default(), Vec::new());
+    let (mut set, mut digests, mut workers) = (HotSet::default(), Vec::new(), Vec::new());
     let until = tokio::time::Instant::now() + READ_AT_MOST;
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(
         until.min(tokio::time::Instant::now() + QUIET),
@@ -207,11 +235,18 @@ pub async fn read_recent(
             set.apply(&mark);
         } else if let Some(digest) = LaneDigest::decode(&delivery.data) {
             digests.push(digest);
+        } else if let Some(report) = WorkerReport::decode(&delivery.data) {
+            workers.push(report);
         }
+        // Anything else (a newer version's kind) is skipped.
         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
     }
     let _ = channel.close(200, "read".into()).await;
-    Ok((set.list(now_ms()), digests))
+    Ok(Recent {
+        hot: set.list(now_ms()),
+        digests,
+        workers: crate::workers::newest(workers),
+    })
 }
 
 /// Reads the stream into `set` for as long as the process runs, emptying the set whenever the

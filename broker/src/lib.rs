@@ -4,7 +4,7 @@
 //! confirm ([`publish`]), consumer set-up ([`consume()`]), queue-depth reads ([`depth`]), the
 //! unacked counts and open-files figures only the management API has ([`management`]), and
 //! whether a namespace fits the broker's open-files limit ([`capacity`]), and the token queues
-//! of the cluster-wide caps ([`tokens`]).
+//! of the cluster-wide caps ([`tokens`]), and the workers' presence reports ([`workers`]).
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
@@ -28,6 +28,7 @@ mod spread;
 pub mod tenants;
 pub mod tokens;
 pub mod topology;
+pub mod workers;
 
 pub use connection::Broker;
 pub use consume::consume;
