@@ -19,7 +19,8 @@
 //! `runtime` (the worker and its sessions), `intake` (one served step's consumers, buffers and
 //! dispatcher), `dispatch` (which queue to serve next: pure), `step` (one delivery from decode
 //! to ack: pure decisions in `step::fate`, effects in `step::outbox`), `fairness` (noticing hot
-//! tenants and moving their queued messages to hot lanes), `registry` (name ->
+//! tenants and moving their queued messages to hot lanes), `presence` (the worker's periodic report
+//! on itself, for the console's list of workers), `registry` (name ->
 //! handler), `command` (command steps), `metrics`, and `supervisor` (the autoscaling supervisor
 //! behind `warren-worker supervise`).
 
@@ -33,6 +34,7 @@ mod fanin;
 mod handler;
 mod intake;
 mod metrics;
+mod presence;
 mod registry;
 mod results_check;
 mod runtime;

@@ -22,6 +22,7 @@ use crate::builder::{WorkerBuilder, WorkerError};
 use crate::fairness::{Fairness, REPORT_EVERY};
 use crate::intake::{Control, Intake, TEARDOWN_PATIENCE};
 use crate::metrics::Metrics;
+use crate::presence::{self, Presence};
 use crate::step::{Outbox, ServedStep, StepSession};
 
 /// Default time running steps get to finish after a shutdown signal.
@@ -87,10 +88,15 @@ impl Worker {
             .history
             .enabled
             .then(|| HistoryWriter::start(&self.config.broker));
+        // One identity for the whole run: a reconnect is the same worker.
+        let presence = Arc::new(Presence::new(&self.served));
         loop {
             // Not raced with `shutdown`: once consumers start, a signal must drain them, and
             // `serve` sees a signal that came during start-up.
-            let reason = match self.session(&mut backoff, history.clone()).await {
+            let session = self
+                .session(&mut backoff, history.clone(), Arc::clone(&presence))
+                .await;
+            let reason = match session {
                 Ok(session) => {
                     let outcome = session.serve(&mut shutdown, self.grace).await;
                     self.metrics.set_connected(false);
@@ -117,6 +123,7 @@ impl Worker {
         &self,
         backoff: &mut Backoff,
         history: Option<HistoryWriter>,
+        presence: Arc<Presence>,
     ) -> Result<Session, WorkerError> {
         let broker = Broker::connect(&self.config.broker).await?;
         // Declaring is idempotent, so a worker never waits on a forgotten `topology apply`; a
@@ -150,7 +157,14 @@ impl Worker {
                 fatal,
             },
             fatal_rx,
+            presence,
+            presence_stop: CancellationToken::new(),
         };
+        tokio::spawn(presence::report(
+            Arc::clone(&session.presence),
+            Arc::clone(&session.steps),
+            session.presence_stop.clone(),
+        ));
         tokio::spawn(fairness_reports(
             Arc::clone(&session.steps),
             session.control.cancel.clone(),
@@ -213,6 +227,9 @@ struct Session {
     intakes: Vec<Intake>,
     control: Control,
     fatal_rx: mpsc::UnboundedReceiver<String>,
+    presence: Arc<Presence>,
+    /// Ends the presence reports: they go on while draining, so a long drain stays listed.
+    presence_stop: CancellationToken,
 }
 
 impl Session {
@@ -235,6 +252,8 @@ impl Session {
         for intake in &self.intakes {
             intake.stop_consuming().await;
         }
+        self.presence.set_draining();
+        self.presence.send(&self.steps, false).await;
         let tracker = &self.control.tracker;
         tracker.close();
         let running = tracker.len();
@@ -244,6 +263,8 @@ impl Session {
             warn!(unfinished = tracker.len(), grace = ?grace,
                 "Grace period over; unfinished steps go back to their queues.");
         }
+        self.presence_stop.cancel();
+        self.presence.send(&self.steps, true).await;
         for intake in self.intakes {
             intake.close().await;
         }
@@ -256,6 +277,7 @@ impl Session {
     /// so running steps are dropped and the broker hands their messages out again.
     async fn abandon(self) {
         self.control.cancel.cancel();
+        self.presence_stop.cancel();
         self.steps.lost.cancel();
         let tracker = &self.control.tracker;
         tracker.close();

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use warren_common::Priority;
 
@@ -278,6 +279,17 @@ impl Metrics {
         InFlight(gauge)
     }
 
+    /// Attempts running now, over every step: the sum of the in-flight gauge (read every few
+    /// seconds for the worker's presence report, so the steps pay nothing for it).
+    pub(crate) fn in_flight_total(&self) -> i64 {
+        self.in_flight
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_gauge().get_value() as i64)
+            .sum()
+    }
+
     pub(crate) fn dead_letter(&self, pipeline: Option<&str>, reason: &str) {
         self.dead_letters
             .with_label_values(&[pipeline.unwrap_or("unknown"), reason])
@@ -371,11 +383,15 @@ mod tests {
             "warren_step_executions_total{outcome=\"retried\",pipeline=\"p\",priority=\"high\",step=\"s\"} 1"
         ), "{text}");
         assert!(text.contains("warren_steps_in_flight{pipeline=\"p\",step=\"s\"} 1"));
+        let other = m.running("q", "t");
+        assert_eq!(m.in_flight_total(), 2);
+        drop(other);
         assert!(text
             .contains("warren_dead_letters_total{pipeline=\"unknown\",reason=\"undecodable\"} 1"));
         drop(running);
         let text = m.exposition().render();
         assert!(text.contains("warren_steps_in_flight{pipeline=\"p\",step=\"s\"} 0"));
+        assert_eq!(m.in_flight_total(), 0);
     }
 
     #[test]
