@@ -178,9 +178,10 @@ async fn a_collider_is_not_stuck_behind_a_flood_workers_detect() {
     let broker = ns.broker().await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let top = loop {
-        let (hot, digests) = control::read_recent(&broker, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let control::Recent { hot, digests, .. } =
+            control::read_recent(&broker, Duration::from_secs(60))
+                .await
+                .unwrap();
         let top = estimate(&digests).into_iter().next();
         let found = top
             .as_ref()

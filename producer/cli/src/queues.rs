@@ -82,7 +82,7 @@ async fn tenants(args: &QueuesArgs, config: &Config, json: bool) -> anyhow::Resu
     let broker = Broker::connect(&config.broker).await?;
     let read = control::read_recent(&broker, REPORTS_LOOK_BACK).await;
     broker.close().await;
-    let (hot, digests) = read?;
+    let control::Recent { hot, digests, .. } = read?;
     let wanted = |pipeline: &str| args.pipeline.as_deref().is_none_or(|p| p == pipeline);
     let mut rows: Vec<TenantRow> = Vec::new();
     for backlog in estimate(&digests)

@@ -1,7 +1,8 @@
 //! `warren console` in a real browser (Debian's chromium, driven through chromedriver with
 //! fantoccini), against the real broker and a worker in this process: find a tenant's failed
 //! job, read its error, replay it once the step is fixed, see it succeed; a `<script>` in a
-//! payload and in an error shows as text. Plus the console's guards, over plain HTTP.
+//! payload and in an error shows as text; the overview lists the worker while it runs, and not
+//! once it stopped. Plus the console's guards, over plain HTTP.
 //!
 //! With `WARREN_CONSOLE_SCREENSHOTS=<folder>` the browser test saves a screenshot of each page
 //! there (how docs/console/*.png are made).
@@ -318,6 +319,15 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     screenshot(&browser, "tenants").await;
     browser.goto(&format!("{url}/")).await.unwrap();
     assert!(wait_text(&browser, "#dead-letters", "0").await);
+    // The worker in this process is listed, from its presence reports.
+    assert!(wait_text(&browser, "#live #workers", "1").await);
+    assert_eq!(text_of(&browser, "#workers").await, "1");
+    let workers = text_of(&browser, "#worker-list").await;
+    let pid = std::process::id().to_string();
+    assert!(
+        workers.contains(&pid) && workers.contains("import") && workers.contains("serving"),
+        "{workers}"
+    );
     screenshot(&browser, "overview").await;
     browser.goto(&format!("{url}/schedules")).await.unwrap();
     assert!(wait_text(&browser, "#schedules", "nightly").await);
@@ -337,8 +347,13 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
         .unwrap();
     assert_eq!(pwned, Value::Bool(true));
 
-    browser.close().await.unwrap();
+    // When the worker stops, the overview no longer lists it, without a reload
+    browser.goto(&format!("{url}/")).await.unwrap();
+    assert!(wait_text(&browser, "#live #workers", "1").await);
     worker.stop().await;
+    assert!(wait_text(&browser, "#live #workers", "0").await);
+
+    browser.close().await.unwrap();
     client.close().await;
 }
 

@@ -1,6 +1,7 @@
 //! What the console reads from the broker besides the history, every few seconds: the depth
 //! of every step queue and of the dead-letter queue, each tenant's estimated backlog from the
-//! workers' reports on the control stream, and the schedules' state from their ledger. The
+//! workers' lane reports on the control stream, the workers themselves from their presence
+//! reports there, and the schedules' state from their ledger. The
 //! newest reading is kept; a failed one keeps the one before and says why.
 
 use std::sync::{Arc, RwLock};
@@ -10,6 +11,7 @@ use serde::Serialize;
 use warren_broker::control;
 use warren_broker::depth::{read_depths, ready_messages};
 use warren_broker::tenants::{estimate, TenantBacklog};
+use warren_broker::workers::WorkerReport;
 use warren_broker::{Broker, StepRoute};
 use warren_producer::schedules::{self, ScheduleStatus};
 use warren_producer::Client;
@@ -17,7 +19,7 @@ use warren_producer::Client;
 /// How often the broker is read.
 pub(crate) const EVERY: Duration = Duration::from_secs(3);
 
-/// How far back the workers' lane reports are read (they report every 10 s).
+/// How far back the workers' lane and presence reports are read (they report every 10 s).
 const REPORTS_LOOK_BACK: Duration = Duration::from_secs(60);
 
 /// Ready messages of one step queue.
@@ -37,6 +39,10 @@ pub(crate) struct Reading {
     pub(crate) depths: Vec<Depth>,
     pub(crate) dead_letters: Option<u32>,
     pub(crate) tenant_backlogs: Vec<TenantBacklog>,
+    /// The newest report of each worker heard from lately; which are live is decided when
+    /// shown (`warren_broker::workers::live`), so one that stops reporting drops out even while
+    /// the broker cannot be read.
+    pub(crate) workers: Vec<WorkerReport>,
     pub(crate) schedules: Vec<ScheduleStatus>,
     /// Why the last reading failed, if it did.
     pub(crate) error: Option<String>,
@@ -88,7 +94,7 @@ async fn read(client: &Client, broker: &Broker) -> Result<Reading, String> {
     let dead_letters = ready_messages(broker, &broker.names().dlq())
         .await
         .map_err(|e| e.to_string())?;
-    let (_, digests) = control::read_recent(broker, REPORTS_LOOK_BACK)
+    let recent = control::read_recent(broker, REPORTS_LOOK_BACK)
         .await
         .map_err(|e| e.to_string())?;
     let schedules = match config.schedules.is_empty() {
@@ -98,7 +104,8 @@ async fn read(client: &Client, broker: &Broker) -> Result<Reading, String> {
     Ok(Reading {
         depths,
         dead_letters,
-        tenant_backlogs: estimate(&digests),
+        tenant_backlogs: estimate(&recent.digests),
+        workers: recent.workers,
         schedules,
         error: None,
     })

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use warren_broker::workers::{self, WorkerReport};
 use warren_common::history::{JobState, Status};
 use warren_common::{now_ms, JobId};
 use warren_producer::schedules::ScheduleStatus;
@@ -44,6 +45,56 @@ pub(crate) struct Overview {
     pub(crate) backlog_total: u64,
     pub(crate) dead_letters: Option<u32>,
     pub(crate) hot_tenants: Vec<Hot>,
+    /// The worker processes running now (those heard from in the last 25 s or so).
+    pub(crate) workers: Vec<WorkerRow>,
+}
+
+/// One running worker process, from its latest presence report.
+#[derive(Debug, Serialize)]
+pub(crate) struct WorkerRow {
+    /// Unique per run of the process.
+    pub(crate) id: String,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    /// When it started, ms since the epoch.
+    pub(crate) started: u64,
+    /// How long ago its latest report was made (ms).
+    pub(crate) reported_ms_ago: u64,
+    /// `serving` or `draining`.
+    pub(crate) state: &'static str,
+    /// Step attempts running in it, and how many it may run at once.
+    pub(crate) running: u32,
+    pub(crate) slots: u32,
+    /// The pipelines it serves, and its steps as `pipeline/step`.
+    pub(crate) pipelines: Vec<String>,
+    pub(crate) steps: Vec<String>,
+    pub(crate) version: String,
+}
+
+impl WorkerRow {
+    fn of(report: &WorkerReport, now_ms: u64) -> Self {
+        Self {
+            id: report.id.clone(),
+            host: report.host.clone(),
+            pid: report.pid,
+            started: report.started,
+            reported_ms_ago: now_ms.saturating_sub(report.at),
+            state: report.state.as_str(),
+            running: report.running,
+            slots: report.slots,
+            pipelines: report.pipelines().into_iter().map(String::from).collect(),
+            steps: report.steps.clone(),
+            version: report.version.clone(),
+        }
+    }
+}
+
+/// The workers live at `now_ms` among the reports read.
+pub(crate) fn live_workers(reports: &[WorkerReport], now_ms: u64) -> Vec<WorkerRow> {
+    workers::live(reports, now_ms)
+        .iter()
+        .map(|r| WorkerRow::of(r, now_ms))
+        .collect()
 }
 
 /// A tenant marked hot, moved to an overflow lane.
@@ -113,6 +164,7 @@ pub(crate) fn overview(jobs: &Jobs, reading: &Reading, hot: Vec<HotTenant>) -> O
                 until: h.until,
             })
             .collect(),
+        workers: live_workers(&reading.workers, now_ms()),
     }
 }
 
@@ -333,3 +385,44 @@ pub(crate) struct Schedules {
 
 /// How long a job page waits for a succeeded job's result from the results stream.
 pub(crate) const OUTPUT_WAIT: Duration = Duration::from_secs(3);
+
+#[cfg(test)]
+mod tests {
+    use warren_broker::workers::{WorkerState, REPORT_VERSION, WORKER_KIND};
+
+    use super::*;
+
+    fn report(id: &str, at: u64, state: WorkerState) -> WorkerReport {
+        WorkerReport {
+            v: REPORT_VERSION,
+            kind: WORKER_KIND.into(),
+            id: id.into(),
+            host: "box".into(),
+            pid: 42,
+            started: 1_000,
+            at,
+            every_ms: 10_000,
+            state,
+            running: 3,
+            slots: 8,
+            steps: vec!["import/load".into(), "import/save".into()],
+            version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn the_overview_lists_the_live_workers_with_their_pipelines() {
+        let now = 1_000_000;
+        let reports = [
+            report("a", now - 4_000, WorkerState::Draining),
+            report("gone", now - 40_000, WorkerState::Serving),
+            report("left", now - 1_000, WorkerState::Stopped),
+        ];
+        let rows = live_workers(&reports, now);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let row = &rows[0];
+        assert_eq!((row.id.as_str(), row.state), ("a", "draining"));
+        assert_eq!((row.running, row.slots, row.reported_ms_ago), (3, 8, 4_000));
+        assert_eq!(row.pipelines, ["import"]);
+    }
+}
