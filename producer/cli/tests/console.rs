@@ -329,6 +329,16 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
         "{workers}"
     );
     screenshot(&browser, "overview").await;
+    let api: Value = reqwest::get(format!("{url}/api/overview"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = &api["page"]["workers"];
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{api}");
+    assert_eq!(listed[0]["pid"], json!(std::process::id()), "{api}");
+    assert_eq!(listed[0]["steps"], json!(["import/load"]), "{api}");
     browser.goto(&format!("{url}/schedules")).await.unwrap();
     assert!(wait_text(&browser, "#schedules", "nightly").await);
     let pause = "#schedules button";
