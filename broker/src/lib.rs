@@ -8,6 +8,7 @@
 //!
 //! Messages themselves (envelope, codec) live in `warren-common`; this crate only moves bytes.
 
+pub mod batch;
 pub mod capacity;
 pub mod connection;
 pub mod consume;
@@ -30,6 +31,7 @@ pub mod tokens;
 pub mod topology;
 pub mod workers;
 
+pub use batch::BatchWriter;
 pub use connection::Broker;
 pub use consume::consume;
 pub use control::HotRouter;

@@ -36,12 +36,15 @@ impl Names {
         format!("{}.results", self.ns)
     }
 
-    /// Quorum queue that also gets every result event, while `[results] check` is on: the
-    /// worker that consumes it (single active consumer) looks for each event in the results
-    /// stream and writes the ones the stream lost again.
+    /// Quorum queue of the workers' copies of their result events (in batches), while
+    /// `[results] check` is on: the worker that consumes it (single active consumer) looks for
+    /// each event in the results stream and writes the ones the stream lost again.
     pub fn results_check(&self) -> String {
-        format!("{}.results.check", self.ns)
+        format!("{}{}", self.ns, Self::RESULTS_CHECK_SUFFIX)
     }
+
+    /// How the results check queue's name ends.
+    pub const RESULTS_CHECK_SUFFIX: &'static str = ".results.check";
 
     /// Stream of control messages (hot-tenant marks) every producer and worker reads.
     pub fn control_stream(&self) -> String {

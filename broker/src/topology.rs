@@ -23,9 +23,6 @@ use crate::tokens::{TokenQueue, CAP_WAIT_DELAYS_MS};
 /// How long the results stream keeps events.
 pub const RESULTS_MAX_AGE: &str = "7D";
 
-/// What binds the results stream (and its check queue) to the events exchange.
-const RESULTS_BINDING: &str = "result.#";
-
 /// How long the results check queue keeps an event no worker took: an hour, far past
 /// `[results] check_after`.
 pub const RESULTS_CHECK_TTL_MS: i64 = 3_600_000;
@@ -207,7 +204,7 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(RESULTS_MAX_AGE)),
             ],
-            bindings: vec![(events.clone(), RESULTS_BINDING.to_string())],
+            bindings: vec![(events.clone(), "result.#".to_string())],
         });
         if config.checks_results() {
             queues.push(QueueSpec {
@@ -219,7 +216,8 @@ impl Topology {
                     // Bounded when no worker checks (all stopped, or all with the check off).
                     ("x-message-ttl", Arg::Int(RESULTS_CHECK_TTL_MS)),
                 ],
-                bindings: vec![(events.clone(), RESULTS_BINDING.to_string())],
+                // Workers publish their results' copies to it in batches, by name.
+                bindings: vec![],
             });
         }
         queues.push(QueueSpec {
@@ -364,7 +362,7 @@ impl Topology {
     pub fn work_queues(&self) -> impl Iterator<Item = &QueueSpec> {
         self.queues.iter().filter(|q| {
             q.argument("x-queue-type") != Some(&Arg::Str("stream".into()))
-                && !q.bindings.iter().any(|(_, key)| key == RESULTS_BINDING)
+                && !q.name.ends_with(Names::RESULTS_CHECK_SUFFIX)
         })
     }
 }
@@ -697,10 +695,7 @@ handler = "h"
             check.argument("x-queue-type"),
             Some(&Arg::Str("quorum".into()))
         );
-        assert_eq!(
-            check.bindings,
-            vec![("ns.events".to_string(), "result.#".to_string())]
-        );
+        assert!(check.bindings.is_empty(), "workers publish to it by name");
         assert!(!plan.work_queues().any(|q| q.name == "ns.results.check"));
     }
 

@@ -32,6 +32,22 @@ pub fn decode_result(bytes: &[u8]) -> Result<ResultEvent, DecodeError> {
     from_slice(bytes)
 }
 
+/// Reads result events written one after another in one body (a batch of the results check's
+/// copies). An unreadable event ends the read (what follows it cannot be found): the events
+/// before it are returned.
+pub fn decode_results(bytes: &[u8]) -> Vec<ResultEvent> {
+    let mut cursor = std::io::Cursor::new(bytes);
+    let mut events = Vec::new();
+    while (cursor.position() as usize) < bytes.len() {
+        let mut de = rmp_serde::Deserializer::new(&mut cursor);
+        match ResultEvent::deserialize(&mut de) {
+            Ok(event) => events.push(event),
+            Err(_) => break,
+        }
+    }
+    events
+}
+
 /// The tenant of an encoded envelope, without decoding the rest (the payload above all): what a
 /// worker reads to move a hot tenant's message. `None` when the bytes are no envelope.
 pub fn decode_tenant(bytes: &[u8]) -> Option<String> {
@@ -96,6 +112,23 @@ mod tests {
     use crate::{JobId, JobStatus, Priority, TenantId};
     use proptest::prelude::*;
     use serde_json::json;
+
+    #[test]
+    fn results_written_one_after_another_read_back_until_one_is_unreadable() {
+        let events: Vec<ResultEvent> = (0..3)
+            .map(|i| ResultEvent::succeeded(&sample(), json!({ "n": i })))
+            .collect();
+        let mut body: Vec<u8> = events.iter().flat_map(encode_result).collect();
+        assert_eq!(decode_results(&body), events);
+        body.extend_from_slice(b"\xc1junk");
+        body.extend(encode_result(&events[0]));
+        assert_eq!(
+            decode_results(&body),
+            events,
+            "the read ends at what it cannot read"
+        );
+        assert!(decode_results(b"").is_empty());
+    }
 
     fn sample() -> Envelope {
         Envelope::new_job(

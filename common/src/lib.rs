@@ -22,7 +22,7 @@ pub mod shard;
 pub mod telemetry;
 pub mod trace;
 
-pub use codec::{decode, decode_result, encode, encode_result, DecodeError};
+pub use codec::{decode, decode_result, decode_results, encode, encode_result, DecodeError};
 pub use config::{Config, ConfigError, OnPartFailure, PipelineConfig, StepConfig, StepKind};
 pub use dead_letter::Reason;
 pub use envelope::{now_ms, Envelope, JobStatus, Oversized, ResultEvent, FORMAT_VERSION};

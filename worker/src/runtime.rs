@@ -140,7 +140,13 @@ impl Worker {
             config: Arc::clone(&self.config),
             broker: broker.clone(),
             fairness: Fairness::start(&broker, &self.config),
-            outbox: Outbox::new(&broker, lost.clone(), Arc::clone(&self.metrics)).await?,
+            outbox: Outbox::new(
+                &broker,
+                self.config.checks_results(),
+                lost.clone(),
+                Arc::clone(&self.metrics),
+            )
+            .await?,
             lost,
             metrics: Arc::clone(&self.metrics),
             history,

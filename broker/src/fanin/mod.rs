@@ -1,10 +1,8 @@
 //! The fan-in stream `{ns}.fanin` and what goes with it: the record that opens a fan-out, the
-//! parts' ends (appended in batches by a [`FaninWriter`]), the coordinator's checkpoints
+//! parts' ends (appended in batches by a [`crate::batch::BatchWriter`]), the coordinator's checkpoints
 //! `{ns}.fanin.ckpt`, and the lock `{ns}.fanin.lock` whose holder is the one coordinator. The
 //! fold itself is pure, in `warren_common::fanout`; the coordinator is the worker's `fanin`
 //! module.
-
-mod ends;
 
 use std::time::Duration;
 
@@ -15,8 +13,6 @@ use lapin::{Channel, Consumer};
 use warren_common::fanin::{Checkpoint, Restored};
 use warren_common::fanout::{EndedPart, Opened};
 use warren_common::ResultEvent;
-
-pub use self::ends::FaninWriter;
 
 use crate::connection::Broker;
 use crate::error::{BrokerError, PublishError};

@@ -1,6 +1,7 @@
-//! What the results check holds and decides, without effects: the events taken from the check
-//! queue (unacked, in delivery order), which of them are due to be looked for, and, given what
-//! the results stream was seen to hold, which to write again and how far to ack.
+//! What the results check holds and decides, without effects: the deliveries taken from the
+//! check queue (unacked, in delivery order; each a batch of result events), which of them are
+//! due to be looked for, and, given what the results stream was seen to hold, which events to
+//! write again and how far to ack.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -28,9 +29,9 @@ impl EventKey {
 #[derive(Debug, Clone)]
 pub(crate) struct Taken {
     pub(crate) tag: u64,
-    /// `None` for a body that is not a result event: nothing to look for, acked with the rest.
-    pub(crate) key: Option<EventKey>,
-    pub(crate) body: Vec<u8>,
+    /// Its result events, each with its encoding; none for a body that holds no result event
+    /// (nothing to look for: acked with the rest).
+    pub(crate) events: Vec<(EventKey, Vec<u8>)>,
     pub(crate) received: Instant,
 }
 
@@ -47,8 +48,9 @@ pub(crate) struct Due {
 /// What to do about a due batch once the stream was read.
 #[derive(Debug, Default)]
 pub(crate) struct Settled {
-    /// Events the stream does not hold: to be written to it again (confirmed) before the ack.
-    pub(crate) missing: Vec<Taken>,
+    /// Events the stream does not hold, encoded: to be written to it again (confirmed) before
+    /// the ack.
+    pub(crate) missing: Vec<(EventKey, Vec<u8>)>,
     /// Ack every delivery up to this tag (`multiple`).
     pub(crate) ack_through: Option<u64>,
 }
@@ -83,7 +85,7 @@ impl Ledger {
             .taken
             .iter()
             .take(count)
-            .filter_map(|t| t.key)
+            .flat_map(|t| t.events.iter().map(|(key, _)| *key))
             .collect();
         let times = || keys.iter().map(|k| k.finished_at);
         Some(Due {
@@ -101,9 +103,9 @@ impl Ledger {
         let mut named = HashSet::new();
         for taken in self.taken.drain(..due.count) {
             settled.ack_through = Some(taken.tag);
-            if let Some(key) = taken.key {
+            for (key, body) in taken.events {
                 if unseen.contains(&key) && named.insert(key) {
-                    settled.missing.push(taken);
+                    settled.missing.push((key, body));
                 }
             }
         }
@@ -119,8 +121,7 @@ mod tests {
     fn taken(tag: u64, job: JobId, finished_at: u64, received: Instant) -> Taken {
         Taken {
             tag,
-            key: Some(EventKey { job, finished_at }),
-            body: vec![tag as u8],
+            events: vec![(EventKey { job, finished_at }, vec![tag as u8])],
             received,
         }
     }
@@ -146,7 +147,7 @@ mod tests {
         let settled = ledger.settle(&due, &unseen);
         assert_eq!(settled.ack_through, Some(2));
         assert_eq!(settled.missing.len(), 1);
-        assert_eq!(settled.missing[0].tag, 2);
+        assert_eq!(settled.missing[0].1, vec![2]);
         assert_eq!(ledger.len(), 1, "the younger event waits");
     }
 
@@ -156,8 +157,7 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.take(Taken {
             tag: 7,
-            key: None,
-            body: b"junk".to_vec(),
+            events: vec![],
             received: start,
         });
         let due = ledger.due(start, Duration::ZERO).unwrap();
@@ -168,11 +168,15 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever arrives and whatever the stream lost: every due delivery is acked, each
-        /// lost event is written again exactly once, and nothing seen is written again.
+        /// Whatever arrives, in batches of any size, and whatever the stream lost: every due
+        /// delivery is acked, each lost event is written again exactly once, and nothing seen is
+        /// written again.
         #[test]
         fn every_due_delivery_is_acked_and_each_lost_event_written_once(
-            events in prop::collection::vec((0u8..20, 0u64..5, 0u64..30, any::<bool>()), 1..60),
+            batches in prop::collection::vec(
+                (prop::collection::vec((0u8..20, 0u64..5, any::<bool>()), 0..4), 0u64..30),
+                1..40,
+            ),
             after in 0u64..30,
         ) {
             let start = Instant::now();
@@ -180,16 +184,21 @@ mod tests {
             let mut ledger = Ledger::default();
             let mut lost = HashSet::new();
             let mut received_at = 0;
-            for (tag, (job, finished, gap, is_lost)) in events.iter().enumerate() {
+            for (tag, (events, gap)) in batches.iter().enumerate() {
                 received_at += gap;
-                let key = EventKey { job: jobs[*job as usize], finished_at: *finished };
-                if *is_lost {
-                    lost.insert(key);
-                }
+                let events = events
+                    .iter()
+                    .map(|(job, finished, is_lost)| {
+                        let key = EventKey { job: jobs[*job as usize], finished_at: *finished };
+                        if *is_lost {
+                            lost.insert(key);
+                        }
+                        (key, vec![])
+                    })
+                    .collect();
                 ledger.take(Taken {
                     tag: tag as u64 + 1,
-                    key: Some(key),
-                    body: vec![],
+                    events,
                     received: start + Duration::from_secs(received_at),
                 });
             }
@@ -202,7 +211,7 @@ mod tests {
                     let settled = ledger.settle(&due, &unseen);
                     prop_assert_eq!(settled.ack_through, Some(due.count as u64));
                     prop_assert_eq!(ledger.len(), before - due.count);
-                    let written: Vec<_> = settled.missing.iter().filter_map(|t| t.key).collect();
+                    let written: Vec<_> = settled.missing.iter().map(|(k, _)| *k).collect();
                     let distinct: HashSet<_> = written.iter().copied().collect();
                     prop_assert_eq!(written.len(), distinct.len());
                     prop_assert_eq!(distinct, unseen);

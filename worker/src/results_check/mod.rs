@@ -1,16 +1,19 @@
 //! The results check: on RabbitMQ 3.10 a stream whose leader moves (a node stopped or lost)
 //! can lose events it already confirmed (rabbitmq-server#9457), so a job's result would be
 //! missing from `{ns}.results` although its last step ran. While `[results] check` is on, every
-//! result event is also routed to `{ns}.results.check`, a quorum queue (which loses nothing on
-//! a fail-over). Every worker consumes it; single active consumer makes one of them the checker.
+//! worker also copies its result events to `{ns}.results.check`, a quorum queue (which loses
+//! nothing on a fail-over), in batches (group commit: one message per batch of results that
+//! came while earlier batches awaited their confirms), and acks a step only once both the
+//! result and its copy are confirmed. Every worker consumes that queue; single active consumer
+//! makes one of them the checker.
 //! It holds each event unacked for `check_after`, then reads the stream over the events' time
 //! span and writes each event the stream does not hold to it again (confirmed), and only then
 //! acks. A checker that dies leaves its events unacked, so the next one checks them: a result
 //! may be written twice (readers take a job's result once), never lost.
 //!
-//! Cost: one more quorum-queue message per result, and the stream read about three times over
-//! by one worker; so `auto` turns it on only for a cluster (`[broker] urls` with several
-//! members), where a leader can move.
+//! Cost: one more quorum-queue message per batch of results, and the stream read about three
+//! times over by one worker; so `auto` turns it on only for a cluster (`[broker] urls` with
+//! several members), where a leader can move.
 
 mod ledger;
 
@@ -24,15 +27,16 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warren_broker::{BrokerError, Outgoing, PublishError, Publisher};
-use warren_common::decode_result;
+use warren_common::{decode_results, encode_result};
 use warren_producer::{ResultStream, Since};
 
 use crate::step::StepSession;
 use ledger::{Due, EventKey, Ledger, Taken};
 
-/// Unacked events the checker may hold: `check_after` plus a round of them at a busy
-/// cluster's pace. When it holds this many, the queue waits (nothing is lost, the check lags).
-const PREFETCH: u16 = 60_000;
+/// Unacked deliveries the checker may hold, each a batch of up to 1,000 events from one worker:
+/// `check_after` plus a round of them at a busy cluster's pace. When it holds this many, the
+/// queue waits (nothing is lost, the check lags).
+const PREFETCH: u16 = 5_000;
 
 /// How often due events are looked for: each look reads the stream from the oldest due event.
 const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -88,11 +92,13 @@ async fn serve(session: &StepSession) -> Result<(), String> {
                 let delivery = delivery
                     .ok_or_else(|| format!("the consumer of {queue} ended"))?
                     .map_err(|e| format!("consume {queue}: {e}"))?;
-                let key = decode_result(&delivery.data).ok().map(|e| EventKey::of(&e));
+                let events = decode_results(&delivery.data)
+                    .iter()
+                    .map(|event| (EventKey::of(event), encode_result(event)))
+                    .collect();
                 ledger.take(Taken {
                     tag: delivery.delivery_tag,
-                    key,
-                    body: delivery.data,
+                    events,
                     received: Instant::now(),
                 });
             }
@@ -100,8 +106,8 @@ async fn serve(session: &StepSession) -> Result<(), String> {
                 let Some(due) = ledger.due(Instant::now(), after) else { continue };
                 let unseen = look_for(session, &due).await.map_err(|e| e.to_string())?;
                 let settled = ledger.settle(&due, &unseen);
-                for taken in &settled.missing {
-                    write_again(session, &publisher, taken).await?;
+                for (key, body) in &settled.missing {
+                    write_again(session, &publisher, key, body).await?;
                 }
                 if !settled.missing.is_empty() {
                     warn!(events = settled.missing.len(), checked = due.keys.len(),
@@ -152,12 +158,13 @@ async fn look_for(session: &StepSession, due: &Due) -> Result<HashSet<EventKey>,
 async fn write_again(
     session: &StepSession,
     publisher: &Publisher,
-    taken: &Taken,
+    key: &EventKey,
+    body: &[u8],
 ) -> Result<(), String> {
     let stream = session.broker.names().results_stream();
-    let id = taken.key.map(|k| k.job.to_string()).unwrap_or_default();
+    let id = key.job.to_string();
     loop {
-        let msg = Outgoing::persistent("", &stream, &taken.body, &id);
+        let msg = Outgoing::persistent("", &stream, body, &id);
         match publisher.publish(msg).await {
             Ok(()) => {
                 info!(job_id = %id, "Wrote a lost result event to the results stream again.");

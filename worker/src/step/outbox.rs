@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use warren_broker::fanin::{self, FaninWriter};
+use warren_broker::fanin::{self, ENDS_KEY};
 use warren_broker::{
-    Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PendingConfirm, PublishError,
-    Publisher, StepRoute,
+    BatchWriter, Broker, BrokerError, HotMark, HotRouter, Names, Outgoing, PendingConfirm,
+    PublishError, Publisher, StepRoute,
 };
 use warren_common::backoff::Backoff;
 use warren_common::dead_letter as headers;
@@ -38,7 +38,10 @@ pub(crate) struct Outbox {
     publisher: Publisher,
     broker: Broker,
     /// Parts' ends for the fan-in stream, on a channel of their own; started by the first end.
-    fanin: OnceCell<FaninWriter>,
+    fanin: OnceCell<BatchWriter>,
+    /// Copies of result events for the results check's queue, in batches, while `[results]
+    /// check` is on; started by the first result.
+    check: Option<OnceCell<BatchWriter>>,
     /// A fan-out's parts, on a channel of their own: a broker confirms a channel's publishes in
     /// order, so on the shared one every result of a part that already ran would wait behind
     /// the window of parts still being enqueued, and the parts' processing would stall.
@@ -66,8 +69,11 @@ pub(crate) struct DeadLetter<'a> {
 }
 
 impl Outbox {
+    /// `checks_results`: whether results are copied for the results check
+    /// (`Config::checks_results`).
     pub(crate) async fn new(
         broker: &Broker,
+        checks_results: bool,
         lost: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BrokerError> {
@@ -78,6 +84,7 @@ impl Outbox {
                 .confirm_patience(CONFIRM_PATIENCE),
             broker: broker.clone(),
             fanin: OnceCell::new(),
+            check: checks_results.then(OnceCell::new),
             parts: OnceCell::new(),
             tasks_exchange: names.tasks_exchange(),
             events_exchange: names.events_exchange(),
@@ -190,18 +197,28 @@ impl Outbox {
     }
 
     /// Publishes a job's result event. A fan-out part's end also goes to the fan-in stream, in
-    /// a batch with other parts' ends, so the join hears of every part that ended; both are
-    /// confirmed before this returns.
+    /// a batch with other parts' ends, so the join hears of every part that ended; while the
+    /// results check is on, a copy of the event goes to its queue, in a batch with other
+    /// results. All are confirmed before this returns.
     pub(crate) async fn publish_result(&self, event: &ResultEvent) -> Result<(), PublishError> {
         let key = Names::result_key(event.status, &event.pipeline, event.tenant.as_str());
         let body = encode_result(event);
         let id = event.job_id.to_string();
         let msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
         let result = self.publish(PublishKind::Result, msg);
-        match EndedPart::of(event) {
-            Some(ended) => tokio::try_join!(result, self.append_end(ended)).map(|_| ()),
-            None => result.await,
-        }
+        let end = async {
+            match EndedPart::of(event) {
+                Some(ended) => self.append_end(ended).await,
+                None => Ok(()),
+            }
+        };
+        let copy = async {
+            match &self.check {
+                Some(writer) => self.append_check(writer, body.clone()).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(result, end, copy).map(|_| ())
     }
 
     /// Appends a part's end to the fan-in stream and waits for its batch's confirm.
@@ -212,10 +229,40 @@ impl Outbox {
                 let publisher = Publisher::new(&self.broker)
                     .await?
                     .confirm_patience(CONFIRM_PATIENCE);
-                Ok::<_, BrokerError>(FaninWriter::start(publisher, self.events_exchange.clone()))
+                let exchange = self.events_exchange.clone();
+                Ok::<_, BrokerError>(BatchWriter::start(
+                    publisher,
+                    exchange,
+                    ENDS_KEY.into(),
+                    "fanin:ends",
+                ))
             })
             .await?;
         writer.append(ended.encode()).await
+    }
+
+    /// Appends a copy of a result event to the results check's queue (straight to the queue,
+    /// by the default exchange) and waits for its batch's confirm.
+    async fn append_check(
+        &self,
+        writer: &OnceCell<BatchWriter>,
+        event: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        let writer = writer
+            .get_or_try_init(|| async {
+                let publisher = Publisher::new(&self.broker)
+                    .await?
+                    .confirm_patience(CONFIRM_PATIENCE);
+                let queue = self.names.results_check();
+                Ok::<_, BrokerError>(BatchWriter::start(
+                    publisher,
+                    String::new(),
+                    queue,
+                    "results:check",
+                ))
+            })
+            .await?;
+        writer.append(event).await
     }
 
     /// Appends the record that opens a fan-out to the fan-in stream.
