@@ -33,19 +33,25 @@ pub fn decode_result(bytes: &[u8]) -> Result<ResultEvent, DecodeError> {
 }
 
 /// Reads result events written one after another in one body (a batch of the results check's
-/// copies). An unreadable event ends the read (what follows it cannot be found): the events
-/// before it are returned.
+/// copies); see [`decode_concatenated`].
 pub fn decode_results(bytes: &[u8]) -> Vec<ResultEvent> {
+    decode_concatenated(bytes)
+}
+
+/// Reads MessagePack values written one after another in one body (what a `BatchWriter`
+/// sends). An unreadable value ends the read (what follows it cannot be found): the values
+/// before it are returned.
+pub fn decode_concatenated<T: DeserializeOwned>(bytes: &[u8]) -> Vec<T> {
     let mut cursor = std::io::Cursor::new(bytes);
-    let mut events = Vec::new();
+    let mut values = Vec::new();
     while (cursor.position() as usize) < bytes.len() {
         let mut de = rmp_serde::Deserializer::new(&mut cursor);
-        match ResultEvent::deserialize(&mut de) {
-            Ok(event) => events.push(event),
+        match T::deserialize(&mut de) {
+            Ok(value) => values.push(value),
             Err(_) => break,
         }
     }
-    events
+    values
 }
 
 /// The tenant of an encoded envelope, without decoding the rest (the payload above all): what a

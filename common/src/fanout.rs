@@ -274,16 +274,7 @@ impl EndedPart {
     /// Reads a batch. An unreadable end ends the read (what follows it cannot be found): the
     /// ends before it are returned.
     pub fn decode_batch(body: &[u8]) -> Vec<Self> {
-        let mut cursor = std::io::Cursor::new(body);
-        let mut ends = Vec::new();
-        while (cursor.position() as usize) < body.len() {
-            let mut de = rmp_serde::Deserializer::new(&mut cursor);
-            match Self::deserialize(&mut de) {
-                Ok(end) => ends.push(end),
-                Err(_) => break,
-            }
-        }
-        ends
+        crate::codec::decode_concatenated(body)
     }
 }
 
