@@ -5,8 +5,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use warren_broker::{Lane, StepRoute};
 use warren_common::fanout::part_job_id;
-use warren_common::{JobId, JobStatus};
+use warren_common::{JobId, JobStatus, Priority};
 use warren_producer::{Client, Job, ReplayOptions};
 use warren_tests::{eventually, TestNamespace};
 
@@ -338,6 +339,57 @@ async fn under_wait_a_failed_part_holds_the_join_until_its_replay_succeeds() {
         assert_eq!((runs(id.clone(), "a"), runs(id, "b")), (1, b), "part {i}");
     }
     assert_eq!(join_runs(&ns), 1);
+}
+
+#[tokio::test]
+async fn a_fan_out_of_hot_depth_parts_of_one_tenant_puts_them_in_its_hot_lane() {
+    // Given a tenant counts as hot at 100 jobs, and a part step of one slot
+    let one_slot = "[[pipelines.steps]]\nname = \"a\"\nhandler = \"work\"\nconcurrency = 1\n";
+    let config = format!("[fairness]\nhot_depth = 100\n{}", config("", one_slot));
+    let ns = TestNamespace::new(&config).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+
+    // When a plan step gives one tenant 150 parts of 50 ms
+    let parts: Vec<Value> = (0..150)
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": 50}, "tenant": "big"}))
+        .collect();
+    client
+        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .await
+        .unwrap();
+    let started = eventually(Duration::from_secs(30), || async {
+        ns.step_starts().iter().any(|(_, step, _)| step == "a")
+    })
+    .await;
+    assert!(started, "no part started");
+
+    // Then the parts wait in the tenant's hot lane from the first one, none in its shard
+    // (where a worker would notice the flood only after 50 of them, and move the rest one by
+    // one), as a producer's bulk submit of as many jobs does
+    let part = ns.config.pipeline("part").unwrap();
+    let broker = ns.broker().await;
+    let ready = |lane: Lane| {
+        let queue = StepRoute::new("part", "a", Priority::Normal, lane).queue(broker.names());
+        let broker = broker.clone();
+        async move {
+            warren_broker::depth::ready_messages(&broker, &queue)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    let hot = Lane::hot_for(part, "big").expect("the part pipeline has hot lanes");
+    let shard = StepRoute::for_tenant(part, "a", Priority::Normal, "big").lane;
+    let (in_hot, in_shard) = (ready(hot).await, ready(shard).await);
+    broker.close().await;
+    assert_eq!(in_shard, 0, "{in_hot} parts in the hot lane");
+    assert!(in_hot >= 140, "{in_hot} parts in the hot lane");
+    let marked = eventually(Duration::from_secs(10), || async {
+        client.hot_tenants().iter().any(|h| h.tenant == "big")
+    })
+    .await;
+    assert!(marked, "the producer's router never saw the tenant hot");
 }
 
 /// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over 30 tenants.

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use warren_broker::depth::{Counts, Probe};
 use warren_broker::tenants::{LaneDigest, DIGEST_KIND};
 use warren_broker::{Broker, HotMark, HotReason, HotRouter, Lane, StepRoute};
+use warren_common::config::PipelineConfig;
 use warren_common::{now_ms, Config};
 
 use self::watch::LaneWatch;
@@ -70,6 +71,55 @@ impl Fairness {
             lane,
             ..route.clone()
         })
+    }
+
+    /// Marks hot, before a fan-out's parts are routed, each tenant it gives `hot_depth` parts
+    /// or more of `pipeline`, as a producer's bulk submit does: the flood takes a hot lane from
+    /// its first part, rather than entering the shard it shares with other tenants and being
+    /// moved from there (a publish and an ack per part). A mark that cannot be published
+    /// leaves the parts routed by shard.
+    pub(crate) async fn notice_fan_out<'a>(
+        session: &StepSession,
+        pipeline: &PipelineConfig,
+        tenants: impl IntoIterator<Item = &'a str>,
+    ) {
+        let (fairness, settings) = (&session.fairness, &session.config.fairness);
+        if pipeline.hot_lanes == 0 {
+            return;
+        }
+        let hot_for_ms = settings.hot_for.as_millis() as u64;
+        for tenant in watch::bulk_floods(tenants, settings.hot_depth) {
+            let now = now_ms();
+            let fresh = fairness
+                .router
+                .until(&pipeline.name, tenant)
+                .is_some_and(|until| until > now + hot_for_ms / 2);
+            let mark = HotMark::new(
+                pipeline,
+                tenant,
+                now,
+                hot_for_ms,
+                HotReason::Bulk,
+                &fairness.by,
+            );
+            let Some(mark) = mark.filter(|_| !fresh) else {
+                continue;
+            };
+            match session.outbox.publish_mark(&fairness.router, &mark).await {
+                Ok(()) => {
+                    session
+                        .metrics
+                        .hot_marked(&mark.pipeline, mark.reason.as_str());
+                    info!(tenant = %mark.tenant, pipeline = %mark.pipeline, lane = %Lane::Hot(mark.lane),
+                        "Tenant marked hot by a fan-out: its parts take a hot lane.");
+                }
+                Err(error) => {
+                    warn!(%error, tenant = %mark.tenant, pipeline = %mark.pipeline,
+                        "Cannot publish a hot mark; the fan-out's parts go to their shards.");
+                    return;
+                }
+            }
+        }
     }
 
     /// Counts one delivery of `tenant` taken from `route`; when the tenant dominates the lane

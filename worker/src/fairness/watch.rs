@@ -75,10 +75,36 @@ impl LaneWatch {
     }
 }
 
+/// The tenants with at least `hot_depth` of `tenants` (a fan-out's parts, one entry per part):
+/// a flood in one go, as a producer's bulk submit of that many is. Sorted, for a stable order.
+pub(crate) fn bulk_floods<'a>(
+    tenants: impl IntoIterator<Item = &'a str>,
+    hot_depth: u32,
+) -> Vec<&'a str> {
+    let mut counts: HashMap<&str, u32> = HashMap::new();
+    for tenant in tenants {
+        *counts.entry(tenant).or_default() += 1;
+    }
+    let mut floods: Vec<&str> = counts
+        .into_iter()
+        .filter(|&(_, n)| n >= hot_depth)
+        .map(|(tenant, _)| tenant)
+        .collect();
+    floods.sort_unstable();
+    floods
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_fan_out_floods_with_the_tenants_it_gives_hot_depth_parts_or_more() {
+        let parts = ["a"; 500].into_iter().chain(["b"; 499]).chain(["c"; 900]);
+        assert_eq!(bulk_floods(parts, 500), vec!["a", "c"]);
+        assert!(bulk_floods(["a"; 10], 500).is_empty());
+    }
 
     #[test]
     fn a_flood_is_named_once_a_second_and_fair_traffic_never() {

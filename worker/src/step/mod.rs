@@ -228,6 +228,8 @@ async fn carry_out(
             let part_pipeline = config
                 .pipeline(&plan.opened.part_pipeline)
                 .expect("checked by the fate");
+            let tenants = plan.parts.iter().map(|(env, _)| env.tenant.as_str());
+            Fairness::notice_fan_out(session, part_pipeline, tenants).await;
             let parts: Vec<_> = plan
                 .parts
                 .iter()

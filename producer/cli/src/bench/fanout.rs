@@ -11,8 +11,8 @@ use warren_common::{JobId, JobStatus, Priority};
 use warren_producer::{Job, Since};
 
 use super::report::{Row, Target};
-use super::scenarios::{S1_DRAIN, S1_SUBMIT};
-use super::warren_side::{FanNotes, FAN_NOTES};
+use super::scenarios::{rate, S1_DRAIN, S1_SUBMIT};
+use super::warren_side::{now_us, FanNotes, FAN_NOTES};
 use super::Bench;
 
 /// The pipelines S9 adds to the bench config: `fan: plan (fan-out to part) -> join`, and
@@ -52,7 +52,8 @@ max_attempts = 1
 
 /// One fan-out's figures.
 struct Run {
-    /// Parts per second from the fan-out step's return to the last part's end.
+    /// Parts per second from the fan-out step's return to the last part's result read, as S1's
+    /// drain is timed to its last result read.
     parts_per_s: f64,
     /// From the last part's end to the join's start.
     gap_ms: f64,
@@ -77,6 +78,20 @@ pub(super) async fn s9(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // Drained: a join that runs twice has run twice by now (or is lost with the worker, and
     // then it had run once: a repeat needs a crash).
     b.stop_worker().await?;
+    // The raw program's fan-out on S1's queue: the most the broker gives a fan-out here, where
+    // the parts' publishing and their relay share its CPU.
+    let (first, hops) = b.raw.relay("one", "bulk");
+    let mut raw_rates = Vec::with_capacity(runs);
+    for i in 0..runs {
+        b.settle().await;
+        let bar = b.bar(n, &format!("S9 raw fan-out {} of {runs}", i + 1));
+        let took = b
+            .raw
+            .fan_out(&first, hops.clone(), n, b.prefetch(), bar.clone())
+            .await?;
+        bar.finish();
+        raw_rates.push(rate(n, took));
+    }
     let notes = FAN_NOTES.lock().expect("lock").take().unwrap_or_default();
     let joins = parents
         .iter()
@@ -100,6 +115,11 @@ pub(super) async fn s9(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         .zip(s1_drain)
         .map(|(submit, drain)| 1.0 / (1.0 / submit + 1.0 / drain));
     let parts_per_s = median(figures.iter().map(|r| r.parts_per_s).collect());
+    let raw_parts_per_s = median(raw_rates);
+    let s1_raw_relay = rows
+        .iter()
+        .find(|r| r.scenario == "S1" && r.metric == S1_DRAIN)
+        .and_then(|r| r.baseline);
     rows.push(Row::new(
         "S9",
         format!("{n}-part fan-out vs S1 drain"),
@@ -118,6 +138,22 @@ pub(super) async fn s9(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "parts/s",
         parts_per_s,
         s1_submit_then_drain,
+        Target::Info,
+    ));
+    rows.push(Row::new(
+        "S9",
+        format!("{n}-part fan-out vs raw fan-out"),
+        "parts/s",
+        parts_per_s,
+        Some(raw_parts_per_s),
+        Target::RatioAtLeast(0.8),
+    ));
+    rows.push(Row::new(
+        "S9",
+        "raw fan-out vs raw relay (S1's drain baseline)",
+        "parts/s",
+        raw_parts_per_s,
+        s1_raw_relay,
         Target::Info,
     ));
     rows.push(Row::new(
@@ -149,7 +185,7 @@ async fn one(b: &Bench, n: usize, bar: &indicatif::ProgressBar) -> anyhow::Resul
         .await?;
     let deadline = tokio::time::Instant::now() + b.args.patience;
     let mut ended = HashSet::with_capacity(n);
-    let mut last_end_us = 0u64;
+    let (mut last_end_us, mut last_read_us) = (0u64, 0u64);
     let join_start_us = loop {
         let next = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut results)).await;
         let event = match next {
@@ -167,6 +203,7 @@ async fn one(b: &Bench, n: usize, bar: &indicatif::ProgressBar) -> anyhow::Resul
             }
             if ended.insert(event.job_id) {
                 bar.inc(1);
+                last_read_us = now_us();
             }
             let end = event.output["end_us"].as_u64().unwrap_or(0);
             last_end_us = last_end_us.max(end);
@@ -189,9 +226,9 @@ async fn one(b: &Bench, n: usize, bar: &indicatif::ProgressBar) -> anyhow::Resul
         .as_ref()
         .and_then(|notes| notes.planned_us.get(&parent).copied())
         .context("the fan-out step did not note its end")?;
-    let took = Duration::from_micros(last_end_us.saturating_sub(planned_us));
+    let took = Duration::from_micros(last_read_us.saturating_sub(planned_us));
     let run = Run {
-        parts_per_s: super::scenarios::rate(n, took),
+        parts_per_s: rate(n, took),
         gap_ms: join_start_us.saturating_sub(last_end_us) as f64 / 1000.0,
     };
     Ok((run, parent))

@@ -172,6 +172,55 @@ impl Raw {
             .await?
     }
 
+    /// S9's raw counterpart: publishes `n` messages under `key` on a confirm channel of their
+    /// own, through a sliding window of [`CONFIRM_WINDOW`] confirms (as a warren fan-out
+    /// publishes its parts), while [`Raw::drain`] relays them through `hops` at once. Returns
+    /// the time from the first publish to the `n`th result read.
+    pub(super) async fn fan_out(
+        &self,
+        key: &str,
+        hops: Vec<Hop>,
+        n: usize,
+        prefetch: u16,
+        bar: ProgressBar,
+    ) -> anyhow::Result<Duration> {
+        let (broker, body) = (self.broker.clone(), Arc::clone(&self.body));
+        let (exchange, key) = (self.tasks_exchange(), key.to_string());
+        let channel = self
+            .handle
+            .spawn(async move { broker.confirm_channel().await })
+            .await??;
+        let parts = channel.clone();
+        let publish = self.handle.spawn(async move {
+            let mut window = std::collections::VecDeque::with_capacity(CONFIRM_WINDOW);
+            for i in 0..n {
+                if window.len() == CONFIRM_WINDOW {
+                    let oldest: lapin::PublisherConfirm = window.pop_front().expect("full");
+                    check(&oldest.await?, &key)?;
+                }
+                let id = format!("part-{i:032}");
+                window.push_back(publish_start(&parts, &exchange, &key, &body, &id).await?);
+            }
+            for confirm in window {
+                check(&confirm.await?, &key)?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        let started = Instant::now();
+        let (published, drained) = tokio::join!(
+            async { publish.await? },
+            self.drain(hops, n, prefetch, Done::ResultRead, bar)
+        );
+        let took = started.elapsed();
+        let closed = self
+            .handle
+            .spawn(async move { channel.close(200, "done".into()).await });
+        let _ = closed.await;
+        published?;
+        drained?;
+        Ok(took)
+    }
+
     /// Starts a consumer per hop (prefetch `prefetch`, like a warren lane's per-consumer
     /// prefetch) and returns when `n` messages are [`Done`]: the time from the first
     /// `basic.consume` to the `n`th.
