@@ -208,8 +208,8 @@ async fn the_fairness_scenarios_report_their_rows_and_delete_their_namespaces() 
     .await;
 }
 
-/// S9 at a small size (200 parts, twice), beside S1 for its baseline: every S9 row is there
-/// with a number, the join ran once per fan-out, and the namespace is gone.
+/// S9 at a small size (200 parts, twice, and the raw fan-out twice), beside S1 for its
+/// baselines: every S9 row is there with a number, the join ran once per fan-out, and the namespace is gone.
 #[tokio::test]
 async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
     let report = bench(
@@ -234,6 +234,8 @@ async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
     for metric in [
         "200-part fan-out vs S1 drain",
         "200-part fan-out vs S1 submit then drain",
+        "200-part fan-out vs raw fan-out",
+        "raw fan-out vs raw relay (S1's drain baseline)",
     ] {
         let row = figure(metric);
         assert!(row["warren"].as_f64().is_some_and(|v| v > 0.0), "{row}");
@@ -241,12 +243,16 @@ async fn the_fan_out_scenario_reports_its_rows_and_deletes_its_namespace() {
         assert!(row["ratio"].as_f64().is_some_and(|v| v > 0.0), "{row}");
     }
     assert_eq!(figure("200-part fan-out vs S1 drain")["target"], ">= 0.8x");
+    assert_eq!(
+        figure("200-part fan-out vs raw fan-out")["target"],
+        ">= 0.8x"
+    );
     let gap = figure("last part end to join start, p50");
     assert!(gap["warren"].as_f64().is_some_and(|v| v >= 0.0), "{gap}");
     let joins = figure("joins per fan-out");
     assert_eq!(joins["warren"].as_f64(), Some(1.0), "{joins}");
     let s9 = rows.iter().filter(|r| r["scenario"] == "S9").count();
-    assert_eq!(s9, 4, "{report:#}");
+    assert_eq!(s9, 6, "{report:#}");
 
     let ns = report["conditions"]["namespace"]
         .as_str()
