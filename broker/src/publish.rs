@@ -215,7 +215,8 @@ impl Publisher {
                 msg.properties,
             )
             .await
-            .map_err(BrokerError::amqp(format!("publish to {}", msg.routing_key)))?;
+            // (the action text is made only on an error: this runs for every message)
+            .map_err(|e| BrokerError::amqp(format!("publish to {}", msg.routing_key))(e))?;
         Ok(PendingConfirm {
             confirm,
             exchange: msg.exchange.to_string(),

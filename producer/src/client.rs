@@ -88,8 +88,8 @@ struct Prepared {
     id: JobId,
     routing_key: String,
     body: Vec<u8>,
-    /// The step queue it goes to, and that queue's length bound.
-    queue: String,
+    /// The length bound of the step queue it goes to (that queue's name is only needed when a
+    /// publish is refused, so it is made then, from the routing key).
     max_queue_length: u32,
     /// Its "submitted" history event, written once the publish is confirmed.
     submitted: Event,
@@ -330,10 +330,16 @@ impl Client {
         confirmed: usize,
     ) -> SubmitError {
         if matches!(cause, PublishError::Nacked { .. }) {
-            let depth = ready_messages(&self.broker, &job.queue).await;
+            // A step queue's name is its routing key under the namespace's prefix.
+            let queue = format!(
+                "{}{}",
+                self.broker.names().step_queue_prefix(),
+                job.routing_key
+            );
+            let depth = ready_messages(&self.broker, &queue).await;
             if matches!(depth, Ok(Some(n)) if n >= job.max_queue_length) {
                 return SubmitError::BacklogFull {
-                    queue: job.queue.clone(),
+                    queue,
                     max: job.max_queue_length,
                     confirmed,
                 };
@@ -382,7 +388,6 @@ impl Client {
             id: job.id,
             routing_key: route.routing_key(),
             body,
-            queue: route.queue(self.broker.names()),
             max_queue_length: pipeline.max_queue_length,
         })
     }
