@@ -136,9 +136,13 @@ impl HotRouter {
         self.read().any_in(pipeline)
     }
 
-    /// When `tenant`'s mark in `pipeline` expires, if it is hot.
-    pub fn until(&self, pipeline: &str, tenant: &str) -> Option<u64> {
-        self.read().until(pipeline, tenant, now_ms())
+    /// Whether `tenant` is marked hot in `pipeline` with more than half of `hot_for_ms` left:
+    /// such a mark needs no renewal yet.
+    pub fn fresh(&self, pipeline: &str, tenant: &str, hot_for_ms: u64) -> bool {
+        let now = now_ms();
+        self.read()
+            .until(pipeline, tenant, now)
+            .is_some_and(|until| until > now + hot_for_ms / 2)
     }
 
     /// Every tenant hot now.

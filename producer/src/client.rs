@@ -277,11 +277,7 @@ impl Client {
             let Some(pipeline) = self.config.pipeline(pipeline) else {
                 continue;
             };
-            // A mark with more than half its life left needs no renewal yet.
-            let fresh = self
-                .router
-                .until(&pipeline.name, tenant)
-                .is_some_and(|until| until > now + hot_for_ms / 2);
+            let fresh = self.router.fresh(&pipeline.name, tenant, hot_for_ms);
             if fresh || TenantId::parse(tenant.to_string()).is_err() {
                 continue;
             }

@@ -89,20 +89,12 @@ impl Fairness {
         }
         let hot_for_ms = settings.hot_for.as_millis() as u64;
         for tenant in watch::bulk_floods(tenants, settings.hot_depth) {
-            let now = now_ms();
-            let fresh = fairness
-                .router
-                .until(&pipeline.name, tenant)
-                .is_some_and(|until| until > now + hot_for_ms / 2);
-            let mark = HotMark::new(
-                pipeline,
-                tenant,
-                now,
-                hot_for_ms,
-                HotReason::Bulk,
-                &fairness.by,
-            );
-            let Some(mark) = mark.filter(|_| !fresh) else {
+            if fairness.router.fresh(&pipeline.name, tenant, hot_for_ms) {
+                continue;
+            }
+            let (now, reason) = (now_ms(), HotReason::Bulk);
+            let Some(mark) = HotMark::new(pipeline, tenant, now, hot_for_ms, reason, &fairness.by)
+            else {
                 continue;
             };
             match session.outbox.publish_mark(&fairness.router, &mark).await {
@@ -147,13 +139,11 @@ impl Fairness {
                 None => return,
             }
         };
-        // A mark with more than half its life left needs no renewal yet.
         let hot_for_ms = settings.hot_for.as_millis() as u64;
-        let fresh = fairness
+        if fairness
             .router
-            .until(&route.pipeline, &candidate)
-            .is_some_and(|until| until > now_ms() + hot_for_ms / 2);
-        if fresh {
+            .fresh(&route.pipeline, &candidate, hot_for_ms)
+        {
             return;
         }
         let Some(mark) = HotMark::new(

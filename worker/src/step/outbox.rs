@@ -206,63 +206,52 @@ impl Outbox {
         let id = event.job_id.to_string();
         let msg = Outgoing::persistent(&self.events_exchange, &key, &body, &id);
         let result = self.publish(PublishKind::Result, msg);
+        // A part's end goes to the fan-in stream.
         let end = async {
-            match EndedPart::of(event) {
-                Some(ended) => self.append_end(ended).await,
-                None => Ok(()),
-            }
+            let Some(ended) = EndedPart::of(event) else {
+                return Ok(());
+            };
+            let to = || (self.events_exchange.clone(), ENDS_KEY.to_string());
+            self.append_batched(&self.fanin, to, "fanin:ends", ended.encode())
+                .await
         };
+        // The check's copy goes straight to its queue, by the default exchange.
         let copy = async {
-            match &self.check {
-                Some(writer) => self.append_check(writer, body.clone()).await,
-                None => Ok(()),
-            }
+            let Some(writer) = &self.check else {
+                return Ok(());
+            };
+            let to = || (String::new(), self.names.results_check());
+            self.append_batched(writer, to, "results:check", body.clone())
+                .await
         };
         tokio::try_join!(result, end, copy).map(|_| ())
     }
 
-    /// Appends a part's end to the fan-in stream and waits for its batch's confirm.
-    async fn append_end(&self, ended: EndedPart) -> Result<(), PublishError> {
-        let writer = self
-            .fanin
+    /// Appends `record` to the batch writer in `cell` and waits for its batch's confirm. The
+    /// writer starts on first use, on a channel of its own, publishing to the exchange and
+    /// routing key `destination` gives.
+    async fn append_batched(
+        &self,
+        cell: &OnceCell<BatchWriter>,
+        destination: impl FnOnce() -> (String, String),
+        message_id: &'static str,
+        record: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        let writer = cell
             .get_or_try_init(|| async {
                 let publisher = Publisher::new(&self.broker)
                     .await?
                     .confirm_patience(CONFIRM_PATIENCE);
-                let exchange = self.events_exchange.clone();
+                let (exchange, routing_key) = destination();
                 Ok::<_, BrokerError>(BatchWriter::start(
                     publisher,
                     exchange,
-                    ENDS_KEY.into(),
-                    "fanin:ends",
+                    routing_key,
+                    message_id,
                 ))
             })
             .await?;
-        writer.append(ended.encode()).await
-    }
-
-    /// Appends a copy of a result event to the results check's queue (straight to the queue,
-    /// by the default exchange) and waits for its batch's confirm.
-    async fn append_check(
-        &self,
-        writer: &OnceCell<BatchWriter>,
-        event: Vec<u8>,
-    ) -> Result<(), PublishError> {
-        let writer = writer
-            .get_or_try_init(|| async {
-                let publisher = Publisher::new(&self.broker)
-                    .await?
-                    .confirm_patience(CONFIRM_PATIENCE);
-                let queue = self.names.results_check();
-                Ok::<_, BrokerError>(BatchWriter::start(
-                    publisher,
-                    String::new(),
-                    queue,
-                    "results:check",
-                ))
-            })
-            .await?;
-        writer.append(event).await
+        writer.append(record).await
     }
 
     /// Appends the record that opens a fan-out to the fan-in stream.

@@ -106,20 +106,17 @@ pub(super) async fn s9(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let s1 = |metric: &str| {
         rows.iter()
             .find(|r| r.scenario == "S1" && r.metric == metric)
-            .map(|r| r.warren)
     };
-    let s1_drain = s1(S1_DRAIN);
+    let s1_drain = s1(S1_DRAIN).map(|r| r.warren);
+    let s1_raw_relay = s1(S1_DRAIN).and_then(|r| r.baseline);
     // A fan-out's clock holds both the parts' publishing and their drain; S1 times the two
     // apart. Their serial sum is what a like-for-like baseline would be.
     let s1_submit_then_drain = s1(S1_SUBMIT)
+        .map(|r| r.warren)
         .zip(s1_drain)
         .map(|(submit, drain)| 1.0 / (1.0 / submit + 1.0 / drain));
     let parts_per_s = median(figures.iter().map(|r| r.parts_per_s).collect());
     let raw_parts_per_s = median(raw_rates);
-    let s1_raw_relay = rows
-        .iter()
-        .find(|r| r.scenario == "S1" && r.metric == S1_DRAIN)
-        .and_then(|r| r.baseline);
     rows.push(Row::new(
         "S9",
         format!("{n}-part fan-out vs S1 drain"),
