@@ -242,19 +242,20 @@ async fn produce(client: Client, finished: Arc<Finished>, done: Arc<Submitted>) 
         // (a negative confirm during a quorum queue's fail-over), and each try can add a copy.
         let mut backoff = Backoff::reconnect();
         while !batch.is_empty() {
-            let confirmed = match client.submit_many(batch.clone()).await {
-                Ok(_) => batch.len(),
+            let (confirmed, error) = match client.submit_many(batch.clone()).await {
+                Ok(_) => (batch.len(), None),
                 Err(
-                    SubmitError::Publish { confirmed, .. }
-                    | SubmitError::BacklogFull { confirmed, .. },
-                ) => confirmed,
+                    e @ (SubmitError::Publish { confirmed, .. }
+                    | SubmitError::BacklogFull { confirmed, .. }),
+                ) => (confirmed, Some(e)),
                 Err(e) => panic!("submit: {e}"),
             };
-            if confirmed < batch.len() {
+            if let Some(error) = error {
                 done.errors.fetch_add(1, Ordering::Relaxed);
+                // (the last error says why, should they go on for too long)
                 assert!(
                     started.elapsed() < PATIENCE,
-                    "submits failed for {PATIENCE:?}"
+                    "submits failed for {PATIENCE:?}; the last: {error}"
                 );
                 tokio::time::sleep(backoff.next_delay()).await;
             }
