@@ -137,6 +137,75 @@ async fn a_jobs_life_with_a_retry_a_dead_letter_and_a_replay_is_in_its_status() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_runs_a_while_shows_as_running_and_a_quick_ones_start_is_dated_by_its_end() {
+    // Given a worker, a job whose fetch runs for 3 s, and a job whose steps are quick
+    let ns = TestNamespace::new(TWO_STEPS).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let slow = Job::new("import", "acme", json!({"sleep_ms_at": {"fetch": 3000}}));
+    let slow = client.submit(slow).await.unwrap();
+    let quick = client
+        .submit(Job::new("import", "acme", json!({})))
+        .await
+        .unwrap();
+
+    // When the slow one's status is read while its fetch runs
+    let running = eventually(Duration::from_secs(10), || async {
+        client
+            .status(slow)
+            .await
+            .is_ok_and(|s| s.status == Status::Running && s.step.as_deref() == Some("fetch"))
+    })
+    .await;
+
+    // Then it says running at fetch, with the attempt's start
+    assert!(running, "{:#?}", client.status(slow).await);
+    let state = client.status(slow).await.unwrap();
+    assert!(state.attempts[0].started_at.is_some(), "{state:#?}");
+
+    // And the quick one, done, has a start for each attempt (its end less its duration)
+    let done = client.wait(quick, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    let state = eventually_status(&client, quick, Status::Succeeded).await;
+    assert_eq!(state.attempts.len(), 2, "{state:#?}");
+    for attempt in &state.attempts {
+        let (started, ended) = (attempt.started_at.unwrap(), attempt.ended_at.unwrap());
+        assert!(started <= ended, "{state:#?}");
+        assert!(started >= state.submitted_at.unwrap(), "{state:#?}");
+    }
+    client.wait(slow, Duration::from_secs(30)).await.unwrap();
+    eventually_status(&client, slow, Status::Succeeded).await;
+
+    // And only the slow attempt wrote a "started" event
+    let broker = ns.broker().await;
+    let since = slow.timestamp_ms().unwrap();
+    let started = warren_broker::history::read(&broker, since, |e| {
+        e.kind == warren_common::history::Kind::Started
+    })
+    .await
+    .unwrap();
+    let started: Vec<_> = started.iter().map(|e| (e.job_id, e.step.clone())).collect();
+    assert_eq!(started, [(slow, Some("fetch".to_string()))]);
+    client.close().await;
+}
+
+/// The job's status once it reads `status` (the history is written beside the result, so a
+/// reader may see the result first).
+async fn eventually_status(
+    client: &warren_producer::Client,
+    id: JobId,
+    status: Status,
+) -> warren_producer::JobState {
+    let reached = eventually(Duration::from_secs(10), || async {
+        client.status(id).await.is_ok_and(|s| s.status == status)
+    })
+    .await;
+    let state = client.status(id).await.unwrap();
+    assert!(reached, "{state:#?}");
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_job_and_history_off_are_told_apart() {
     let ns = TestNamespace::new(TWO_STEPS).await;
     let client = ns.client().await;

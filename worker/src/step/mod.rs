@@ -38,6 +38,11 @@ use crate::metrics::Metrics;
 /// turn into a hot redelivery loop.
 const HANDOFF_RETRY_PAUSE: Duration = Duration::from_secs(1);
 
+/// An attempt that ends sooner has no "started" history event: its end event says how long
+/// it took, which dates its start (`warren_common::history::fold`). A quick step so costs one
+/// history event instead of two; a longer one shows as running while it runs.
+const STARTED_EVENT_AFTER: Duration = Duration::from_millis(200);
+
 /// What the step tasks of one connection's session share.
 pub(crate) struct StepSession {
     pub(crate) config: Arc<Config>,
@@ -145,21 +150,31 @@ async fn run(
         trace: env.trace(),
     };
     let metrics = &session.metrics;
-    if let Some(writer) = &session.history {
-        writer.record(HistoryEvent::of_step(Kind::Started, env));
-    }
-    let started = Instant::now();
-    let queue_wait_ms = now_ms().saturating_sub(env.published_at);
+    let (started, started_at) = (Instant::now(), now_ms());
+    let queue_wait_ms = started_at.saturating_sub(env.published_at);
     StepStarted {
         labels: labels(served, env.priority),
         queue_wait: (env.published_at > 0).then(|| Duration::from_millis(queue_wait_ms)),
     }
     .emit(metrics);
     let running = metrics.running(&served.pipeline.name, &served.step.name);
-    let outcome = served
+    let attempt = served
         .runner
-        .run(env.input.clone(), ctx, served.step.timeout)
-        .await;
+        .run(env.input.clone(), ctx, served.step.timeout);
+    let outcome = match &session.history {
+        None => attempt.await,
+        Some(writer) => {
+            tokio::pin!(attempt);
+            tokio::select! {
+                biased;
+                outcome = &mut attempt => outcome,
+                _ = tokio::time::sleep(STARTED_EVENT_AFTER) => {
+                    writer.record(HistoryEvent::of_step(Kind::Started, env).at(started_at));
+                    attempt.await
+                }
+            }
+        }
+    };
     drop(running);
     let timing = Timing {
         took: started.elapsed(),
