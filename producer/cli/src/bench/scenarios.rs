@@ -173,8 +173,8 @@ async fn s1(b: &Bench, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         }
         let (jobs, client) = (round.to_vec(), Arc::clone(b.client()));
         // On a task of the driver's runtime, as the raw side publishes from a task of its own
-        // runtime: the bench's main future runs on the thread that blocks on the runtime,
-        // which is woken later than a worker thread.
+        // runtime: awaited in the bench's main future (the thread `block_on` runs on), its
+        // publishes stalled now and then (docs/bench.md, "Why S1's submit ratio swung").
         let started = Instant::now();
         tokio::spawn(async move { client.submit_many(jobs).await }).await??;
         warren_submit += started.elapsed();
