@@ -172,6 +172,17 @@ async fn click(browser: &fantoccini::Client, css: &str) {
     }
 }
 
+/// Waits until the page a form led to shows a flash message holding `want`. The click can return
+/// before the browser has left the old page, whose flash may be the previous action's.
+async fn expect_flash(browser: &fantoccini::Client, want: &str) {
+    if !wait_text(browser, "#flash", want).await {
+        panic!(
+            "flash {want:?}, read {:?}",
+            text_of(browser, "#flash").await
+        );
+    }
+}
+
 /// Waits (the page's live updates, no reload) until `css` holds `want`.
 async fn wait_text(browser: &fantoccini::Client, css: &str, want: &str) -> bool {
     eventually(Duration::from_secs(45), || async {
@@ -246,8 +257,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     // When the step is fixed and Replay is pressed
     std::fs::write(&flag, b"").unwrap();
     click(&browser, "#replay").await;
-    let flash = text_of(&browser, "#flash").await;
-    assert!(flash.contains("replayed 1"), "{flash}");
+    expect_flash(&browser, "replayed 1").await;
 
     // Then the page shows it succeed, without a reload, with its output
     let succeeded = wait_text(&browser, "#job-status", "succeeded").await;
@@ -296,7 +306,7 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     browser.accept_alert().await.unwrap();
 
     // Then it is gone from the dead-letter queue, and the replayed job was not touched
-    assert!(text_of(&browser, "#flash").await.contains("purged 1"));
+    expect_flash(&browser, "purged 1").await;
     assert!(wait_text(&browser, "#live #dead-letters", "0").await);
     assert!(client
         .dlq_list(&Default::default())
@@ -343,12 +353,10 @@ async fn find_a_tenants_failed_job_read_why_replay_it_and_see_it_succeed() {
     assert!(wait_text(&browser, "#schedules", "nightly").await);
     let pause = "#schedules button";
     click(&browser, pause).await;
-    assert!(text_of(&browser, "#flash").await.contains("paused nightly"));
+    expect_flash(&browser, "paused nightly").await;
     assert!(wait_text(&browser, "#schedules", "paused").await);
     click(&browser, pause).await;
-    assert!(text_of(&browser, "#flash")
-        .await
-        .contains("resumed nightly"));
+    expect_flash(&browser, "resumed nightly").await;
     assert!(wait_text(&browser, "#schedules", "active").await);
     screenshot(&browser, "schedules").await;
     let pwned = browser
