@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use lapin::uri::AMQPUri;
 use serde::Deserialize;
+use warren_common::backoff::Backoff;
 use warren_common::config::BrokerConfig;
 use warren_common::telemetry::redact_url;
 
@@ -19,6 +20,9 @@ use crate::error::BrokerError;
 
 /// How long one request may take; the supervisor reads every interval and must not hang.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Requests made for one answer while the broker answers with a server error.
+const SERVER_ERROR_TRIES: u32 = 3;
 
 /// A client of the management API of the broker a config names.
 #[derive(Clone)]
@@ -178,7 +182,10 @@ impl Management {
             .collect())
     }
 
-    /// GET `url` (only `columns`), authenticated, and its JSON answer.
+    /// GET `url` (only `columns`), authenticated, and its JSON answer. A server error is asked
+    /// again, up to [`SERVER_ERROR_TRIES`] times in all: RabbitMQ 3.10 answers a queue listing
+    /// with HTTP 500 when it catches a classic queue half declared or deleted by another client
+    /// (`node(none)` in `rabbit_amqqueue_process:format`), which the next listing does not.
     async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         url: &str,
@@ -188,14 +195,22 @@ impl Management {
             url: url.to_string(),
             reason,
         };
-        let response = self
-            .http
-            .get(url)
-            .query(&[("columns", columns)])
-            .basic_auth(&self.user, Some(&self.password))
-            .send()
-            .await
-            .map_err(|e| failed(error_chain(&e)))?;
+        let mut backoff = Backoff::try_new(Duration::from_millis(100), Duration::from_secs(1))
+            .expect("valid bounds");
+        let response = loop {
+            let response = self
+                .http
+                .get(url)
+                .query(&[("columns", columns)])
+                .basic_auth(&self.user, Some(&self.password))
+                .send()
+                .await
+                .map_err(|e| failed(error_chain(&e)))?;
+            if !response.status().is_server_error() || backoff.tries() + 1 >= SERVER_ERROR_TRIES {
+                break response;
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        };
         let status = response.status();
         if !status.is_success() {
             let hint = match status.as_u16() {
@@ -229,4 +244,63 @@ fn percent_decode(s: &str) -> String {
     percent_encoding::percent_decode_str(s)
         .decode_utf8_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::routing::get;
+
+    use super::*;
+
+    /// A management API whose queue listing fails `failures` times with HTTP 500, then lists
+    /// one queue; returns its client and the count of listings asked.
+    async fn flaky_api(failures: u32) -> (Management, Arc<AtomicU32>) {
+        let asked = Arc::new(AtomicU32::new(0));
+        let counter = asked.clone();
+        let app = axum::Router::new().route(
+            "/api/queues/{vhost}",
+            get(move || {
+                let n = counter.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < failures {
+                        (StatusCode::INTERNAL_SERVER_ERROR, String::new())
+                    } else {
+                        let body = r#"[{"name":"ns.q","messages_unacknowledged":7}]"#;
+                        (StatusCode::OK, body.to_string())
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = BrokerConfig {
+            management_url: Some(format!("http://127.0.0.1:{port}")),
+            ..BrokerConfig::default()
+        };
+        let api = Management::from_config(&config)
+            .unwrap()
+            .expect("configured");
+        (api, asked)
+    }
+
+    #[tokio::test]
+    async fn a_passing_server_error_is_asked_again() {
+        let (api, asked) = flaky_api(SERVER_ERROR_TRIES - 1).await;
+        let unacked = api.unacked("ns.").await.unwrap();
+        assert_eq!(unacked.get("ns.q"), Some(&7));
+        assert_eq!(asked.load(Ordering::SeqCst), SERVER_ERROR_TRIES);
+    }
+
+    #[tokio::test]
+    async fn a_lasting_server_error_is_reported_after_the_last_try() {
+        let (api, asked) = flaky_api(u32::MAX).await;
+        let error = api.unacked("ns.").await.unwrap_err().to_string();
+        assert!(error.contains("HTTP 500"), "{error}");
+        assert_eq!(asked.load(Ordering::SeqCst), SERVER_ERROR_TRIES);
+    }
 }
