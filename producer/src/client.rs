@@ -67,7 +67,8 @@ impl Job {
 pub struct Client {
     config: Arc<Config>,
     broker: Broker,
-    publisher: Publisher,
+    /// Shared with the task that publishes a [`Client::submit_many`] batch.
+    publisher: Arc<Publisher>,
     tasks_exchange: String,
     /// Hot tenants, read from the control stream: their jobs take a hot lane.
     router: HotRouter,
@@ -107,7 +108,7 @@ impl Client {
             history: config.history.enabled.then(|| HistoryWriter::on(&broker)),
             config: Arc::new(config),
             broker,
-            publisher,
+            publisher: Arc::new(publisher),
         })
     }
 
@@ -164,32 +165,22 @@ impl Client {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut confirmed = 0;
-        // Each window's "submitted" events go out once its jobs are confirmed, while the next
-        // window is published; their confirms are awaited at the end.
-        let mut recorded = Vec::new();
-        for window in prepared.chunks(CONFIRM_WINDOW) {
-            let mut pending = Vec::with_capacity(window.len());
-            for job in window {
-                match self.publisher.start(self.outgoing(job)).await {
-                    Ok(confirm) => pending.push((job, confirm)),
-                    Err(cause) => return Err(self.publish_error(job, cause, confirmed).await),
-                }
-            }
-            for (job, confirm) in pending {
-                if let Err(cause) = confirm.wait().await {
-                    return Err(self.publish_error(job, cause, confirmed).await);
-                }
-                confirmed += 1;
-            }
-            if let Some(history) = &self.history {
-                recorded.push(history.send(window.iter().map(|p| p.submitted.clone()).collect()));
-            }
+        let ids = prepared.iter().map(|p| p.id).collect();
+        // The publishing runs as a task of its own. Awaited in a caller's `#[tokio::main]`
+        // future (the thread `block_on` runs on, not a runtime worker), the same loop published
+        // in stalls of 45-105 ms now and then on a busy 2-core machine (docs/bench.md).
+        let task = AbortOnDrop(tokio::spawn(publish_batch(
+            self.publisher.clone(),
+            self.tasks_exchange.clone(),
+            self.history.clone(),
+            prepared,
+        )));
+        match task.wait().await {
+            Ok(()) => Ok(ids),
+            Err(refused) => Err(self
+                .publish_error(&refused.job, refused.cause, refused.confirmed)
+                .await),
         }
-        for batch in recorded {
-            log_unrecorded(batch.wait().await);
-        }
-        Ok(prepared.iter().map(|p| p.id).collect())
     }
 
     /// Waits up to `timeout` for the job's result (success or failure). Works for jobs that
@@ -389,13 +380,93 @@ impl Client {
     }
 
     fn outgoing<'a>(&'a self, job: &'a Prepared) -> Outgoing<'a> {
-        Outgoing::persistent(
-            &self.tasks_exchange,
-            &job.routing_key,
-            &job.body,
-            &job.id.to_string(),
-        )
+        outgoing(&self.tasks_exchange, job)
     }
+}
+
+/// The job of a batch the broker did not take, and how many before it it confirmed.
+struct Refused {
+    job: Prepared,
+    cause: PublishError,
+    confirmed: usize,
+}
+
+/// Publishes `prepared` with up to [`CONFIRM_WINDOW`] confirms in flight; the job the broker
+/// did not take ends it.
+async fn publish_batch(
+    publisher: Arc<Publisher>,
+    exchange: String,
+    history: Option<HistoryWriter>,
+    mut prepared: Vec<Prepared>,
+) -> Result<(), Refused> {
+    let outcome = publish_windows(&publisher, &exchange, history.as_ref(), &prepared).await;
+    outcome.map_err(|(index, cause, confirmed)| Refused {
+        job: prepared.swap_remove(index),
+        cause,
+        confirmed,
+    })
+}
+
+/// [`publish_batch`]'s loop. Each window's "submitted" events go out once its jobs are
+/// confirmed, while the next window is published; their confirms are awaited at the end. An
+/// error names the job's index and how many were confirmed before it.
+async fn publish_windows(
+    publisher: &Publisher,
+    exchange: &str,
+    history: Option<&HistoryWriter>,
+    prepared: &[Prepared],
+) -> Result<(), (usize, PublishError, usize)> {
+    let mut confirmed = 0;
+    let mut recorded = Vec::new();
+    for (w, window) in prepared.chunks(CONFIRM_WINDOW).enumerate() {
+        let first = w * CONFIRM_WINDOW;
+        let mut pending = Vec::with_capacity(window.len());
+        for (i, job) in window.iter().enumerate() {
+            match publisher.start(outgoing(exchange, job)).await {
+                Ok(confirm) => pending.push((first + i, confirm)),
+                Err(cause) => return Err((first + i, cause, confirmed)),
+            }
+        }
+        for (index, confirm) in pending {
+            if let Err(cause) = confirm.wait().await {
+                return Err((index, cause, confirmed));
+            }
+            confirmed += 1;
+        }
+        if let Some(history) = history {
+            recorded.push(history.send(window.iter().map(|p| p.submitted.clone()).collect()));
+        }
+    }
+    for batch in recorded {
+        log_unrecorded(batch.wait().await);
+    }
+    Ok(())
+}
+
+/// A spawned task that is aborted when its handle is dropped: a caller that gives up on
+/// `submit_many` (a timeout, a cancelled request) stops its publishing, as before it ran apart.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn wait(mut self) -> T {
+        match (&mut self.0).await {
+            Ok(value) => value,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Only a runtime shutting down cancels it while this handle still waits.
+            Err(e) => panic!("submit_many's publishing stopped: {e}"),
+        }
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `job`'s message to the tasks exchange.
+fn outgoing<'a>(exchange: &'a str, job: &'a Prepared) -> Outgoing<'a> {
+    Outgoing::persistent(exchange, &job.routing_key, &job.body, &job.id.to_string())
 }
 
 /// A history write that failed is logged, not returned: the jobs are submitted either way.
