@@ -384,7 +384,7 @@ impl Client {
     }
 }
 
-/// The job of a batch the broker did not take, and how many before it it confirmed.
+/// The job of a batch the broker did not take, and how many jobs it confirmed before that one.
 struct Refused {
     job: Prepared,
     cause: PublishError,
@@ -444,7 +444,8 @@ async fn publish_windows(
 }
 
 /// A spawned task that is aborted when its handle is dropped: a caller that gives up on
-/// `submit_many` (a timeout, a cancelled request) stops its publishing, as before it ran apart.
+/// `submit_many` (a timeout, a cancelled request) stops its publishing, as it did when the loop
+/// ran in the caller's future.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> AbortOnDrop<T> {
