@@ -139,7 +139,10 @@ impl Client {
     pub async fn submit(&self, job: Job) -> Result<JobId, SubmitError> {
         self.notice_floods(std::slice::from_ref(&job)).await;
         let prepared = self.prepare(job)?;
-        let result = self.publisher.publish(self.outgoing(&prepared)).await;
+        let result = self
+            .publisher
+            .publish(outgoing(&self.tasks_exchange, &prepared))
+            .await;
         if let Err(cause) = result {
             return Err(self.publish_error(&prepared, cause, 0).await);
         }
@@ -377,10 +380,6 @@ impl Client {
             body,
             max_queue_length: pipeline.max_queue_length,
         })
-    }
-
-    fn outgoing<'a>(&'a self, job: &'a Prepared) -> Outgoing<'a> {
-        outgoing(&self.tasks_exchange, job)
     }
 }
 

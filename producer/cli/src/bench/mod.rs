@@ -17,7 +17,7 @@ mod warren_side;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
@@ -423,7 +423,7 @@ async fn run(
         Err(e) => Err(e),
     };
     let (client, client_off) = match client {
-        Ok((client, off)) => (Arc::new(client), off.map(Arc::new)),
+        Ok(clients) => clients,
         Err(e) => {
             for plan in &plans {
                 let _ = plan.delete(&admin).await;
@@ -449,9 +449,9 @@ async fn run(
     {
         Ok(raw) => raw,
         Err(e) => {
-            close(client).await;
+            client.close().await;
             if let Some(off) = client_off {
-                close(off).await;
+                off.close().await;
             }
             for plan in &plans {
                 let _ = plan.delete(&admin).await;
@@ -494,9 +494,9 @@ async fn run(
     // Workers first: a worker whose queues vanish reconnects and declares them again.
     bench.stop_everything().await;
     // The client's router reads the control stream: closed before the namespaces go.
-    close(bench.client).await;
+    bench.client.close().await;
     if let Some(off) = bench.client_off {
-        close(off).await;
+        off.close().await;
     }
     let more_plans = std::mem::take(&mut *bench.more_plans.lock().expect("lock"));
     for plan in plans.iter().chain(&more_plans) {
@@ -574,13 +574,6 @@ async fn connect_clients(
     }
 }
 
-/// Closes a client once nothing else holds it (scenarios' tasks have ended by now).
-async fn close(client: Arc<Client>) {
-    if let Ok(client) = Arc::try_unwrap(client) {
-        client.close().await;
-    }
-}
-
 /// The first three fields of /proc/loadavg.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -594,9 +587,9 @@ pub(super) struct Bench {
     config_path: Option<PathBuf>,
     /// The bench config in warren's namespace.
     config: Config,
-    client: Arc<Client>,
+    client: Client,
     /// `--history both`: a client with history off, for the runs with it off.
-    client_off: Option<Arc<Client>>,
+    client_off: Option<Client>,
     /// Whether warren's side runs with history now (workers started from here on, and
     /// [`Bench::client`]).
     history_on: std::sync::atomic::AtomicBool,
@@ -614,7 +607,7 @@ pub(super) struct Bench {
 
 impl Bench {
     /// The SDK client of the current history mode.
-    fn client(&self) -> &Arc<Client> {
+    fn client(&self) -> &Client {
         match (self.history_on(), &self.client_off) {
             (false, Some(off)) => off,
             _ => &self.client,
