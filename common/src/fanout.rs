@@ -317,48 +317,62 @@ impl Run {
         self.released - ended_released
     }
 
-    /// The join step's input. When the parts' outputs would make it bigger than `max_bytes`,
-    /// `parts` keeps ids and statuses only and `outputs_omitted` says so: the outputs stay in
-    /// the results stream (`warren results --parent`).
+    /// The join step's input, at most `max_bytes` in MessagePack where it can be. When the
+    /// parts' outputs would make it bigger, `parts` keeps ids and statuses only and
+    /// `outputs_omitted` says so; when even those would (tens of thousands of parts), `parts` is
+    /// empty and `parts_omitted` says so. What is left out stays in the results stream
+    /// (`warren results --parent`).
     pub fn join_input(&self, max_bytes: usize) -> Value {
         let total = self.opened.total();
         let succeeded = self.succeeded();
-        let build = |with_outputs: bool| {
-            let parts: Vec<Value> = self
-                .ended
-                .values()
-                .map(|end| {
-                    let mut part = json!({
-                        "job_id": end.job_id.to_string(),
-                        "tenant": end.tenant.as_str(),
-                        "status": end.status.as_str(),
-                    });
-                    if with_outputs {
-                        part["output"] = end.output.clone();
-                    }
-                    if let Some(error) = &end.error {
-                        part["error"] = json!(error);
-                    }
-                    part
-                })
-                .collect();
+        let build = |listed: Listed| {
+            let parts: Vec<Value> = match listed {
+                Listed::Nothing => Vec::new(),
+                Listed::Statuses | Listed::Outputs => self
+                    .ended
+                    .values()
+                    .map(|end| {
+                        let mut part = json!({
+                            "job_id": end.job_id.to_string(),
+                            "tenant": end.tenant.as_str(),
+                            "status": end.status.as_str(),
+                        });
+                        if listed == Listed::Outputs {
+                            part["output"] = end.output.clone();
+                        }
+                        if let Some(error) = &end.error {
+                            part["error"] = json!(error);
+                        }
+                        part
+                    })
+                    .collect(),
+            };
             json!({
                 "input": self.opened.input,
                 "total": total,
                 "succeeded": succeeded,
                 "failed": self.ended.len() as u32 - succeeded,
                 "parts": parts,
-                "outputs_omitted": !with_outputs,
+                "outputs_omitted": listed != Listed::Outputs,
+                "parts_omitted": listed == Listed::Nothing,
             })
         };
-        let full = build(true);
-        let fits = rmp_serde::to_vec_named(&full).is_ok_and(|b| b.len() <= max_bytes);
-        if fits {
-            full
-        } else {
-            build(false)
-        }
+        let fits =
+            |input: &Value| rmp_serde::to_vec_named(input).is_ok_and(|b| b.len() <= max_bytes);
+        [Listed::Outputs, Listed::Statuses]
+            .into_iter()
+            .map(build)
+            .find(fits)
+            .unwrap_or_else(|| build(Listed::Nothing))
     }
+}
+
+/// How much of each part a join's input lists, from the most to the least.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    Outputs,
+    Statuses,
+    Nothing,
 }
 
 /// What the coordinator must do after a fold step.
@@ -606,6 +620,33 @@ mod tests {
         assert!(input["parts"][0].get("output").is_none());
         assert_eq!(input["parts"][0]["status"], json!("succeeded"));
         assert_eq!(run.join_input(1 << 20)["outputs_omitted"], json!(false));
+        assert_eq!(input["parts_omitted"], json!(false));
+    }
+
+    #[test]
+    fn too_many_parts_for_the_limit_leave_counts_only() {
+        let opened = opened(3, OnPartFailure::Continue, None);
+        let mut fold = Fold::default();
+        fold.open(opened.clone());
+        for i in 0..3 {
+            let (p, e) = end(&opened, i, i != 1);
+            fold.end(p, e);
+        }
+        let run = &fold.runs[&opened.parent];
+        let full = run.join_input(1 << 20);
+        let listed = rmp_serde::to_vec_named(&full).unwrap().len();
+        // A limit under even the ids and statuses of three parts.
+        let input = run.join_input(listed / 3);
+        assert_eq!(
+            (&input["parts_omitted"], &input["outputs_omitted"]),
+            (&json!(true), &json!(true))
+        );
+        assert_eq!(input["parts"], json!([]));
+        assert_eq!(
+            (&input["total"], &input["succeeded"], &input["failed"]),
+            (&json!(3), &json!(2), &json!(1))
+        );
+        assert!(rmp_serde::to_vec_named(&input).unwrap().len() <= listed / 3);
     }
 
     #[test]
