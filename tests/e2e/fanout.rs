@@ -392,6 +392,38 @@ async fn a_fan_out_of_hot_depth_parts_of_one_tenant_puts_them_in_its_hot_lane() 
     assert!(marked, "the producer's router never saw the tenant hot");
 }
 
+#[tokio::test]
+async fn a_join_whose_parts_list_passes_the_payload_limit_gets_the_counts() {
+    // Given a payload limit that holds a plan of 200 parts, but not the ids and statuses of
+    // 200 parts (about 80 bytes each)
+    let config = format!("max_payload_bytes = 12000\n{}", config("", TWO_WORK_STEPS));
+    let ns = TestNamespace::new(&config).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+
+    // When a job fans out to 200 parts
+    let parent = submit_plan(&client, 200, 0).await;
+
+    // Then the join runs with the counts, and says the list is left out
+    let result = client.wait(parent, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(result.step, "notify");
+    let out = &result.output;
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(200), &json!(200), &json!(0)),
+        "{out}"
+    );
+    assert_eq!(
+        (
+            &out["parts"],
+            &out["outputs_omitted"],
+            &out["parts_omitted"]
+        ),
+        (&json!([]), &json!(true), &json!(true)),
+    );
+}
+
 /// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over 30 tenants.
 async fn submit_plan(client: &Client, parts: u32, sleep_ms: u64) -> JobId {
     let parts: Vec<Value> = (0..parts)
