@@ -245,3 +245,23 @@ async fn overlap_skip_fires_nothing_while_the_previous_fire_runs() {
     }
     assert!(worker.log_text().contains("Skipped a schedule slot"));
 }
+
+#[tokio::test]
+async fn overlap_skip_fires_on_while_each_fire_ends_in_time() {
+    // Given a schedule every second with the default overlap ("skip"), whose job ends at once
+    let ns = TestNamespace::new(&every_second("")).await;
+    let worker = ns.spawn_worker(&[]);
+
+    // When it runs, then it keeps firing: each fire's job has ended by the next slot (the
+    // tick holder once fired twice and then skipped every slot, having read the second
+    // job's result before it watched for it)
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let n = fires_of(&worker);
+            async move { n >= 6 }
+        })
+        .await,
+        "{}",
+        worker.log_text()
+    );
+}

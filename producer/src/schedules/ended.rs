@@ -1,6 +1,8 @@
 //! Which of the watched jobs have ended, read from the results stream, for `overlap = "skip"`.
-//! Started on demand from a little before the oldest watched job, so a new tick holder learns
-//! about jobs the previous one fired.
+//! The reader notes the results of watched jobs only (it may read millions of others), so a
+//! job must be watched before its result passes: the tick holder watches the jobs it fires
+//! before it submits them, and a job first asked about here (fired by `warren schedules
+//! trigger`, or by an earlier holder) makes the reader start again from a little before it.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -30,8 +32,8 @@ struct Seen {
 /// The reader of the results stream and what it saw; it stops when this is dropped.
 pub(super) struct Ended {
     seen: Arc<Mutex<Seen>>,
-    /// The reader and the oldest job time (ms) it started before.
-    reader: Option<(tokio::task::JoinHandle<()>, u64)>,
+    /// The reader of the results stream, once one was needed.
+    reader: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Ended {
@@ -42,7 +44,7 @@ impl std::fmt::Debug for Ended {
 
 impl Drop for Ended {
     fn drop(&mut self) {
-        if let Some((task, _)) = self.reader.take() {
+        if let Some(task) = self.reader.take() {
             task.abort();
         }
     }
@@ -56,22 +58,33 @@ impl Ended {
         }
     }
 
-    /// Whether every one of `jobs` has a result. The first time it is asked about a job older
-    /// than the reader's start, the reader starts again from before it.
+    /// Watches `jobs` from now on: called before they are submitted, so a running reader sees
+    /// their results however soon they come.
+    pub(super) fn watch(&self, jobs: impl IntoIterator<Item = JobId>) {
+        let mut seen = self.seen.lock().expect("ended lock");
+        seen.watched.extend(jobs);
+    }
+
+    /// Whether every one of `jobs` has a result. The first time it is asked about a job it was
+    /// not watching, the reader starts again from before it: its result may have passed.
     pub(super) async fn all_ended(&mut self, client: &Client, jobs: &[JobId]) -> bool {
-        {
+        let unwatched = {
             let mut seen = self.seen.lock().expect("ended lock");
             if jobs.iter().all(|id| seen.ended.contains(id)) {
                 return true;
             }
+            let unwatched = jobs
+                .iter()
+                .any(|id| !seen.ended.contains(id) && !seen.watched.contains(id));
             seen.watched.extend(jobs.iter().copied());
-        }
+            unwatched
+        };
         let Some(oldest) = jobs.iter().filter_map(JobId::timestamp_ms).min() else {
             return true;
         };
-        let restart = self.reader.as_ref().is_none_or(|(_, from)| oldest < *from);
+        let restart = unwatched || self.reader.is_none();
         if restart {
-            if let Some((task, _)) = self.reader.take() {
+            if let Some(task) = self.reader.take() {
                 task.abort();
             }
             match client
@@ -89,7 +102,7 @@ impl Ended {
                             }
                         }
                     });
-                    self.reader = Some((task, oldest));
+                    self.reader = Some(task);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e,

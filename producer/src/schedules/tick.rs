@@ -258,6 +258,11 @@ async fn fire_due(client: &Client, holder: &mut Holder) {
             let how = if running {
                 FireKind::Skipped
             } else {
+                // Watched before they are submitted: a job that ends at once is still seen
+                // ending when the next slot asks.
+                holder
+                    .ended
+                    .watch(super::jobs_of(schedule, slot).iter().map(|job| job.id));
                 FireKind::Scheduled
             };
             if let Err(e) = fire(client, &holder.ledger, schedule, slot, how).await {
