@@ -56,6 +56,9 @@ impl Deref for MemberConnection {
 /// Opens connections for the pool, with the TLS settings and the deadline of the config.
 struct Manager {
     members: Arc<Members>,
+    /// The connections' name: "warren <namespace>", so an operator (or a test) can tell a
+    /// namespace's connections apart in the broker's list.
+    name: String,
     tls: OwnedTLSConfig,
     patience: Duration,
 }
@@ -63,20 +66,25 @@ struct Manager {
 impl Manager {
     async fn dial_member(&self, member: usize) -> Result<Connection, BrokerError> {
         let url = redact_url(self.members.url(member));
-        dial(self.members.url(member), &self.tls, self.patience)
-            .await
-            .map_err(|e| match e {
-                DialError::TimedOut(stage) => BrokerError::ConnectTimeout {
-                    url,
-                    stage,
-                    waited: self.patience,
-                },
-                // lapin's message never includes the URL.
-                DialError::Failed(e) => BrokerError::Connect {
-                    url,
-                    reason: e.to_string(),
-                },
-            })
+        dial(
+            self.members.url(member),
+            &self.name,
+            &self.tls,
+            self.patience,
+        )
+        .await
+        .map_err(|e| match e {
+            DialError::TimedOut(stage) => BrokerError::ConnectTimeout {
+                url,
+                stage,
+                waited: self.patience,
+            },
+            // lapin's message never includes the URL.
+            DialError::Failed(e) => BrokerError::Connect {
+                url,
+                reason: e.to_string(),
+            },
+        })
     }
 }
 
@@ -160,6 +168,11 @@ fn load_tls(tls: Option<&TlsConfig>, urls: &[String]) -> Result<OwnedTLSConfig, 
     })
 }
 
+/// The name a namespace's connections carry in the broker's connection list.
+pub fn connection_name(namespace: &str) -> String {
+    format!("warren {namespace}")
+}
+
 impl Broker {
     /// Builds the pool and opens one connection, so a wrong URL fails here, not later.
     pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
@@ -171,6 +184,7 @@ impl Broker {
         let tls = load_tls(config.tls.as_ref(), &config.urls).map_err(connect_error)?;
         let manager = Manager {
             members: Arc::clone(&members),
+            name: connection_name(&config.namespace),
             tls,
             patience: config.connect_timeout,
         };

@@ -61,9 +61,11 @@ fn lock(attempt: &Mutex<Attempt>) -> MutexGuard<'_, Attempt> {
     attempt.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Opens a connection to `url`, or fails once `patience` has passed.
+/// Opens a connection to `url` named `name` (as the broker's connection list shows it), or
+/// fails once `patience` has passed.
 pub(crate) async fn dial(
     url: &str,
+    name: &str,
     tls: &OwnedTLSConfig,
     patience: Duration,
 ) -> Result<Connection, DialError> {
@@ -71,7 +73,7 @@ pub(crate) async fn dial(
         .parse()
         .map_err(|e: String| DialError::Failed(lapin::Error::from(io::Error::other(e))))?;
     let runtime = lapin::runtime::default_runtime().map_err(DialError::Failed)?;
-    let properties = ConnectionProperties::default().with_connection_name("warren".into());
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
     let deadline = Instant::now() + patience;
     let attempt = Arc::new(Mutex::new(Attempt::Connecting));
     let abandon = Abandon(Arc::clone(&attempt));

@@ -32,7 +32,7 @@ pub mod topology;
 pub mod workers;
 
 pub use batch::BatchWriter;
-pub use connection::Broker;
+pub use connection::{connection_name, Broker};
 pub use consume::consume;
 pub use control::HotRouter;
 pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};

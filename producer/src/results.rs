@@ -10,14 +10,17 @@ mod catch_up;
 mod waiting;
 
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Consumer};
 use warren_broker::{Broker, BrokerError};
+use warren_common::backoff::Backoff;
 use warren_common::{decode_result, JobId, ResultEvent};
 
 pub use waiting::Waiting;
@@ -66,10 +69,14 @@ impl Since {
 
 /// Result events in publish order, from a start on: a [`Stream`] of every event as written
 /// (a job replayed from the dead-letter queue has two, and at-least-once delivery can repeat
-/// one). Ends when the broker closes it. Undecodable entries (written by something else) are
-/// skipped. To wait for jobs, turn it into a [`Waiting`] ([`ResultStream::wait_for`]).
+/// one). When its connection goes away (a broker restart, a node lost), it opens again just
+/// after the last event it read, so a reader sees every event once across the outage. Ends
+/// when the broker ends it for good (the stream was deleted). Undecodable entries (written by
+/// something else) are skipped. To wait for jobs, turn it into a [`Waiting`]
+/// ([`ResultStream::wait_for`]).
 pub struct ResultStream {
-    channel: Channel,
+    /// The current consumer's channel, replaced when the reader opens again.
+    channel: Arc<Mutex<Channel>>,
     events: BoxStream<'static, Result<ResultEvent, BrokerError>>,
 }
 
@@ -82,14 +89,18 @@ impl std::fmt::Debug for ResultStream {
 impl ResultStream {
     /// Opens a reader on `broker` (a process without a [`crate::Client`]: a worker).
     pub async fn open(broker: &Broker, since: Since) -> Result<Self, BrokerError> {
-        let channel = broker.channel().await?;
-        let mut args = FieldTable::default();
-        args.insert("x-stream-offset".into(), since.offset());
-        let stream = broker.names().results_stream();
-        let consumer = warren_broker::consume(&channel, &stream, PREFETCH, args).await?;
+        let start = Start::Since(since);
+        let (channel, consumer) = subscribe(broker, start).await?;
+        let channel = Arc::new(Mutex::new(channel));
+        let reader = Reader {
+            broker: broker.clone(),
+            start,
+            consumer,
+            channel: Arc::clone(&channel),
+        };
         Ok(Self {
             channel,
-            events: events(consumer).boxed(),
+            events: events(reader).boxed(),
         })
     }
 
@@ -109,7 +120,8 @@ impl ResultStream {
     }
 
     pub async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        let channel = self.channel.lock().expect("channel lock").clone();
+        let _ = channel.close(200, "done".into()).await;
     }
 }
 
@@ -121,19 +133,111 @@ impl Stream for ResultStream {
     }
 }
 
-/// The decoded events of a stream consumer, acking for credit as it goes.
-fn events(consumer: Consumer) -> impl Stream<Item = Result<ResultEvent, BrokerError>> {
-    futures::stream::unfold((consumer, 0u32), |(mut consumer, mut unacked)| async move {
-        while let Some(delivery) = consumer.next().await {
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
-                Err(cause) => {
+/// Where a reader's consumer starts: where it was asked to, until it has read an event; then
+/// just after the last one read.
+#[derive(Debug, Clone, Copy)]
+enum Start {
+    Since(Since),
+    After(u64),
+}
+
+impl Start {
+    fn offset(self) -> AMQPValue {
+        match self {
+            Start::Since(since) => since.offset(),
+            Start::After(offset) => AMQPValue::LongLongInt(offset.saturating_add(1) as i64),
+        }
+    }
+}
+
+/// A consumer of the results stream from `start`, on a channel of its own.
+async fn subscribe(broker: &Broker, start: Start) -> Result<(Channel, Consumer), BrokerError> {
+    let channel = broker.channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), start.offset());
+    let stream = broker.names().results_stream();
+    let consumer = warren_broker::consume(&channel, &stream, PREFETCH, args).await?;
+    Ok((channel, consumer))
+}
+
+/// A stream consumer that opens again where it stopped when its connection goes away.
+struct Reader {
+    broker: Broker,
+    start: Start,
+    consumer: Consumer,
+    channel: Arc<Mutex<Channel>>,
+}
+
+impl Reader {
+    /// The next delivery. A lost connection, or a consumer the broker ended (its stream's
+    /// member went away), is followed by a new consumer from just after the last delivery;
+    /// any other error ends the reader.
+    async fn next(&mut self) -> Option<Result<Delivery, BrokerError>> {
+        loop {
+            let why = match self.consumer.next().await {
+                Some(Ok(delivery)) => {
+                    if let Some(offset) = stream_offset(&delivery) {
+                        self.start = Start::After(offset);
+                    }
+                    return Some(Ok(delivery));
+                }
+                Some(Err(cause)) => {
                     let error = BrokerError::Amqp {
                         action: "read results stream".into(),
                         cause,
                     };
-                    return Some((Err(error), (consumer, unacked)));
+                    if !error.is_connection_lost() {
+                        return Some(Err(error));
+                    }
+                    error.to_string()
                 }
+                None => "the broker ended the consumer".to_string(),
+            };
+            tracing::warn!(error = %why, "Lost the results stream; reading on from where it stopped.");
+            if let Err(e) = self.reopen().await {
+                return Some(Err(e));
+            }
+        }
+    }
+
+    /// A new consumer from where the last one stopped, tried with backoff while the connection
+    /// is what fails.
+    async fn reopen(&mut self) -> Result<(), BrokerError> {
+        let mut backoff = Backoff::reconnect();
+        loop {
+            tokio::time::sleep(backoff.next_delay()).await;
+            match subscribe(&self.broker, self.start).await {
+                Ok((channel, consumer)) => {
+                    *self.channel.lock().expect("channel lock") = channel;
+                    self.consumer = consumer;
+                    tracing::info!(tries = backoff.tries(), "Reading the results stream again.");
+                    return Ok(());
+                }
+                Err(e) if e.is_connection_lost() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The offset of a delivery from a stream, which the broker puts in its headers.
+fn stream_offset(delivery: &Delivery) -> Option<u64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// The decoded events of a reader, acking for credit as it goes.
+fn events(reader: Reader) -> impl Stream<Item = Result<ResultEvent, BrokerError>> {
+    futures::stream::unfold((reader, 0u32), |(mut reader, mut unacked)| async move {
+        while let Some(delivery) = reader.next().await {
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(error) => return Some((Err(error), (reader, unacked))),
             };
             // The event stays in the stream whether acked or not.
             unacked += 1;
@@ -142,7 +246,7 @@ fn events(consumer: Consumer) -> impl Stream<Item = Result<ResultEvent, BrokerEr
                 let _ = delivery.acker.ack(BasicAckOptions { multiple: true }).await;
             }
             match decode_result(&delivery.data) {
-                Ok(event) => return Some((Ok(event), (consumer, unacked))),
+                Ok(event) => return Some((Ok(event), (reader, unacked))),
                 Err(e) => tracing::warn!(error = %e, "Skipped an undecodable result event."),
             }
         }

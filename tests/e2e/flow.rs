@@ -331,3 +331,62 @@ async fn results_from_now_skip_older_results_and_miss_none_of_later_jobs() {
     }
     stream.close().await;
 }
+
+#[tokio::test]
+async fn a_results_reader_reads_on_across_a_lost_connection() {
+    // Given a worker, a results reader that has read a quick job's result, and a slow job
+    let ns = TestNamespace::new(THREE_STEPS).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let mut results = client.results(Since::Now).await.unwrap();
+    let quick = client
+        .submit(Job::new("chain", "quick", json!({"sleep_ms": 0})))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(30), results.next())
+        .await
+        .expect("the quick job's result in time")
+        .expect("a result")
+        .expect("a readable result");
+    assert_eq!(first.job_id, quick);
+    let slow = client
+        .submit(Job::new("chain", "slow", json!({"sleep_ms": 1500})))
+        .await
+        .unwrap();
+
+    // When the broker closes every connection of the namespace (the reader's and the
+    // worker's) while the slow job runs
+    let slow_text = slow.to_string();
+    let running = warren_tests::eventually(Duration::from_secs(30), || {
+        let started = ns.step_starts().iter().any(|(job, _, _)| *job == slow_text);
+        async move { started }
+    })
+    .await;
+    assert!(running, "the slow job never started");
+    let closed = ns.close_connections(2).await;
+
+    // Then the reader reads on from where it stopped: the slow job's result comes, and the
+    // quick one's is not read again
+    let mut read = Vec::new();
+    let reached = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Some(event) = results.next().await {
+            let event = event.expect("the reader reads on after the connection is lost");
+            read.push(event.job_id);
+            if event.job_id == slow {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        reached,
+        Ok(true),
+        "read {read:?} after closing {closed} connections"
+    );
+    assert!(
+        !read.contains(&quick),
+        "the quick job's result was read again: {read:?}"
+    );
+    results.close().await;
+}

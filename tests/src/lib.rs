@@ -125,6 +125,63 @@ impl TestNamespace {
         Ok(held)
     }
 
+    /// Closes, from the broker's side (the management API), every connection of this
+    /// namespace's processes that the broker lists once at least `at_least` are listed (the
+    /// list lags new connections by up to its stats interval, 5 s): a broker restart, for
+    /// this namespace alone. Returns how many were closed.
+    pub async fn close_connections(&self, at_least: usize) -> usize {
+        let http = reqwest::Client::new();
+        let base = reqwest::Url::parse(&management_url()).expect("management URL");
+        let mine = warren_broker::connection_name(&self.name);
+        let list = || async {
+            let mut url = base.clone();
+            url.set_path("/api/connections");
+            url.set_query(Some("columns=name,client_properties"));
+            let listed: Vec<serde_json::Value> = http
+                .get(url)
+                .basic_auth("guest", Some("guest"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let names: Vec<String> = listed
+                .iter()
+                .filter(|c| c["client_properties"]["connection_name"] == mine.as_str())
+                .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                .collect();
+            Some(names)
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let names = loop {
+            let names = list().await.unwrap_or_default();
+            if names.len() >= at_least {
+                break names;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the broker listed {} connections of {}",
+                names.len(),
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        for name in &names {
+            let mut url = base.clone();
+            url.path_segments_mut()
+                .expect("base URL")
+                .extend(["api", "connections", name]);
+            http.delete(url)
+                .basic_auth("guest", Some("guest"))
+                .header("X-Reason", "a test closes its namespace's connections")
+                .send()
+                .await
+                .expect("close a connection");
+        }
+        names.len()
+    }
+
     /// Starts the test worker binary (`test-worker run`) on this namespace's config.
     pub fn spawn_worker(&self, extra: &[&str]) -> WorkerProcess {
         self.spawn_worker_with_config(&self.config_path, extra)
