@@ -82,7 +82,9 @@ impl Ended {
         let Some(oldest) = jobs.iter().filter_map(JobId::timestamp_ms).min() else {
             return true;
         };
-        let restart = unwatched || self.reader.is_none();
+        // A reader that stopped (its stream failed for good) starts again too.
+        let stopped = self.reader.as_ref().is_none_or(|task| task.is_finished());
+        let restart = unwatched || stopped;
         if restart {
             if let Some(task) = self.reader.take() {
                 task.abort();
