@@ -20,10 +20,10 @@ use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warren_broker::fanin::{self, FaninRecord};
-use warren_broker::Publisher;
-use warren_common::encode;
+use warren_broker::{Publisher, StepRoute};
 use warren_common::fanin::{Checkpoint, Restored, Resume};
 use warren_common::fanout::{Effect, Fold, PartEnd};
+use warren_common::{encode, Envelope, JobId};
 
 use crate::step::StepSession;
 
@@ -159,9 +159,7 @@ async fn lead(session: &StepSession) -> Result<(), String> {
                     };
                     fold.next_offset = offset + 1;
                     dirty = true;
-                    for effect in effects.into_iter().flatten() {
-                        joined |= carry_out(session, &mut fold, effect).await?;
-                    }
+                    joined = carry_out(session, &mut fold, effects.into_iter().flatten()).await?;
                 }
             }
             let behind = unacked.take().map_or(0, |(_, n)| n);
@@ -227,56 +225,92 @@ fn resumed(resume: Option<Resume>) -> Fold {
     fold
 }
 
-/// Publishes what `effect` asks for, confirmed. `Ok(true)` when it was a join.
-async fn carry_out(session: &StepSession, fold: &mut Fold, effect: Effect) -> Result<bool, String> {
-    let config = &session.config;
-    let router = &session.fairness.router;
-    let outbox = &session.outbox;
-    match effect {
-        Effect::Release { parent, index } => {
-            let Some(run) = fold.runs.get(&parent) else {
-                return Ok(false);
-            };
-            let opened = &run.opened;
-            let Some(pipeline) = config.pipeline(&opened.part_pipeline) else {
-                warn!(parent_job_id = %parent, pipeline = %opened.part_pipeline,
-                    "A fan-out's part pipeline is not in the config; its parts cannot be released.");
-                return Ok(false);
-            };
-            let env = opened.part_envelope(index, &pipeline.first_step().name);
-            let body = encode(&env);
-            let route = router.route(pipeline, &env.step, env.priority, env.tenant.as_str());
-            outbox
-                .hand_off(|| outbox.publish_step(&route, &env, &body))
-                .await
-                .map_err(|e| format!("release a part: {e}"))?;
-            debug!(parent_job_id = %parent, part = index, tenant = %env.tenant,
-                job_id = %env.job_id, "Released a fan-out part.");
-            Ok(false)
-        }
-        Effect::Join { parent } => {
-            let Some(run) = fold.close(parent) else {
-                return Ok(false);
-            };
-            let opened = &run.opened;
-            let Some(pipeline) = config.pipeline(&opened.pipeline) else {
-                warn!(parent_job_id = %parent, pipeline = %opened.pipeline,
-                    "A fan-out's pipeline is not in the config; its join cannot run.");
-                return Ok(true);
-            };
-            let input = run.join_input(config.broker.max_payload_bytes);
-            let env = opened.join_envelope(input);
-            let body = encode(&env);
-            let route = router.route(pipeline, &env.step, env.priority, env.tenant.as_str());
-            outbox
-                .hand_off(|| outbox.publish_step(&route, &env, &body))
-                .await
-                .map_err(|e| format!("publish a join: {e}"))?;
-            let succeeded = run.succeeded();
-            info!(parent_job_id = %parent, tenant = %opened.tenant, step = %opened.join_step,
-                parts = opened.total(), succeeded, failed = run.ended.len() as u32 - succeeded,
-                "All parts ended; the join step is queued.");
-            Ok(true)
+/// Publishes what the fold decided, each confirmed: the parts it releases all at once,
+/// through a window of confirms (one batch of ends can release hundreds; confirmed one after
+/// the other, they held a `max_parts_in_flight` fan-out to a few hundred parts a second), then
+/// the joins. `Ok(true)` when a join was among them.
+async fn carry_out(
+    session: &StepSession,
+    fold: &mut Fold,
+    effects: impl IntoIterator<Item = Effect>,
+) -> Result<bool, String> {
+    let mut parts = Vec::new();
+    let mut joins = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::Release { parent, index } => {
+                parts.extend(release(session, fold, parent, index))
+            }
+            Effect::Join { parent } => joins.push(parent),
         }
     }
+    let listed: Vec<_> = parts
+        .iter()
+        .map(|(route, env, body)| (route.clone(), env, body.as_slice()))
+        .collect();
+    session
+        .outbox
+        .publish_parts(&listed)
+        .await
+        .map_err(|e| format!("release parts: {e}"))?;
+    for (_, env, _) in &parts {
+        debug!(parent_job_id = ?env.part_of.map(|p| p.job_id), part = ?env.part_of.map(|p| p.part),
+            tenant = %env.tenant, job_id = %env.job_id, "Released a fan-out part.");
+    }
+    let mut joined = false;
+    for parent in joins {
+        joined |= join(session, fold, parent).await?;
+    }
+    Ok(joined)
+}
+
+/// Part `index` of `parent`'s fan-out: where it goes, its envelope and its encoding.
+fn release(
+    session: &StepSession,
+    fold: &Fold,
+    parent: JobId,
+    index: u32,
+) -> Option<(StepRoute, Envelope, Vec<u8>)> {
+    let opened = &fold.runs.get(&parent)?.opened;
+    let Some(pipeline) = session.config.pipeline(&opened.part_pipeline) else {
+        warn!(parent_job_id = %parent, pipeline = %opened.part_pipeline,
+            "A fan-out's part pipeline is not in the config; its parts cannot be released.");
+        return None;
+    };
+    let env = opened.part_envelope(index, &pipeline.first_step().name);
+    let body = encode(&env);
+    let route =
+        session
+            .fairness
+            .router
+            .route(pipeline, &env.step, env.priority, env.tenant.as_str());
+    Some((route, env, body))
+}
+
+/// Publishes the join step's message of `parent`'s fan-out, confirmed, and forgets the
+/// fan-out. `Ok(true)` when the fan-out was open.
+async fn join(session: &StepSession, fold: &mut Fold, parent: JobId) -> Result<bool, String> {
+    let (config, router, outbox) = (&session.config, &session.fairness.router, &session.outbox);
+    let Some(run) = fold.close(parent) else {
+        return Ok(false);
+    };
+    let opened = &run.opened;
+    let Some(pipeline) = config.pipeline(&opened.pipeline) else {
+        warn!(parent_job_id = %parent, pipeline = %opened.pipeline,
+            "A fan-out's pipeline is not in the config; its join cannot run.");
+        return Ok(true);
+    };
+    let input = run.join_input(config.broker.max_payload_bytes);
+    let env = opened.join_envelope(input);
+    let body = encode(&env);
+    let route = router.route(pipeline, &env.step, env.priority, env.tenant.as_str());
+    outbox
+        .hand_off(|| outbox.publish_step(&route, &env, &body))
+        .await
+        .map_err(|e| format!("publish a join: {e}"))?;
+    let succeeded = run.succeeded();
+    info!(parent_job_id = %parent, tenant = %opened.tenant, step = %opened.join_step,
+        parts = opened.total(), succeeded, failed = run.ended.len() as u32 - succeeded,
+        "All parts ended; the join step is queued.");
+    Ok(true)
 }
