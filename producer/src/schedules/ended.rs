@@ -29,6 +29,21 @@ struct Seen {
     last_read: Option<Instant>,
 }
 
+impl Seen {
+    /// Whether every one of `jobs` has ended; if so they are forgotten, so the set holds only
+    /// the fires still asked about (the next fire is what the slot after it asks about; a job
+    /// asked about again is unwatched, and read again).
+    fn take_if_all_ended(&mut self, jobs: &[JobId]) -> bool {
+        if !jobs.iter().all(|id| self.ended.contains(id)) {
+            return false;
+        }
+        for id in jobs {
+            self.ended.remove(id);
+        }
+        true
+    }
+}
+
 /// The reader of the results stream and what it saw; it stops when this is dropped.
 pub(super) struct Ended {
     seen: Arc<Mutex<Seen>>,
@@ -70,7 +85,7 @@ impl Ended {
     pub(super) async fn all_ended(&mut self, client: &Client, jobs: &[JobId]) -> bool {
         let unwatched = {
             let mut seen = self.seen.lock().expect("ended lock");
-            if jobs.iter().all(|id| seen.ended.contains(id)) {
+            if seen.take_if_all_ended(jobs) {
                 return true;
             }
             let unwatched = jobs
@@ -118,9 +133,9 @@ impl Ended {
         let started = tokio::time::Instant::now();
         loop {
             let (done, quiet) = {
-                let seen = self.seen.lock().expect("ended lock");
+                let mut seen = self.seen.lock().expect("ended lock");
                 let quiet = seen.last_read.is_none_or(|t| t.elapsed() >= QUIET);
-                (jobs.iter().all(|id| seen.ended.contains(id)), quiet)
+                (seen.take_if_all_ended(jobs), quiet)
             };
             let waited = started.elapsed();
             if done || !restart || (quiet && waited >= QUIET) || waited >= CATCH_UP_PATIENCE {
@@ -128,5 +143,22 @@ impl Ended {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ended_jobs_are_forgotten_once_all_of_a_fire_have_ended() {
+        let (a, b) = (JobId::new(), JobId::new());
+        let mut seen = Seen::default();
+        seen.ended.insert(a);
+        assert!(!seen.take_if_all_ended(&[a, b]), "b has not ended");
+        assert!(seen.ended.contains(&a), "a is kept while its fire is asked about");
+        seen.ended.insert(b);
+        assert!(seen.take_if_all_ended(&[a, b]));
+        assert!(seen.ended.is_empty(), "nothing is kept for a fire that ended");
     }
 }
