@@ -361,18 +361,34 @@ pub(crate) struct JobPage {
     pub(crate) output: Option<serde_json::Value>,
     /// The same, pretty-printed for the page (which escapes it like any text).
     pub(crate) output_text: Option<String>,
-    /// A fan-out's parts.
+    /// A fan-out's parts, those that need a look first, at most [`PARTS_LISTED`].
     pub(crate) parts: Vec<Row>,
+    /// How many parts it has in the history.
+    pub(crate) parts_known: usize,
 }
+
+/// Most parts a fan-out's page lists (a fan-out can have tens of thousands); the counts above
+/// the list cover them all, and `warren results --parent` lists every part's result.
+const PARTS_LISTED: usize = 200;
 
 pub(crate) fn job_page(jobs: &Jobs, id: JobId) -> Option<JobPage> {
     let job = jobs.job(id)?;
-    let parts = jobs.parts(id).into_iter().cloned().collect();
+    let mut parts = jobs.parts(id);
+    let parts_known = parts.len();
+    // Failed first, then those still going, then the succeeded; in part order within each
+    // (the sort is stable).
+    parts.sort_by_key(|row| match row.status {
+        Status::Failed | Status::DeadLettered => 0,
+        Status::Succeeded => 2,
+        _ => 1,
+    });
+    parts.truncate(PARTS_LISTED);
     Some(JobPage {
         job,
         output: None,
         output_text: None,
-        parts,
+        parts: parts.into_iter().cloned().collect(),
+        parts_known,
     })
 }
 
@@ -408,6 +424,42 @@ mod tests {
             steps: vec!["import/load".into(), "import/save".into()],
             version: "0.1.0".into(),
         }
+    }
+
+    #[test]
+    fn a_big_fan_out_lists_its_failed_then_unfinished_parts_first_up_to_the_cap() {
+        use warren_common::history::{Event, Kind};
+        let mut jobs = Jobs::default();
+        let parent = JobId::new();
+        let mut opened = Event::new(Kind::Parts, parent, "acme", "nightly").at(2);
+        opened.parts_total = Some(250);
+        jobs.add(&Event::new(Kind::Submitted, parent, "acme", "nightly").at(1));
+        jobs.add(&opened);
+        // Parts 0-239 succeed, 240-244 run, 245-249 fail.
+        let mut ids = Vec::new();
+        for i in 0..250u64 {
+            let id = JobId::new();
+            let kind = match i {
+                0..240 => Kind::Succeeded,
+                240..245 => Kind::Started,
+                _ => Kind::Failed,
+            };
+            let mut event = Event::new(kind, id, "acme", "part").at(10 + i);
+            event.step = Some("load".into());
+            event.attempt = Some(1);
+            event.parent = Some(parent);
+            jobs.add(&event);
+            ids.push(id);
+        }
+        jobs.refold();
+
+        let page = job_page(&jobs, parent).unwrap();
+
+        assert_eq!((page.parts.len(), page.parts_known), (PARTS_LISTED, 250));
+        let listed: Vec<JobId> = page.parts.iter().map(|r| r.job_id).collect();
+        assert_eq!(listed[..5], ids[245..], "the failed parts first, in part order");
+        assert_eq!(listed[5..10], ids[240..245], "then the running ones");
+        assert_eq!(listed[10..], ids[..PARTS_LISTED - 10], "then the succeeded");
     }
 
     #[test]
