@@ -338,11 +338,12 @@ async fn a_results_reader_reads_on_across_a_lost_connection() {
     let ns = TestNamespace::new(THREE_STEPS).await;
     let _worker = ns.spawn_worker(&[]);
     let client = ns.client().await;
-    let mut results = client.results(Since::Now).await.unwrap();
     let quick = client
         .submit(Job::new("chain", "quick", json!({"sleep_ms": 0})))
         .await
         .unwrap();
+    // From the quick job's time: a reader that opened again there would read it twice.
+    let mut results = client.results(Since::Job(quick)).await.unwrap();
     let first = tokio::time::timeout(Duration::from_secs(30), results.next())
         .await
         .expect("the quick job's result in time")

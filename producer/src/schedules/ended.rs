@@ -156,9 +156,15 @@ mod tests {
         let mut seen = Seen::default();
         seen.ended.insert(a);
         assert!(!seen.take_if_all_ended(&[a, b]), "b has not ended");
-        assert!(seen.ended.contains(&a), "a is kept while its fire is asked about");
+        assert!(
+            seen.ended.contains(&a),
+            "a is kept while its fire is asked about"
+        );
         seen.ended.insert(b);
         assert!(seen.take_if_all_ended(&[a, b]));
-        assert!(seen.ended.is_empty(), "nothing is kept for a fire that ended");
+        assert!(
+            seen.ended.is_empty(),
+            "nothing is kept for a fire that ended"
+        );
     }
 }

@@ -457,7 +457,11 @@ mod tests {
 
         assert_eq!((page.parts.len(), page.parts_known), (PARTS_LISTED, 250));
         let listed: Vec<JobId> = page.parts.iter().map(|r| r.job_id).collect();
-        assert_eq!(listed[..5], ids[245..], "the failed parts first, in part order");
+        assert_eq!(
+            listed[..5],
+            ids[245..],
+            "the failed parts first, in part order"
+        );
         assert_eq!(listed[5..10], ids[240..245], "then the running ones");
         assert_eq!(listed[10..], ids[..PARTS_LISTED - 10], "then the succeeded");
     }
