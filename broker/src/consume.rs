@@ -1,8 +1,8 @@
 //! Consumer set-up: the prefetch, then the consumer, on one channel.
 
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Consumer};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Consumer};
 
 use crate::error::BrokerError;
 
@@ -32,4 +32,17 @@ pub async fn consume(
         )
         .await
         .map_err(BrokerError::amqp(format!("consume {queue}")))
+}
+
+/// The offset RabbitMQ gives each message it delivers from a stream (its `x-stream-offset`
+/// header): where a reader that lost its consumer starts again, one past it.
+pub fn stream_offset(properties: &BasicProperties) -> Option<u64> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::Timestamp(n) => Some(*n),
+        _ => None,
+    }
 }

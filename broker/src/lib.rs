@@ -33,7 +33,7 @@ pub mod workers;
 
 pub use batch::BatchWriter;
 pub use connection::{connection_name, Broker};
-pub use consume::consume;
+pub use consume::{consume, stream_offset};
 pub use control::HotRouter;
 pub use error::{BrokerError, ConnectStage, PublishError, TopologyError};
 pub use history::{HistoryError, HistoryWriter};

@@ -176,7 +176,7 @@ impl Reader {
         loop {
             let why = match self.consumer.next().await {
                 Some(Ok(delivery)) => {
-                    if let Some(offset) = stream_offset(&delivery) {
+                    if let Some(offset) = warren_broker::stream_offset(&delivery.properties) {
                         self.start = Start::After(offset);
                     }
                     return Some(Ok(delivery));
@@ -217,17 +217,6 @@ impl Reader {
                 Err(e) => return Err(e),
             }
         }
-    }
-}
-
-/// The offset of a delivery from a stream, which the broker puts in its headers.
-fn stream_offset(delivery: &Delivery) -> Option<u64> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get("x-stream-offset")? {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        _ => None,
     }
 }
 

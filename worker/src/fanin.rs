@@ -117,7 +117,8 @@ async fn lead(session: &StepSession) -> Result<(), String> {
         };
         let mut joined = false;
         if let Some(delivery) = delivery {
-            let offset = fanin::offset_of(&delivery.properties).unwrap_or(fold.next_offset);
+            let offset =
+                warren_broker::stream_offset(&delivery.properties).unwrap_or(fold.next_offset);
             let record = || FaninRecord::read(delivery.routing_key.as_str(), &delivery.data);
             if let Some(replay) = resume.as_mut().filter(|r| offset < r.until()) {
                 // Read back: folded and carried out before the checkpoint.

@@ -83,17 +83,6 @@ impl FaninRecord {
     }
 }
 
-/// The stream offset of a stream delivery.
-pub fn offset_of(properties: &lapin::BasicProperties) -> Option<u64> {
-    let headers = properties.headers().as_ref()?;
-    match headers.inner().get("x-stream-offset")? {
-        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
-        AMQPValue::Timestamp(n) => Some(*n),
-        _ => None,
-    }
-}
-
 /// Consumes `stream` from `offset` (a number, or "last"/"first").
 async fn consume_from(
     broker: &Broker,
@@ -134,7 +123,7 @@ pub async fn last_checkpoint(broker: &Broker) -> Result<Option<Restored>, Broker
     let mut wait = FIRST_WAIT;
     while let Ok(Some(Ok(delivery))) = tokio::time::timeout(wait, consumer.next()).await {
         wait = QUIET;
-        let offset = offset_of(&delivery.properties).unwrap_or(0);
+        let offset = crate::stream_offset(&delivery.properties).unwrap_or(0);
         if newest.as_ref().is_none_or(|(o, _)| offset >= *o) {
             newest = Some((offset, delivery.data.clone()));
         }

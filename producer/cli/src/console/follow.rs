@@ -89,8 +89,8 @@ async fn read(
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery.map_err(|e| format!("read {stream}: {e}"))?;
         read += 1;
-        if let Some(offset) = stream_offset(&delivery.properties) {
-            *next_offset = Some(offset + 1);
+        if let Some(offset) = warren_broker::stream_offset(&delivery.properties) {
+            *next_offset = Some(offset as i64 + 1);
         }
         let ready = progress.read().expect("progress lock").ready.is_some();
         if let Some(batch) = Batch::decode(&delivery.data) {
@@ -129,15 +129,4 @@ async fn read(
         }
     }
     Err(format!("the broker ended the read of {stream}"))
-}
-
-/// The offset RabbitMQ gives each message it delivers from a stream.
-fn stream_offset(props: &lapin::BasicProperties) -> Option<i64> {
-    let headers = props.headers().as_ref()?;
-    match headers.inner().get("x-stream-offset")? {
-        AMQPValue::LongLongInt(n) => Some(*n),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        _ => None,
-    }
 }
