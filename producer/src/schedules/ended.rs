@@ -1,8 +1,9 @@
 //! Which of the watched jobs have ended, read from the results stream, for `overlap = "skip"`.
 //! The reader notes the results of watched jobs only (it may read millions of others), so a
 //! job must be watched before its result passes: the tick holder watches the jobs it fires
-//! before it submits them, and a job first asked about here (fired by `warren schedules
-//! trigger`, or by an earlier holder) makes the reader start again from a little before it.
+//! before it submits them, and follows each schedule's last fire on every tick, so a fire it
+//! did not make (`warren schedules trigger`, an earlier holder) makes the reader start again
+//! from a little before it, well before the next slot asks.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -80,56 +81,69 @@ impl Ended {
         seen.watched.extend(jobs);
     }
 
-    /// Whether every one of `jobs` has a result. The first time it is asked about a job it was
-    /// not watching, the reader starts again from before it: its result may have passed.
-    pub(super) async fn all_ended(&mut self, client: &Client, jobs: &[JobId]) -> bool {
-        let unwatched = {
+    /// Makes sure the reader sees `jobs` end, without waiting: a job it has neither watched nor
+    /// seen end is watched, and the reader starts again from a little before the oldest job
+    /// watched (that job's result may have passed). The tick holder calls this on every tick
+    /// for each schedule's last fire, so a new holder starts reading while the next slot is
+    /// still ahead, not when it comes. Returns whether the reader started again, or `Err` when
+    /// the results stream cannot be read.
+    pub(super) async fn follow(&mut self, client: &Client, jobs: &[JobId]) -> Result<bool, ()> {
+        let oldest = {
             let mut seen = self.seen.lock().expect("ended lock");
-            if seen.take_if_all_ended(jobs) {
-                return true;
-            }
             let unwatched = jobs
                 .iter()
                 .any(|id| !seen.ended.contains(id) && !seen.watched.contains(id));
             seen.watched.extend(jobs.iter().copied());
-            unwatched
+            // A reader that stopped (its stream failed for good) starts again too.
+            let stopped = self.reader.as_ref().is_none_or(|task| task.is_finished());
+            if !(unwatched || stopped) {
+                return Ok(false);
+            }
+            seen.watched.iter().filter_map(JobId::timestamp_ms).min()
         };
-        let Some(oldest) = jobs.iter().filter_map(JobId::timestamp_ms).min() else {
+        let Some(oldest) = oldest else {
+            return Ok(false);
+        };
+        if let Some(task) = self.reader.take() {
+            task.abort();
+        }
+        let since = Since::Time(oldest.saturating_sub(CLOCK_SKEW_MS));
+        let mut stream = match client.results(since).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "Cannot read the results stream; a schedule with overlap = \"skip\" fires anyway.");
+                return Err(());
+            }
+        };
+        let seen = Arc::clone(&self.seen);
+        self.reader = Some(tokio::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                let mut seen = seen.lock().expect("ended lock");
+                seen.last_read = Some(Instant::now());
+                if seen.watched.remove(&event.job_id) {
+                    seen.ended.insert(event.job_id);
+                }
+            }
+        }));
+        Ok(true)
+    }
+
+    /// Whether every one of `jobs` has a result ([`Ended::follow`] first). A reader that had to
+    /// start again has the stream's past to read: it decides once that has gone quiet (or
+    /// after [`CATCH_UP_PATIENCE`]), rather than skip a slot for jobs that ended long ago.
+    pub(super) async fn all_ended(&mut self, client: &Client, jobs: &[JobId]) -> bool {
+        if self
+            .seen
+            .lock()
+            .expect("ended lock")
+            .take_if_all_ended(jobs)
+        {
+            return true;
+        }
+        let Ok(restarted) = self.follow(client, jobs).await else {
             return true;
         };
-        // A reader that stopped (its stream failed for good) starts again too.
-        let stopped = self.reader.as_ref().is_none_or(|task| task.is_finished());
-        let restart = unwatched || stopped;
-        if restart {
-            if let Some(task) = self.reader.take() {
-                task.abort();
-            }
-            match client
-                .results(Since::Time(oldest.saturating_sub(CLOCK_SKEW_MS)))
-                .await
-            {
-                Ok(mut stream) => {
-                    let seen = Arc::clone(&self.seen);
-                    let task = tokio::spawn(async move {
-                        while let Some(Ok(event)) = stream.next().await {
-                            let mut seen = seen.lock().expect("ended lock");
-                            seen.last_read = Some(Instant::now());
-                            if seen.watched.remove(&event.job_id) {
-                                seen.ended.insert(event.job_id);
-                            }
-                        }
-                    });
-                    self.reader = Some(task);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e,
-                        "Cannot read the results stream; a schedule with overlap = \"skip\" fires anyway.");
-                    return true;
-                }
-            }
-        }
-        // A reader that just started has the stream's past to read first: it decides once
-        // that has gone quiet, rather than skip a slot for jobs that ended long ago.
         let started = tokio::time::Instant::now();
         loop {
             let (done, quiet) = {
@@ -138,7 +152,7 @@ impl Ended {
                 (seen.take_if_all_ended(jobs), quiet)
             };
             let waited = started.elapsed();
-            if done || !restart || (quiet && waited >= QUIET) || waited >= CATCH_UP_PATIENCE {
+            if done || !restarted || (quiet && waited >= QUIET) || waited >= CATCH_UP_PATIENCE {
                 return done;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

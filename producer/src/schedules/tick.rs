@@ -234,6 +234,10 @@ async fn fire_due(client: &Client, holder: &mut Holder) {
             }
             continue;
         };
+        if let (Some(previous), Overlap::Skip) = (&state.last_fire, schedule.overlap) {
+            // Reading starts now, so the results are in by the time the next slot asks.
+            let _ = holder.ended.follow(client, &previous.jobs).await;
+        }
         let window = schedule.catch_up + LATE_GRACE;
         let due = due_slots(&schedule.cadence, utc_ms(last), now, window);
         if due.skipped > 0 {
