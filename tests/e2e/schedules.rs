@@ -265,3 +265,51 @@ async fn overlap_skip_fires_on_while_each_fire_ends_in_time() {
         worker.log_text()
     );
 }
+
+#[tokio::test]
+async fn overlap_skip_fires_on_after_a_trigger_and_a_holder_kill() {
+    // Given a schedule every second with the default overlap ("skip"), whose job ends at once,
+    // and two workers
+    let ns = TestNamespace::new(&every_second("")).await;
+    let mut workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
+    let fires = |workers: &[WorkerProcess]| fired_slots(workers).len();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let n = fires(&workers);
+            async move { n >= 2 }
+        })
+        .await,
+        "no fires"
+    );
+
+    // When a fire the holder did not make comes in between (`warren schedules trigger`), and
+    // then the holder is SIGKILLed
+    let client = ns.client().await;
+    warren_producer::schedules::trigger(&client, "each")
+        .await
+        .unwrap();
+    let before = fires(&workers);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let n = fires(&workers);
+            async move { n >= before + 2 }
+        })
+        .await,
+        "the schedule stopped firing after a trigger"
+    );
+    let holder = holder(&workers).await.expect("a tick holder");
+    workers[holder].kill_hard();
+
+    // Then the other worker fires on: the previous fires' jobs are seen to have ended
+    let after_kill = fires(&workers[1 - holder..=1 - holder]);
+    assert!(
+        eventually(Duration::from_secs(45), || {
+            let n = fires(&workers[1 - holder..=1 - holder]);
+            async move { n >= after_kill + 3 }
+        })
+        .await,
+        "the new holder stopped firing: {}",
+        workers[1 - holder].log_text()
+    );
+    client.close().await;
+}
