@@ -59,6 +59,15 @@ fn fires_of(worker: &WorkerProcess) -> usize {
     fired_slots(std::slice::from_ref(worker)).len()
 }
 
+/// Waits up to `within` until `workers` have fired `n` slots in all; whether they did.
+async fn fired_at_least(workers: &[WorkerProcess], n: usize, within: Duration) -> bool {
+    eventually(within, || {
+        let fired = fired_slots(workers).len();
+        async move { fired >= n }
+    })
+    .await
+}
+
 /// The worker that fires now: the one whose count of fires grows.
 async fn holder(workers: &[WorkerProcess]) -> Option<usize> {
     let before: Vec<_> = workers.iter().map(fires_of).collect();
@@ -123,10 +132,11 @@ async fn the_tick_holder_sigkilled_twice_loses_no_slot() {
     let last = holder(&workers).await.expect("the last worker fires");
     let seen = fires_of(&workers[last]);
     assert!(
-        eventually(Duration::from_secs(10), || {
-            let more = fires_of(&workers[last]) >= seen + 2;
-            async move { more }
-        })
+        fired_at_least(
+            std::slice::from_ref(&workers[last]),
+            seen + 2,
+            Duration::from_secs(10)
+        )
         .await
     );
 
@@ -161,11 +171,7 @@ async fn the_tick_holder_sigkilled_twice_loses_no_slot() {
 async fn outage(ns: &TestNamespace) -> Vec<DateTime<Utc>> {
     let mut first = ns.spawn_worker(&[]);
     assert!(
-        eventually(Duration::from_secs(20), || {
-            let n = fires_of(&first);
-            async move { n >= 2 }
-        })
-        .await,
+        fired_at_least(std::slice::from_ref(&first), 2, Duration::from_secs(20)).await,
         "{}",
         first.log_text()
     );
@@ -175,11 +181,7 @@ async fn outage(ns: &TestNamespace) -> Vec<DateTime<Utc>> {
     tokio::time::sleep(Duration::from_millis(4500).saturating_sub(stopped.elapsed())).await;
     let second = ns.spawn_worker(&[]);
     assert!(
-        eventually(Duration::from_secs(20), || {
-            let n = fires_of(&second);
-            async move { n >= 2 }
-        })
-        .await,
+        fired_at_least(std::slice::from_ref(&second), 2, Duration::from_secs(20)).await,
         "{}",
         second.log_text()
     );
@@ -226,11 +228,7 @@ async fn overlap_skip_fires_nothing_while_the_previous_fire_runs() {
 
     // When it runs for four fires
     assert!(
-        eventually(Duration::from_secs(40), || {
-            let n = fires_of(&worker);
-            async move { n >= 4 }
-        })
-        .await,
+        fired_at_least(std::slice::from_ref(&worker), 4, Duration::from_secs(40)).await,
         "{}",
         worker.log_text()
     );
@@ -256,11 +254,7 @@ async fn overlap_skip_fires_on_while_each_fire_ends_in_time() {
     // tick holder once fired twice and then skipped every slot, having read the second
     // job's result before it watched for it)
     assert!(
-        eventually(Duration::from_secs(60), || {
-            let n = fires_of(&worker);
-            async move { n >= 6 }
-        })
-        .await,
+        fired_at_least(std::slice::from_ref(&worker), 6, Duration::from_secs(60)).await,
         "{}",
         worker.log_text()
     );
@@ -272,13 +266,8 @@ async fn overlap_skip_fires_on_after_a_trigger_and_a_holder_kill() {
     // and two workers
     let ns = TestNamespace::new(&every_second("")).await;
     let mut workers = [ns.spawn_worker(&[]), ns.spawn_worker(&[])];
-    let fires = |workers: &[WorkerProcess]| fired_slots(workers).len();
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let n = fires(&workers);
-            async move { n >= 2 }
-        })
-        .await,
+        fired_at_least(&workers, 2, Duration::from_secs(30)).await,
         "no fires"
     );
 
@@ -288,26 +277,19 @@ async fn overlap_skip_fires_on_after_a_trigger_and_a_holder_kill() {
     warren_producer::schedules::trigger(&client, "each")
         .await
         .unwrap();
-    let before = fires(&workers);
+    let before = fired_slots(&workers).len();
     assert!(
-        eventually(Duration::from_secs(30), || {
-            let n = fires(&workers);
-            async move { n >= before + 2 }
-        })
-        .await,
+        fired_at_least(&workers, before + 2, Duration::from_secs(30)).await,
         "the schedule stopped firing after a trigger"
     );
     let holder = holder(&workers).await.expect("a tick holder");
     workers[holder].kill_hard();
 
     // Then the other worker fires on: the previous fires' jobs are seen to have ended
-    let after_kill = fires(&workers[1 - holder..=1 - holder]);
+    let survivor = std::slice::from_ref(&workers[1 - holder]);
+    let after_kill = fired_slots(survivor).len();
     assert!(
-        eventually(Duration::from_secs(45), || {
-            let n = fires(&workers[1 - holder..=1 - holder]);
-            async move { n >= after_kill + 3 }
-        })
-        .await,
+        fired_at_least(survivor, after_kill + 3, Duration::from_secs(45)).await,
         "the new holder stopped firing: {}",
         workers[1 - holder].log_text()
     );
