@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod bin;
+pub mod bundle;
 pub mod codec;
 pub mod config;
 pub mod dead_letter;

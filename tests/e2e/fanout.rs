@@ -383,8 +383,9 @@ async fn a_fan_out_of_hot_depth_parts_of_one_tenant_puts_them_in_its_hot_lane() 
     let shard = StepRoute::for_tenant(part, "a", Priority::Normal, "big").lane;
     let (in_hot, in_shard) = (ready(hot).await, ready(shard).await);
     broker.close().await;
-    assert_eq!(in_shard, 0, "{in_hot} parts in the hot lane");
-    assert!(in_hot >= 140, "{in_hot} parts in the hot lane");
+    // (150 parts of one queue and tenant travel in bundles of 2: 75 messages)
+    assert_eq!(in_shard, 0, "{in_hot} messages in the hot lane");
+    assert!(in_hot >= 70, "{in_hot} messages in the hot lane");
     let marked = eventually(Duration::from_secs(10), || async {
         client.hot_tenants().iter().any(|h| h.tenant == "big")
     })
@@ -424,10 +425,123 @@ async fn a_join_whose_parts_list_passes_the_payload_limit_gets_the_counts() {
     );
 }
 
+#[tokio::test]
+async fn many_parts_of_one_tenant_travel_in_bundles_and_survive_a_killed_worker() {
+    // Given a job whose plan gives 1,500 parts to two tenants (750 each: a share that big
+    // travels in bundles of 10), and, at first, a worker for its own pipeline only
+    let ns = TestNamespace::new(&config("", TWO_WORK_STEPS)).await;
+    let _planner = ns.spawn_worker(&["--pipeline", "nightly"]);
+    let client = ns.client().await;
+    let parent = submit_tenants_plan(&client, 1_500, 20, 2).await;
+
+    // When its parts are published, they wait in 150 messages, not 1,500
+    let part_a_depth = || async {
+        ns.work_queue_depths()
+            .await
+            .iter()
+            .filter(|(queue, _)| queue.contains(".q.part.a."))
+            .map(|(_, depth)| depth)
+            .sum::<u32>()
+    };
+    let bundled = eventually(Duration::from_secs(30), || async {
+        part_a_depth().await == 150
+    })
+    .await;
+    assert!(bundled, "part queues hold {} messages", part_a_depth().await);
+
+    // and two part workers take them, one SIGKILLed while bundles run, a third started
+    let mut part_workers = vec![
+        ns.spawn_worker(&["--pipeline", "part"]),
+        ns.spawn_worker(&["--pipeline", "part"]),
+    ];
+    let going = eventually(Duration::from_secs(60), || async {
+        ns.step_starts().iter().filter(|s| s.1 == "a").count() >= 300
+    })
+    .await;
+    assert!(going, "the parts never got going");
+    part_workers[0].kill_hard();
+    part_workers.push(ns.spawn_worker(&["--pipeline", "part"]));
+
+    // Then the join accounts for every part once, each through both of its steps
+    let result = client.wait(parent, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    let out = &result.output;
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(1_500), &json!(1_500), &json!(0)),
+    );
+    let listed = out["parts"].as_array().unwrap();
+    let ids: HashSet<&str> = listed
+        .iter()
+        .map(|p| p["job_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..1_500)
+        .map(|i| part_job_id(parent, i).to_string())
+        .collect();
+    assert_eq!(ids, expected.iter().map(String::as_str).collect());
+    assert!(listed
+        .iter()
+        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    assert!(join_runs(&ns) >= 1, "the join never ran");
+    // Every part's next step went out alone: step b ran 1,500 times, plus repeats of the
+    // killed worker's bundles.
+    let starts = ns.step_starts();
+    let (a, b) = (
+        starts.iter().filter(|s| s.1 == "a").count(),
+        starts.iter().filter(|s| s.1 == "b").count(),
+    );
+    assert!(a >= 1_500 && b >= 1_500, "a ran {a} times, b {b}");
+    eprintln!(
+        "1,500 parts in bundles, a part worker SIGKILLed: step a ran {} extra time(s), b {}",
+        a - 1_500,
+        b - 1_500
+    );
+}
+
+#[tokio::test]
+async fn a_bundle_of_slow_parts_sends_the_rest_back_after_its_hold() {
+    // Given 640 parts of one tenant (64 bundles of 10) that take 1.5 s each, and a worker
+    // that runs 64 at once
+    let one_step = "[[pipelines.steps]]\nname = \"a\"\nhandler = \"work\"\nconcurrency = 64\n";
+    let ns = TestNamespace::new(&config("", one_step)).await;
+    let worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+
+    // When the fan-out runs
+    let parent = submit_tenants_plan(&client, 640, 1_500, 1).await;
+
+    // Then each bundle runs parts for its 10 s hold and sends the rest back one by one: the
+    // join comes with every part, each run once, well before 10 parts in line would take
+    let started = std::time::Instant::now();
+    let result = client.wait(parent, Duration::from_secs(90)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    assert_eq!(
+        (&result.output["total"], &result.output["succeeded"]),
+        (&json!(640), &json!(640))
+    );
+    let runs = ns.step_starts().iter().filter(|s| s.1 == "a").count();
+    assert_eq!(runs, 640, "a part ran twice, or not at all");
+    assert!(
+        worker
+            .log_text()
+            .contains("its parts not yet started go back to the queue one by one"),
+        "no bundle sent parts back"
+    );
+    eprintln!(
+        "640 parts of 1.5 s in bundles of 10 on 64 slots: joined after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over 30 tenants.
 async fn submit_plan(client: &Client, parts: u32, sleep_ms: u64) -> JobId {
+    submit_tenants_plan(client, parts, sleep_ms, 30).await
+}
+
+/// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over `tenants` tenants.
+async fn submit_tenants_plan(client: &Client, parts: u32, sleep_ms: u64, tenants: u32) -> JobId {
     let parts: Vec<Value> = (0..parts)
-        .map(|i| json!({"payload": {"i": i, "sleep_ms": sleep_ms}, "tenant": format!("t{}", i % 30)}))
+        .map(|i| json!({"payload": {"i": i, "sleep_ms": sleep_ms}, "tenant": format!("t{}", i % tenants)}))
         .collect();
     client
         .submit(Job::new("nightly", "ops", json!({"parts": parts})))

@@ -251,7 +251,7 @@ async fn carry_out(
         .collect();
     session
         .outbox
-        .publish_parts(&listed)
+        .publish_parts(&listed, session.config.broker.max_payload_bytes)
         .await
         .map_err(|e| format!("release parts: {e}"))?;
     for (_, env, _) in &parts {

@@ -176,9 +176,10 @@ impl Caps {
     ) -> Result<Admission, BrokerError> {
         let mut hold = Hold::default();
         if let Some(tenant_cap) = &self.tenant {
-            // An undecodable message holds no tenant token: the step sets it aside unrun.
-            if let Ok(env) = warren_common::decode(&delivery.data) {
-                let tenant = env.tenant.as_str();
+            // An undecodable message holds no tenant token: the step sets it aside unrun. A
+            // bundle of parts names its one tenant where an envelope does.
+            if let Some(tenant) = warren_common::codec::decode_tenant(&delivery.data) {
+                let tenant = tenant.as_str();
                 match self.try_tenant_token(tenant_cap, tenant).await? {
                     Some(token) => {
                         hold.tenant = Some(tenant.to_string());

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_broker::{Lane, StepRoute};
 use warren_common::backoff::{nominal_retry_delay, retry_delay};
+use warren_common::bundle::Bundle;
 use warren_common::fanout::{parse_parts, Opened};
 use warren_common::{decode, encode, Config, Envelope, JobId, Oversized, Reason, ResultEvent};
 
@@ -28,18 +29,33 @@ pub(crate) struct SetAside {
     pub(crate) result: Option<ResultEvent>,
 }
 
-/// Decodes a delivery's `body` and checks it may run as `served`: it decodes, its input fits
-/// `max_payload_bytes`, and it names this step of a pipeline in `config`. `message_id` is the
-/// delivery's own, the dead letter's id when the body is not an envelope.
+/// What a delivery that may run here holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Admitted {
+    /// One job's step message.
+    Job(Envelope),
+    /// A bundle of fan-out parts ([`warren_common::bundle`]): each part's encoded envelope, to
+    /// be admitted on its own.
+    Bundle(Vec<Vec<u8>>),
+}
+
+/// Decodes a delivery's `body` and checks it may run as `served`: it decodes (as an envelope or
+/// a bundle of them), its input fits `max_payload_bytes`, and it names this step of a pipeline
+/// in `config`. `message_id` is the delivery's own, the dead letter's id when the body is not
+/// an envelope.
 pub(crate) fn admit(
     body: &[u8],
     message_id: Option<&str>,
     config: &Config,
     served: &ServedStep,
-) -> Result<Envelope, Box<SetAside>> {
+) -> Result<Admitted, Box<SetAside>> {
     let env = match decode(body) {
         Ok(env) => env,
         Err(e) => {
+            if let Some(bundle) = Bundle::decode(body) {
+                let parts = bundle.parts.into_iter().map(|p| p.into_vec()).collect();
+                return Ok(Admitted::Bundle(parts));
+            }
             // Every dead letter gets an id: the original message id, else a fresh one.
             let id = message_id
                 .filter(|id| !id.is_empty())
@@ -54,7 +70,7 @@ pub(crate) fn admit(
         }
     };
     match check(body.len(), config, served, &env) {
-        Ok(()) => Ok(env),
+        Ok(()) => Ok(Admitted::Job(env)),
         Err((reason, text)) => {
             let ours = config.pipeline(&env.pipeline).is_some();
             Err(Box::new(SetAside {
@@ -633,7 +649,18 @@ handler = "h"
         );
 
         let env = envelope("a", "acme", 1);
-        assert_eq!(admit(&encode(&env), None, &config, &served), Ok(env));
+        assert_eq!(
+            admit(&encode(&env), None, &config, &served),
+            Ok(Admitted::Job(env.clone()))
+        );
+
+        // A bundle is admitted as its parts, each to be checked on its own.
+        let parts = vec![encode(&env), encode(&envelope("b", "acme", 1))];
+        let bundle = Bundle::new("acme", parts.clone()).encode();
+        assert_eq!(
+            admit(&bundle, None, &config, &served),
+            Ok(Admitted::Bundle(parts))
+        );
     }
 
     fn any_outcome() -> impl Strategy<Value = Result<Value, StepError>> {
@@ -657,10 +684,12 @@ handler = "h"
             let env = envelope(step, &tenant, 1);
             for body in [bytes, encode(&env)] {
                 match admit(&body, Some("m"), &config, &served) {
-                    Ok(admitted) => {
+                    Ok(Admitted::Job(admitted)) => {
                         prop_assert_eq!(admitted.pipeline.as_str(), "p");
                         prop_assert_eq!(admitted.step.as_str(), "a");
                     }
+                    // Random bytes are no bundle: a bundle needs its named keys.
+                    Ok(Admitted::Bundle(parts)) => prop_assert!(false, "a bundle: {parts:?}"),
                     Err(aside) => {
                         prop_assert!(!aside.id.is_empty());
                         // A failed result goes out exactly for a job of a known pipeline.

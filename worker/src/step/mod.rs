@@ -1,9 +1,11 @@
 //! One delivery, from bytes to ack: decode and check it ([`fate::admit`]), run the step, decide
 //! what becomes of it ([`fate::fate`]), carry that out through the [`Outbox`] (the next step's
 //! message, a retry, the job's result, a dead letter), wait for the broker's confirm, and only
-//! then ack. Whatever happens, the delivery is acked exactly when what it became is safe, or is
+//! then ack. A bundle of fan-out parts ([`bundle`]) is one delivery whose parts each go this
+//! way, and it is acked once all have. Whatever happens, the delivery is acked exactly when what it became is safe, or is
 //! returned to its queue; it is never dropped.
 
+mod bundle;
 mod events;
 pub(crate) mod fate;
 mod history;
@@ -26,7 +28,7 @@ use self::events::{
     AckFailed, Event, FannedOut, HandOffFailed, MessageSetAside, StepAbandoned, StepFailed,
     StepLabels, StepRetried, StepStarted, StepSucceeded,
 };
-use self::fate::{Fate, SetAside};
+use self::fate::{Admitted, Fate, SetAside};
 use self::outbox::DeadLetter;
 pub(crate) use self::outbox::Outbox;
 pub(crate) use self::runner::ServedStep;
@@ -90,10 +92,22 @@ async fn handle(
         .message_id()
         .as_ref()
         .map(|m| m.as_str());
-    let env = match fate::admit(&delivery.data, message_id, &session.config, served) {
-        Ok(env) => env,
-        Err(aside) => return set_aside(session, served, route, delivery, aside).await,
-    };
+    match fate::admit(&delivery.data, message_id, &session.config, served) {
+        Ok(Admitted::Job(env)) => handle_job(session, served, route, env, None).await,
+        Ok(Admitted::Bundle(parts)) => bundle::handle(session, served, route, parts).await,
+        Err(aside) => set_aside(session, served, route, &delivery.data, aside).await,
+    }
+}
+
+/// Runs one admitted job's step and carries out its fate. `turn`, for a part of a bundle, is
+/// the bundle's run slot: held while the step runs, let go before the confirms are awaited.
+async fn handle_job(
+    session: &Arc<StepSession>,
+    served: &ServedStep,
+    route: &StepRoute,
+    env: Envelope,
+    turn: Option<bundle::Turn<'_>>,
+) -> Result<(), PublishError> {
     Fairness::observe(session, served, route, env.tenant.as_str());
     let trace_id = env.trace().map(|t| t.trace_id_hex()).unwrap_or_default();
     let parent_job_id = env.part_of.map(|p| tracing::field::display(p.job_id));
@@ -103,6 +117,7 @@ async fn handle(
         parent_job_id, part);
     async {
         let (outcome, timing) = run(session, served, &env).await;
+        drop(turn);
         // Read after the run: a mark that came meanwhile already sends the output to the lane.
         let hot = session
             .fairness
@@ -254,7 +269,9 @@ async fn carry_out(
                     (route, env, body.as_slice())
                 })
                 .collect();
-            outbox.publish_parts(&parts).await?;
+            outbox
+                .publish_parts(&parts, config.broker.max_payload_bytes)
+                .await?;
             FannedOut {
                 parent: &plan.opened.parent.to_string(),
                 total: plan.opened.total(),
@@ -299,7 +316,7 @@ async fn set_aside(
     session: &StepSession,
     served: &ServedStep,
     route: &StepRoute,
-    delivery: &Delivery,
+    body: &[u8],
     aside: Box<SetAside>,
 ) -> Result<(), PublishError> {
     let queue = session.outbox.queue(route);
@@ -311,7 +328,7 @@ async fn set_aside(
     }
     .emit(&session.metrics);
     let letter = DeadLetter {
-        body: &delivery.data,
+        body,
         id: &aside.id,
         pipeline: aside.pipeline.as_deref(),
         reason: aside.reason,

@@ -15,6 +15,7 @@ use warren_broker::{
     PublishError, Publisher, StepRoute,
 };
 use warren_common::backoff::Backoff;
+use warren_common::bundle::{self, Bundle};
 use warren_common::dead_letter as headers;
 use warren_common::fanout::{EndedPart, Opened};
 use warren_common::{encode_result, now_ms, Envelope, Reason, ResultEvent};
@@ -266,41 +267,60 @@ impl Outbox {
         Ok(())
     }
 
-    /// Publishes a fan-out's parts through a sliding window of confirms: up to
-    /// [`PARTS_IN_FLIGHT`] awaited at once, the next sent as the oldest is confirmed (the
-    /// broker confirms in order, so waiting on the oldest costs nothing). Each part refused by
-    /// a full queue is held and retried, as a hand-off is.
+    /// Publishes a fan-out's parts, bundled where a queue gets many parts of one tenant
+    /// ([`warren_common::bundle`]; no bundle passes `max_bytes`), through a sliding window of
+    /// confirms: up to [`PARTS_IN_FLIGHT`] messages awaited at once, the next sent as the
+    /// oldest is confirmed (the broker confirms in order, so waiting on the oldest costs
+    /// nothing). A message refused by a full queue has its parts held and retried one by one,
+    /// as a hand-off is.
     pub(crate) async fn publish_parts(
         &self,
         parts: &[(StepRoute, &Envelope, &[u8])],
+        max_bytes: usize,
     ) -> Result<(), PublishError> {
         let publisher = self
             .parts
             .get_or_try_init(|| Publisher::new(&self.broker))
             .await?;
+        let destinations = parts
+            .iter()
+            .map(|(route, env, body)| ((route.routing_key(), env.tenant.as_str()), body.len()));
+        let messages = bundle::plan(destinations, max_bytes);
         let mut window = std::collections::VecDeque::with_capacity(PARTS_IN_FLIGHT);
-        for (index, (route, env, body)) in parts.iter().enumerate() {
+        for message in messages {
             if window.len() == PARTS_IN_FLIGHT {
-                self.settle_part(parts, window.pop_front()).await?;
+                self.settle_parts(parts, window.pop_front()).await?;
             }
+            let (route, env, body) = &parts[message[0]];
             let key = route.routing_key();
             let id = env.job_id.to_string();
-            let msg = Outgoing::persistent(&self.tasks_exchange, &key, body, &id);
-            window.push_back((index, publisher.start(msg).await));
+            let confirm = if message.len() == 1 {
+                publisher
+                    .start(Outgoing::persistent(&self.tasks_exchange, &key, body, &id))
+                    .await
+            } else {
+                let bodies = message.iter().map(|&i| parts[i].2.to_vec());
+                let bundled = Bundle::new(env.tenant.as_str(), bodies).encode();
+                publisher
+                    .start(Outgoing::persistent(&self.tasks_exchange, &key, &bundled, &id))
+                    .await
+            };
+            window.push_back((message, confirm));
         }
         while let Some(oldest) = window.pop_front() {
-            self.settle_part(parts, Some(oldest)).await?;
+            self.settle_parts(parts, Some(oldest)).await?;
         }
         Ok(())
     }
 
-    /// Waits for one part's confirm; a refusal (its queue is full) is handed off again.
-    async fn settle_part(
+    /// Waits for one message's confirm; the parts of a message refused by a full queue are
+    /// handed off again, each alone.
+    async fn settle_parts(
         &self,
         parts: &[(StepRoute, &Envelope, &[u8])],
-        pending: Option<(usize, Result<PendingConfirm, PublishError>)>,
+        pending: Option<(Vec<usize>, Result<PendingConfirm, PublishError>)>,
     ) -> Result<(), PublishError> {
-        let Some((index, confirm)) = pending else {
+        let Some((message, confirm)) = pending else {
             return Ok(());
         };
         let confirmed = match confirm {
@@ -308,8 +328,12 @@ impl Outbox {
             Err(e) => Err(e),
         };
         if let Err(PublishError::Nacked { .. }) = confirmed {
-            let (route, env, body) = &parts[index];
-            self.hand_off(|| self.publish_step(route, env, body)).await
+            for index in message {
+                let (route, env, body) = &parts[index];
+                self.hand_off(|| self.publish_step(route, env, body))
+                    .await?;
+            }
+            Ok(())
         } else {
             confirmed
         }
