@@ -89,7 +89,10 @@ pub fn split(sizes: &[usize], per_bundle: usize, max_bytes: usize) -> Vec<usize>
 /// and encoded size, in release order, in; lists of part indexes out, one per message, in the
 /// order of their first parts. Each destination's parts are bundled by [`parts_per_bundle`] of
 /// their count and [`split`]; a list of one index is a part sent alone.
-pub fn plan<K: Eq + Hash>(parts: impl IntoIterator<Item = (K, usize)>, max_bytes: usize) -> Vec<Vec<usize>> {
+pub fn plan<K: Eq + Hash>(
+    parts: impl IntoIterator<Item = (K, usize)>,
+    max_bytes: usize,
+) -> Vec<Vec<usize>> {
     let mut groups: Vec<(Vec<usize>, Vec<usize>)> = Vec::new();
     let mut by_destination: HashMap<K, usize> = HashMap::new();
     for (index, (destination, size)) in parts.into_iter().enumerate() {
@@ -143,10 +146,7 @@ mod tests {
         assert_eq!(bodies, parts);
         // A reader of envelopes refuses it (and dead-letters it whole), but finds its tenant.
         assert!(decode(&body).is_err());
-        assert_eq!(
-            crate::codec::decode_tenant(&body).as_deref(),
-            Some("acme")
-        );
+        assert_eq!(crate::codec::decode_tenant(&body).as_deref(), Some("acme"));
         // An envelope is no bundle.
         assert!(Bundle::decode(&parts[0]).is_none());
     }

@@ -447,7 +447,11 @@ async fn many_parts_of_one_tenant_travel_in_bundles_and_survive_a_killed_worker(
         part_a_depth().await == 150
     })
     .await;
-    assert!(bundled, "part queues hold {} messages", part_a_depth().await);
+    assert!(
+        bundled,
+        "part queues hold {} messages",
+        part_a_depth().await
+    );
 
     // and two part workers take them, one SIGKILLed while bundles run, a third started
     let mut part_workers = vec![

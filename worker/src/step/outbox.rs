@@ -302,7 +302,12 @@ impl Outbox {
                 let bodies = message.iter().map(|&i| parts[i].2.to_vec());
                 let bundled = Bundle::new(env.tenant.as_str(), bodies).encode();
                 publisher
-                    .start(Outgoing::persistent(&self.tasks_exchange, &key, &bundled, &id))
+                    .start(Outgoing::persistent(
+                        &self.tasks_exchange,
+                        &key,
+                        &bundled,
+                        &id,
+                    ))
                     .await
             };
             window.push_back((message, confirm));
