@@ -14,6 +14,7 @@ use serde_json::Value;
 use warren_broker::depth::ready_messages;
 use warren_broker::publish::header;
 use warren_broker::{BrokerError, Outgoing, PendingConfirm, PublishError, StepRoute};
+use warren_common::bundle::Bundle;
 use warren_common::dead_letter::{self as headers, Reason};
 use warren_common::{decode, now_ms, Envelope, JobId, Priority};
 
@@ -57,12 +58,27 @@ pub struct DeadLetter {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub part_of: Option<warren_common::fanout::PartOf>,
     pub body_bytes: usize,
+    /// When the body is a bundle of fan-out parts (a worker from before bundles sets one aside
+    /// whole, as undecodable): how many parts it holds. The fields above are then its first
+    /// part's, and a replay puts the bundle back as it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundled_parts: Option<usize>,
+    #[serde(skip)]
+    bundle: Option<Vec<u8>>,
 }
 
 impl DeadLetter {
     fn read(delivery: &Delivery) -> Self {
         let props = &delivery.properties;
         let envelope = decode(&delivery.data).ok();
+        let bundle = envelope
+            .is_none()
+            .then(|| Bundle::decode(&delivery.data))
+            .flatten();
+        let first = bundle
+            .as_ref()
+            .and_then(|b| b.parts.first())
+            .and_then(|part| decode(part).ok());
         let reason = header(props, headers::REASON)
             .or_else(|| header(props, headers::BROKER_REASON).map(|r| Reason::of_broker(&r)))
             .unwrap_or_else(|| "unknown".into());
@@ -72,10 +88,10 @@ impl DeadLetter {
             .map(|m| m.to_string())
             .or_else(|| envelope.as_ref().map(|e| e.job_id.to_string()))
             .unwrap_or_default();
-        let raw = envelope
+        let env = envelope.as_ref().or(first.as_ref());
+        let raw = env
             .is_none()
             .then(|| String::from_utf8_lossy(&delivery.data).into_owned());
-        let env = envelope.as_ref();
         Self {
             id,
             job_id: env.map(|e| e.job_id),
@@ -94,6 +110,8 @@ impl DeadLetter {
             traceparent: env.and_then(|e| e.traceparent.clone()),
             part_of: env.and_then(|e| e.part_of),
             body_bytes: delivery.data.len(),
+            bundled_parts: bundle.as_ref().map(|b| b.parts.len()),
+            bundle: bundle.map(|_| delivery.data.to_vec()),
         }
     }
 }
@@ -283,6 +301,10 @@ impl Client {
         }
         let tenant = warren_common::TenantId::parse(tenant.as_str()).map_err(|e| e.to_string())?;
         let route = StepRoute::for_tenant(pipeline, step, priority, tenant.as_str());
+        if let Some(bundle) = &letter.bundle {
+            // Its parts are first attempts, each to be admitted on its own by the worker.
+            return Ok((route.routing_key(), bundle.clone()));
+        }
         let attempt = match options.reset_attempts {
             true => 1,
             false => letter.attempts.unwrap_or(1).saturating_add(1),
@@ -425,6 +447,10 @@ impl Client {
 
 /// The "replayed" history event of a dead letter put back on its step.
 fn replayed(letter: &DeadLetter) -> Option<warren_common::history::Event> {
+    if letter.bundle.is_some() {
+        // Its parts never failed: they go back to their first step, as released.
+        return None;
+    }
     let (Some(job_id), Some(tenant), Some(pipeline)) =
         (letter.job_id, &letter.tenant, &letter.pipeline)
     else {

@@ -7,7 +7,8 @@ use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use serde_json::json;
 use warren_broker::{Lane, StepRoute};
-use warren_common::{JobStatus, Priority};
+use warren_common::bundle::Bundle;
+use warren_common::{dead_letter, encode, Envelope, JobId, JobStatus, Priority, TenantId};
 use warren_producer::{DlqFilter, Job, ReplayOptions};
 use warren_tests::{collect_results, eventually, TestNamespace};
 
@@ -198,4 +199,84 @@ async fn list_replay_and_purge_the_dead_letter_queue() {
         .collect();
     assert!(busy.is_empty(), "{busy:?}");
     broker.close().await;
+}
+
+#[tokio::test]
+async fn a_bundle_an_older_worker_set_aside_is_replayed_whole() {
+    // Given a bundle of two first-step messages in the DLQ, as a worker from before bundles
+    // leaves one (undecodable to it, set aside whole)
+    let ns = TestNamespace::new(THREE_STEPS).await;
+    let client = ns.client().await;
+    let broker = ns.broker().await;
+    let jobs: Vec<Envelope> = (0..2)
+        .map(|n| {
+            Envelope::new_job(
+                JobId::new(),
+                TenantId::parse("acme").unwrap(),
+                "chain",
+                "a",
+                Priority::Normal,
+                json!({ "n": n }),
+            )
+        })
+        .collect();
+    let bundle = Bundle::new("acme", jobs.iter().map(encode)).encode();
+    let queue = StepRoute::for_tenant(
+        ns.config.pipeline("chain").unwrap(),
+        "a",
+        Priority::Normal,
+        "acme",
+    )
+    .queue(broker.names());
+    let mut headers = lapin::types::FieldTable::default();
+    for (key, value) in [
+        (dead_letter::REASON, "undecodable"),
+        (dead_letter::QUEUE, queue.as_str()),
+    ] {
+        headers.insert(
+            key.into(),
+            lapin::types::AMQPValue::LongString(value.into()),
+        );
+    }
+    let channel = broker.confirm_channel().await.unwrap();
+    channel
+        .basic_publish(
+            "".into(),
+            broker.names().dlq().as_str().into(),
+            BasicPublishOptions::default(),
+            &bundle,
+            BasicProperties::default()
+                .with_message_id(jobs[0].job_id.to_string().into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // When it is listed, then replayed, with a worker running
+    let listed = client.dlq_list(&DlqFilter::default()).await.unwrap();
+    let _worker = ns.spawn_worker(&[]);
+    let report = client
+        .dlq_replay(&DlqFilter::default(), ReplayOptions::default())
+        .await
+        .unwrap();
+
+    // Then the listing names its tenant, pipeline and size, and both jobs run to their end
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let letter = &listed[0];
+    assert_eq!(letter.bundled_parts, Some(2));
+    assert_eq!(
+        (letter.tenant.as_deref(), letter.pipeline.as_deref()),
+        (Some("acme"), Some("chain"))
+    );
+    assert_eq!(report.replayed.len(), 1, "{report:?}");
+    for env in &jobs {
+        let result = client
+            .wait(env.job_id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+        assert_eq!(result.output["trail"], json!(["a", "b", "c"]));
+    }
 }

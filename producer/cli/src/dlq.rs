@@ -243,6 +243,9 @@ fn print_detail(l: &DeadLetter) {
         l.attempts.map_or("-".into(), |a| a.to_string())
     );
     outln!("queue:        {}", or_dash(l.queue.as_deref()));
+    if let Some(parts) = l.bundled_parts {
+        outln!("bundle of:    {parts} fan-out parts (the fields here are the first's)");
+    }
     outln!("submitted at: {}", l.submitted_at.map_or("-".into(), time));
     outln!("failed at:    {}", l.failed_at.map_or("-".into(), time));
     outln!("error:");
