@@ -2,8 +2,8 @@
 //! what becomes of it ([`fate::fate`]), carry that out through the [`Outbox`] (the next step's
 //! message, a retry, the job's result, a dead letter), wait for the broker's confirm, and only
 //! then ack. A bundle of fan-out parts ([`bundle`]) is one delivery whose parts each go this
-//! way, and it is acked once all have. Whatever happens, the delivery is acked exactly when what it became is safe, or is
-//! returned to its queue; it is never dropped.
+//! way, and it is acked once all have. Whatever happens, the delivery is acked exactly when
+//! what it became is safe, or is returned to its queue; it is never dropped.
 
 mod bundle;
 mod events;
