@@ -537,6 +537,65 @@ async fn a_bundle_of_slow_parts_sends_the_rest_back_after_its_hold() {
     );
 }
 
+#[tokio::test]
+async fn parts_in_a_bundle_retry_and_fail_each_on_their_own() {
+    // Given 200 parts of one tenant (bundles of 3), of which every tenth fails once and part 7
+    // fails for good
+    let one_step = "[[pipelines.steps]]\nname = \"a\"\nhandler = \"work\"\nconcurrency = 16\nbackoff = [\"200ms\"]\n";
+    let ns = TestNamespace::new(&config("", one_step)).await;
+    let _worker = ns.spawn_worker(&[]);
+    let client = ns.client().await;
+    let parts: Vec<Value> = (0..200)
+        .map(|i| {
+            let mut payload = json!({ "i": i });
+            if i % 10 == 0 {
+                payload["fail_at"] = json!("a");
+                payload["fail_times"] = json!(1);
+            }
+            if i == 7 {
+                payload["fail_permanently_at"] = json!("a");
+            }
+            json!({ "payload": payload, "tenant": "big" })
+        })
+        .collect();
+
+    // When the fan-out runs
+    let parent = client
+        .submit(Job::new("nightly", "ops", json!({ "parts": parts })))
+        .await
+        .unwrap();
+
+    // Then the join counts 199 successes and part 7's failure, each retried part ran twice
+    // and no other part again, and the dead-letter queue holds part 7 alone
+    let result = client.wait(parent, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
+    let out = &result.output;
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(200), &json!(199), &json!(1)),
+    );
+    let failed: Vec<&Value> = out["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == json!("failed"))
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(
+        failed[0]["job_id"],
+        json!(part_job_id(parent, 7).to_string())
+    );
+    let runs = ns.step_starts().iter().filter(|s| s.1 == "a").count();
+    assert_eq!(runs, 200 + 20, "step a ran {runs} times");
+    let letters = client
+        .dlq_list(&warren_producer::DlqFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].job_id, Some(part_job_id(parent, 7)));
+    assert_eq!(letters[0].bundled_parts, None);
+}
+
 /// Submits a `nightly` job whose plan splits `parts` parts of `sleep_ms` over 30 tenants.
 async fn submit_plan(client: &Client, parts: u32, sleep_ms: u64) -> JobId {
     submit_tenants_plan(client, parts, sleep_ms, 30).await
