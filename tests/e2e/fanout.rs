@@ -49,6 +49,28 @@ handler = "work"
 concurrency = 16
 "#;
 
+/// Checks a join's input: `n` parts, all succeeded, each of `parent`'s parts listed once, each
+/// output through steps a and b. Returns the list.
+fn every_part_once_through_a_and_b(out: &Value, parent: JobId, n: u32) -> &[Value] {
+    assert_eq!(
+        (&out["total"], &out["succeeded"], &out["failed"]),
+        (&json!(n), &json!(n), &json!(0)),
+        "{} parts listed",
+        out["parts"].as_array().map_or(0, Vec::len)
+    );
+    let listed = out["parts"].as_array().unwrap();
+    let ids: HashSet<&str> = listed
+        .iter()
+        .map(|p| p["job_id"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..n).map(|i| part_job_id(parent, i).to_string()).collect();
+    assert_eq!(ids, expected.iter().map(String::as_str).collect());
+    assert!(listed
+        .iter()
+        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    listed
+}
+
 /// The join step's runs (one marker file per start of step `notify`).
 fn join_runs(ns: &TestNamespace) -> usize {
     ns.step_starts()
@@ -85,23 +107,7 @@ async fn a_fan_out_joins_with_every_part_while_a_worker_is_killed() {
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_eq!(result.step, "notify");
     let out = &result.output;
-    assert_eq!(
-        (&out["total"], &out["succeeded"], &out["failed"]),
-        (&json!(300), &json!(300), &json!(0)),
-        "{out}"
-    );
-    let listed: Vec<&Value> = out["parts"].as_array().unwrap().iter().collect();
-    let ids: HashSet<String> = listed
-        .iter()
-        .map(|p| p["job_id"].as_str().unwrap().to_string())
-        .collect();
-    let expected: HashSet<String> = (0..300)
-        .map(|i| part_job_id(parent, i).to_string())
-        .collect();
-    assert_eq!(ids, expected);
-    assert!(listed
-        .iter()
-        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    let listed = every_part_once_through_a_and_b(out, parent, 300);
     let tenants: HashSet<&str> = listed
         .iter()
         .map(|p| p["tenant"].as_str().unwrap())
@@ -161,26 +167,8 @@ async fn a_thousand_parts_join_after_the_coordinator_and_another_worker_are_kill
     let result = client.wait(parent, Duration::from_secs(120)).await.unwrap();
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
     assert_eq!(result.step, "notify");
-    let out = &result.output;
-    assert_eq!(
-        (&out["total"], &out["succeeded"], &out["failed"]),
-        (&json!(1_000), &json!(1_000), &json!(0)),
-        "{}",
-        out["parts"].as_array().map_or(0, Vec::len)
-    );
-    let listed = out["parts"].as_array().unwrap();
-    let ids: HashSet<&str> = listed
-        .iter()
-        .map(|p| p["job_id"].as_str().unwrap())
-        .collect();
-    let expected: Vec<String> = (0..1_000)
-        .map(|i| part_job_id(parent, i).to_string())
-        .collect();
-    assert_eq!(ids, expected.iter().map(String::as_str).collect());
     // Every output made it through the kill: read back from the stream, not the checkpoint.
-    assert!(listed
-        .iter()
-        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    let listed = every_part_once_through_a_and_b(&result.output, parent, 1_000);
     let tenants: HashSet<&str> = listed
         .iter()
         .map(|p| p["tenant"].as_str().unwrap())
@@ -469,23 +457,7 @@ async fn many_parts_of_one_tenant_travel_in_bundles_and_survive_a_killed_worker(
     // Then the join accounts for every part once, each through both of its steps
     let result = client.wait(parent, Duration::from_secs(120)).await.unwrap();
     assert_eq!(result.status, JobStatus::Succeeded, "{result:?}");
-    let out = &result.output;
-    assert_eq!(
-        (&out["total"], &out["succeeded"], &out["failed"]),
-        (&json!(1_500), &json!(1_500), &json!(0)),
-    );
-    let listed = out["parts"].as_array().unwrap();
-    let ids: HashSet<&str> = listed
-        .iter()
-        .map(|p| p["job_id"].as_str().unwrap())
-        .collect();
-    let expected: Vec<String> = (0..1_500)
-        .map(|i| part_job_id(parent, i).to_string())
-        .collect();
-    assert_eq!(ids, expected.iter().map(String::as_str).collect());
-    assert!(listed
-        .iter()
-        .all(|p| p["output"]["trail"] == json!(["a", "b"])));
+    every_part_once_through_a_and_b(&result.output, parent, 1_500);
     assert!(join_runs(&ns) >= 1, "the join never ran");
     // Every part's next step went out alone: step b ran 1,500 times, plus repeats of the
     // killed worker's bundles.
