@@ -8,10 +8,10 @@
 //! result, retry, dead letter and next-step message).
 //!
 //! The body is a named MessagePack map `{"v", "tenant", "parts": [bin, ...]}`, each bin an
-//! encoded [`Envelope`](crate::Envelope). It has `tenant` where an envelope has it (what moves a hot tenant's
-//! message and takes its tenant token reads), and it lacks `job_id`, so a reader that knows only
-//! envelopes refuses it as undecodable and dead-letters it whole: nothing in it is lost, and
-//! `warren dlq replay` hands it to a worker that reads bundles.
+//! encoded [`Envelope`](crate::Envelope). It has `tenant` where an envelope has it (what moves
+//! a hot tenant's message and takes its tenant token reads), and it lacks `job_id`, so a reader
+//! that knows only envelopes refuses it as undecodable and dead-letters it whole: nothing in it
+//! is lost, and `warren dlq replay` hands it to a worker that reads bundles.
 
 use std::collections::HashMap;
 use std::hash::Hash;
