@@ -290,8 +290,10 @@ fn bench_config(base: &Config, ns: &str, concurrency: u16, more: &str) -> anyhow
     let mut config = Config::parse(&text, "bench", Path::new("."), &HashMap::new())?;
     config.broker = base.broker.clone();
     config.broker.namespace = ns.to_string();
-    // The user's `[fairness]` tuning is what the fairness scenarios measure.
+    // The user's `[fairness]` tuning is what the fairness scenarios measure; `[results]` says
+    // whether the workers copy and check their results (on a cluster, by default).
     config.fairness = base.fairness.clone();
+    config.results = base.results.clone();
     Ok(config)
 }
 
@@ -518,6 +520,7 @@ async fn run(
         "runs": runs.len(),
         "concurrency": bench.args.concurrency,
         "history": format!("{:?}", bench.args.history()).to_lowercase(),
+        "results_check": bench.config.checks_results(),
         "confirm_window": raw::CONFIRM_WINDOW,
         "workers": "1 in-process warren_worker::Worker, 2 tokio threads; raw side 1 connection, 2 tokio threads",
         "sizes": {
@@ -537,12 +540,13 @@ async fn run(
         outln!("{}", report::json(&rows, &conditions));
     } else {
         outln!(
-            "warren bench: {} build, {} CPUs, load {} -> {}, queue type {}, concurrency {}, confirm window {}, {} run(s){}",
+            "warren bench: {} build, {} CPUs, load {} -> {}, queue type {}, results check {}, concurrency {}, confirm window {}, {} run(s){}",
             conditions["build"].as_str().unwrap_or(""),
             conditions["cpus"],
             conditions["load_average_before"].as_str().unwrap_or("?"),
             conditions["load_average_after"].as_str().unwrap_or("?"),
             conditions["queue_type"].as_str().unwrap_or(""),
+            if bench.config.checks_results() { "on" } else { "off" },
             bench.args.concurrency,
             raw::CONFIRM_WINDOW,
             runs.len(),
@@ -779,5 +783,31 @@ impl Bench {
         bar.set_prefix(label.to_string());
         bar.enable_steady_tick(Duration::from_millis(100));
         bar
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bench_config_keeps_the_users_results_and_fairness_settings() {
+        let text = "[broker]\nurls = [\"amqp://a:5701/%2f\", \"amqp://b:5702/%2f\"]\n\
+                    [results]\ncheck = \"off\"\n[fairness]\nhot_depth = 7\n";
+        let base = Config::parse(text, "user.toml", Path::new("."), &HashMap::new()).unwrap();
+        let config = bench_config(&base, "wbench-x", 50, "").unwrap();
+        assert_eq!(config.broker.urls, base.broker.urls);
+        assert_eq!(config.broker.namespace, "wbench-x");
+        // Two members would turn the check on by default; the user's `off` wins.
+        assert!(!config.checks_results());
+        assert_eq!(config.fairness.hot_depth, 7);
+        let defaults = Config::parse(
+            "[broker]\nurls = [\"amqp://a:5701/%2f\", \"amqp://b:5702/%2f\"]\n",
+            "user.toml",
+            Path::new("."),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert!(bench_config(&defaults, "wbench-y", 50, "").unwrap().checks_results());
     }
 }
