@@ -808,6 +808,8 @@ mod tests {
             &HashMap::new(),
         )
         .unwrap();
-        assert!(bench_config(&defaults, "wbench-y", 50, "").unwrap().checks_results());
+        assert!(bench_config(&defaults, "wbench-y", 50, "")
+            .unwrap()
+            .checks_results());
     }
 }
