@@ -1,18 +1,19 @@
 //! The raw-lapin counterpart: the least a program must do for the same guarantees as warren
 //! (persistent messages, publisher confirms with the same window, manual acks after the
-//! successor's confirm), on queues declared exactly like warren's step queues (through the same
-//! `Topology` plan, in a namespace of its own). Nothing of warren is on its message path: no
-//! envelope, no codec, no dispatcher, no `Publisher`; only lapin calls (warren's names and its
-//! `consume` set-up, a qos and a `basic.consume`, only say where). It runs on a tokio runtime of
-//! its own, sized like the one the warren workers get.
+//! successor's confirm, and with `[results] check` on a copy of each result in a quorum queue),
+//! on queues declared exactly like warren's step queues (through the same `Topology` plan, in a
+//! namespace of its own). Nothing of warren is on its message path: no envelope, no codec, no
+//! dispatcher, no `Publisher`; only lapin calls (warren's names and its `consume` set-up, a qos
+//! and a `basic.consume`, only say where). It runs on a tokio runtime of its own, sized like the
+//! one the warren workers get.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use futures::StreamExt;
 use indicatif::ProgressBar;
-use lapin::options::{BasicAckOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicPublishOptions, QueueBindOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tokio::runtime::Handle;
@@ -64,11 +65,15 @@ impl Raw {
         body: Vec<u8>,
     ) -> anyhow::Result<Self> {
         let broker_config = config.broker.clone();
+        let copies = config.checks_results();
         let (broker, publish) = handle
             .spawn(async move {
                 let broker = Broker::connect(&broker_config).await?;
                 let publish = broker.confirm_channel().await?;
-                Ok::<_, warren_broker::BrokerError>((broker, publish))
+                if copies {
+                    copy_results(&broker).await?;
+                }
+                Ok::<_, anyhow::Error>((broker, publish))
             })
             .await??;
         Ok(Self {
@@ -392,6 +397,29 @@ impl Raw {
             })
             .await?
     }
+}
+
+/// With `[results] check` on, a warren step is acked only once a copy of its result is in a
+/// quorum queue too: on RabbitMQ 3.10 a stream can lose events it confirmed when its leader moves
+/// (rabbitmq-server#9457). The raw program gets the same guarantee the cheapest way it has: a
+/// binding that routes every result to its namespace's check queue beside the results stream,
+/// so its one publish is confirmed once both hold it.
+async fn copy_results(broker: &Broker) -> anyhow::Result<()> {
+    let names = broker.names();
+    let (queue, exchange) = (names.results_check(), names.events_exchange());
+    let channel = broker.channel().await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "result.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("bind {queue} to {exchange}"))?;
+    let _ = channel.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// The properties warren puts on every message (`Outgoing::persistent`).
