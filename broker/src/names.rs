@@ -109,6 +109,9 @@ impl Names {
         format!("{}.q.", self.ns)
     }
 
+    /// The binding pattern that takes every result key ([`Names::result_key`]).
+    pub const EVERY_RESULT: &'static str = "result.#";
+
     /// `result.<status>.<pipeline>.<tenant>` on the events exchange.
     pub fn result_key(status: JobStatus, pipeline: &str, tenant: &str) -> String {
         format!("result.{}.{pipeline}.{tenant}", status.as_str())

@@ -204,7 +204,7 @@ impl Topology {
                 ("x-queue-type", str_arg("stream")),
                 ("x-max-age", str_arg(RESULTS_MAX_AGE)),
             ],
-            bindings: vec![(events.clone(), "result.#".to_string())],
+            bindings: vec![(events.clone(), Names::EVERY_RESULT.to_string())],
         });
         if config.checks_results() {
             queues.push(QueueSpec {

@@ -412,7 +412,7 @@ async fn copy_results(broker: &Broker) -> anyhow::Result<()> {
         .queue_bind(
             queue.as_str().into(),
             exchange.as_str().into(),
-            "result.#".into(),
+            Names::EVERY_RESULT.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
