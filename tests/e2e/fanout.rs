@@ -222,10 +222,7 @@ async fn max_parts_in_flight_holds_across_workers() {
     let parts: Vec<Value> = (0..24)
         .map(|i| json!({"payload": {"sleep_ms": 150}, "tenant": format!("t{}", i % 5)}))
         .collect();
-    let parent = client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
-        .await
-        .unwrap();
+    let parent = submit_parts(&client, parts).await;
 
     // When it runs to its join
     let result = client.wait(parent, Duration::from_secs(60)).await.unwrap();
@@ -277,10 +274,7 @@ async fn under_wait_a_failed_part_holds_the_join_until_its_replay_succeeds() {
             json!({"payload": payload, "tenant": format!("t{i}")})
         })
         .collect();
-    let parent = client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
-        .await
-        .unwrap();
+    let parent = submit_parts(&client, parts).await;
     let failed = part_job_id(parent, 3);
 
     // When every part has ended, part 3 in the dead-letter queue
@@ -342,10 +336,7 @@ async fn a_fan_out_of_hot_depth_parts_of_one_tenant_puts_them_in_its_hot_lane() 
     let parts: Vec<Value> = (0..150)
         .map(|i| json!({"payload": {"i": i, "sleep_ms": 50}, "tenant": "big"}))
         .collect();
-    client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
-        .await
-        .unwrap();
+    submit_parts(&client, parts).await;
     let started = eventually(Duration::from_secs(30), || async {
         ns.step_starts().iter().any(|(_, step, _)| step == "a")
     })
@@ -532,10 +523,7 @@ async fn parts_in_a_bundle_retry_and_fail_each_on_their_own() {
         .collect();
 
     // When the fan-out runs
-    let parent = client
-        .submit(Job::new("nightly", "ops", json!({ "parts": parts })))
-        .await
-        .unwrap();
+    let parent = submit_parts(&client, parts).await;
 
     // Then the join counts 199 successes and part 7's failure, each retried part ran twice
     // and no other part again, and the dead-letter queue holds part 7 alone
@@ -578,8 +566,13 @@ async fn submit_tenants_plan(client: &Client, parts: u32, sleep_ms: u64, tenants
     let parts: Vec<Value> = (0..parts)
         .map(|i| json!({"payload": {"i": i, "sleep_ms": sleep_ms}, "tenant": format!("t{}", i % tenants)}))
         .collect();
+    submit_parts(client, parts).await
+}
+
+/// Submits a `nightly` job whose plan is `parts` as given.
+async fn submit_parts(client: &Client, parts: Vec<Value>) -> JobId {
     client
-        .submit(Job::new("nightly", "ops", json!({"parts": parts})))
+        .submit(Job::new("nightly", "ops", json!({ "parts": parts })))
         .await
         .unwrap()
 }

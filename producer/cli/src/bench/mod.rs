@@ -546,7 +546,7 @@ async fn run(
             conditions["load_average_before"].as_str().unwrap_or("?"),
             conditions["load_average_after"].as_str().unwrap_or("?"),
             conditions["queue_type"].as_str().unwrap_or(""),
-            if bench.config.checks_results() { "on" } else { "off" },
+            if conditions["results_check"] == true { "on" } else { "off" },
             bench.args.concurrency,
             raw::CONFIRM_WINDOW,
             runs.len(),
